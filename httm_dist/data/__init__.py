@@ -1,0 +1,23 @@
+"""Scene discovery on fsspec URLs (folders, tar/zip archives, manifests) and frame reading."""
+
+from httm_dist.data.scenes import (
+    IMAGE_EXTENSIONS,
+    FrameRef,
+    SceneSpec,
+    discover_scenes,
+    natural_key,
+    read_scene_frames,
+    select_frames,
+    validate_scene_id,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "FrameRef",
+    "SceneSpec",
+    "discover_scenes",
+    "natural_key",
+    "read_scene_frames",
+    "select_frames",
+    "validate_scene_id",
+]

@@ -1,0 +1,377 @@
+"""Scene discovery and frame reading on any fsspec URL (local path, ``s3://``, ``gs://``...).
+
+An input is either
+
+- a root whose immediate children are scenes: a folder/prefix of images (searched
+  recursively, frames in natural-sort order of their path relative to the scene folder), or a
+  ``.tar`` / ``.zip`` archive of images (scene id = file stem) read in place through fsspec's
+  archive filesystems, never extracted to disk; or
+- a manifest file (``.parquet``, ``.csv``, ``.jsonl``) naming ``scene_id``, ``uri`` and an
+  optional ``frame_index`` per row (see :mod:`httm_dist.data.manifest`).
+
+Discovery only lists; the worker reads a scene's bytes with :func:`read_scene_frames`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import fsspec
+
+from httm_dist.errors import ConfigError, SceneError, StorageError
+from httm_dist.storage import full_url, get_fs, redact, retry
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+ARCHIVE_KINDS = {".tar": "tar", ".zip": "zip"}
+MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv", ".jsonl"})
+
+_SCENE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """One frame of a scene.
+
+    ``uri``: a URL fsspec can open (for archive members a chained URL such as
+    ``tar://sub/f1.jpg::s3://bucket/root/scene.tar``); ``frame_index``: the frame's position
+    in the full ordered sequence (before stride), or the manifest's ``frame_index``;
+    ``name``: its path relative to the scene folder / archive (manifest: the file name).
+    """
+
+    uri: str
+    frame_index: int
+    name: str
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """A unit of work: one scene's ordered frames.
+
+    ``kind`` is ``"folder"``, ``"tar"``, ``"zip"`` or ``"manifest"``; ``source`` the scene
+    folder, archive or manifest URL. ``error`` is set when discovery already knows the scene
+    cannot be read (e.g. a corrupt archive); :func:`read_scene_frames` then raises it as a
+    :class:`SceneError`, so the driver records the scene as failed and goes on.
+    """
+
+    scene_id: str
+    source: str
+    kind: str
+    frames: tuple[FrameRef, ...]
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def natural_key(relpath: str) -> tuple:
+    """Sort key putting ``frame2`` before ``frame10``, component by component of a path."""
+    key = []
+    for part in relpath.split("/"):
+        chunks = re.split(r"(\d+)", part)
+        key.append(
+            tuple((0, int(c), c) if c.isdigit() else (1, 0, c.lower()) for c in chunks)
+        )
+    return (tuple(key), relpath)
+
+
+def is_image_name(name: str) -> bool:
+    """An image frame by extension (any case); hidden files (``.x``, ``__MACOSX``) excluded."""
+    parts = name.strip("/").split("/")
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return False
+    return posixpath.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS
+
+
+def validate_scene_id(scene_id: str, where: str) -> str:
+    """Check that ``scene_id`` is safe as a file name and a hive partition value."""
+    if not isinstance(scene_id, str) or not _SCENE_ID.match(scene_id):
+        raise ConfigError(
+            f"scene id {scene_id!r} (from {redact(where)}) is not usable as a file name: use "
+            "1-128 characters from letters, digits, '.', '_' and '-', starting with a letter or "
+            "digit (rename the folder/archive or fix the manifest's scene_id)"
+        )
+    return scene_id
+
+
+def _check_positive(name: str, value: int | None, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def select_frames(
+    frames: Sequence[FrameRef], frame_stride: int = 1, max_frames: int | None = None
+) -> tuple[FrameRef, ...]:
+    """Apply the stride, then the cap, to frames already in order."""
+    picked = list(frames)[::frame_stride]
+    if max_frames is not None:
+        picked = picked[:max_frames]
+    return tuple(picked)
+
+
+def _wanted(scene_id: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    if include and not any(fnmatch.fnmatchcase(scene_id, g) for g in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(scene_id, g) for g in exclude))
+
+
+def _as_globs(name: str, value: Sequence[str] | str | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not all(isinstance(g, str) for g in value):
+        raise ConfigError(f"{name} must be a list of glob strings, got {value!r}")
+    return list(value)
+
+
+def _open_archive(kind: str, fh) -> fsspec.AbstractFileSystem:
+    """An archive filesystem over an already open file (read in place, never extracted)."""
+    from fsspec.implementations.tar import TarFileSystem
+    from fsspec.implementations.zip import ZipFileSystem
+
+    if kind == "tar":
+        return TarFileSystem(fo=fh, skip_instance_cache=True)
+    return ZipFileSystem(fo=fh, mode="r", skip_instance_cache=True)
+
+
+def _archive_errors() -> tuple[type[BaseException], ...]:
+    import tarfile
+    import zipfile
+
+    return (tarfile.TarError, zipfile.BadZipFile, EOFError, KeyError, ValueError)
+
+
+def _archive_members(fs: fsspec.AbstractFileSystem, path: str, kind: str) -> list[str]:
+    """Image members of an archive, in natural order. Raises on unreadable archives."""
+    with fs.open(path, "rb") as fh:
+        afs = _open_archive(kind, fh)
+        names = [n.lstrip("/") for n in afs.find("", withdirs=False)]
+    return sorted((n for n in names if is_image_name(n)), key=natural_key)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _folder_scene(fs, scene_path: str, scene_id: str) -> SceneSpec:
+    base = scene_path.rstrip("/")
+    paths = retry(lambda: fs.find(base, withdirs=False), what=f"list {full_url(fs, base)}")
+    rels = [p[len(base) + 1:] for p in paths if p.startswith(base + "/")]
+    rels = sorted((r for r in rels if is_image_name(r)), key=natural_key)
+    frames = tuple(
+        FrameRef(uri=full_url(fs, f"{base}/{rel}"), frame_index=i, name=rel)
+        for i, rel in enumerate(rels)
+    )
+    return SceneSpec(scene_id, full_url(fs, base), "folder", frames)
+
+
+def _archive_scene(fs, path: str, scene_id: str, kind: str) -> SceneSpec:
+    url = full_url(fs, path)
+    try:
+        members = retry(lambda: _archive_members(fs, path, kind), what=f"index archive {url}")
+    except _archive_errors() as exc:
+        msg = f"scene {scene_id!r}: cannot read {kind} archive {redact(url)}: {type(exc).__name__}: {exc}"
+        log.warning("%s", msg)
+        return SceneSpec(scene_id, url, kind, (), error=msg)
+    frames = tuple(
+        FrameRef(uri=f"{kind}://{m}::{url}", frame_index=i, name=m) for i, m in enumerate(members)
+    )
+    return SceneSpec(scene_id, url, kind, frames)
+
+
+def _list_root(fs, root: str, input_url: str) -> list[tuple[str, str, str]]:
+    """Immediate children of ``root`` as ``(scene_id, path, kind)``."""
+    fs.invalidate_cache(root)
+    entries = retry(lambda: fs.ls(root, detail=True), what=f"list {redact(input_url)}")
+    found: dict[str, tuple[str, str, str]] = {}
+    for entry in entries:
+        path = entry["name"].rstrip("/")
+        name = posixpath.basename(path)
+        if not name or name.startswith((".", "_")) or path == root.rstrip("/"):
+            continue
+        if entry.get("type") == "directory":
+            sid, kind = name, "folder"
+        else:
+            ext = posixpath.splitext(name)[1].lower()
+            if ext not in ARCHIVE_KINDS:
+                if ext in IMAGE_EXTENSIONS:
+                    log.warning(
+                        "ignoring image %s at the input root: put each scene in its own "
+                        "folder or archive", redact(full_url(fs, path)),
+                    )
+                continue
+            sid, kind = name[: -len(ext)], ARCHIVE_KINDS[ext]
+        validate_scene_id(sid, full_url(fs, path))
+        if sid in found:
+            raise ConfigError(
+                f"scene id {sid!r} appears twice under {redact(input_url)} "
+                f"({posixpath.basename(found[sid][1])} and {name}); rename one of them"
+            )
+        found[sid] = (sid, path, kind)
+    return list(found.values())
+
+
+def discover_scenes(
+    input_url: str,
+    storage_options: dict | None = None,
+    *,
+    frame_stride: int = 1,
+    max_frames: int | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[SceneSpec]:
+    """List the scenes under ``input_url`` (a root of scenes, or a manifest file).
+
+    Frames are ordered (natural sort, or the manifest's ``frame_index``), then every
+    ``frame_stride``-th is kept, then at most ``max_frames``. ``include`` / ``exclude`` are
+    fnmatch globs on scene ids. Empty scenes are returned with ``frames=()`` so the driver can
+    record them as failed. Returns scenes sorted by ``scene_id``.
+
+    Raises :class:`ConfigError` for a missing input or unusable scene ids, and
+    :class:`StorageError` when the storage cannot be reached after retries.
+    """
+    _check_positive("frame_stride", frame_stride, allow_none=False)
+    _check_positive("max_frames", max_frames, allow_none=True)
+    include_g, exclude_g = _as_globs("include", include), _as_globs("exclude", exclude)
+    shown = redact(input_url)
+    fs, root = get_fs(input_url, storage_options)
+    try:
+        is_dir = retry(lambda: fs.isdir(root), what=f"check {shown}")
+        is_file = not is_dir and retry(lambda: fs.isfile(root), what=f"check {shown}")
+    except (FileNotFoundError, PermissionError) as exc:
+        raise ConfigError(f"input {shown!r} is not reachable: {exc}") from exc
+    if is_file:
+        ext = posixpath.splitext(root)[1].lower()
+        if ext not in MANIFEST_EXTENSIONS:
+            raise ConfigError(
+                f"input {shown!r} is a file but not a manifest (.parquet, .csv, .jsonl); "
+                "point input at a folder of scenes or at a manifest"
+            )
+        from httm_dist.data.manifest import manifest_scenes
+
+        scenes = manifest_scenes(fs, root, full_url(fs, root))
+    elif is_dir:
+        children = [c for c in _list_root(fs, root, input_url) if _wanted(c[0], include_g, exclude_g)]
+
+        def build(child: tuple[str, str, str]) -> SceneSpec:
+            sid, path, kind = child
+            if kind == "folder":
+                return _folder_scene(fs, path, sid)
+            return _archive_scene(fs, path, sid, kind)
+
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(children)))) as pool:
+            scenes = list(pool.map(build, children))
+    else:
+        raise ConfigError(f"input {shown!r} does not exist (check the path and storage_options)")
+
+    out = []
+    for scene in scenes:
+        if not _wanted(scene.scene_id, include_g, exclude_g):
+            continue
+        frames = select_frames(scene.frames, frame_stride, max_frames)
+        out.append(SceneSpec(scene.scene_id, scene.source, scene.kind, frames, scene.error))
+    out.sort(key=lambda s: s.scene_id)
+    log.info("found %d scenes (%d frames) under %s", len(out), sum(len(s.frames) for s in out), shown)
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _scene_error(scene: SceneSpec, what: str, exc: BaseException) -> SceneError:
+    return SceneError(
+        f"scene {scene.scene_id!r}: {what}: {type(exc).__name__}: {redact(str(exc))}"
+    )
+
+
+def _read_archive(scene: SceneSpec, storage_options: dict | None) -> list[bytes]:
+    fs, path = get_fs(scene.source, storage_options)
+
+    def read_all() -> list[bytes]:
+        try:
+            fh = fs.open(path, "rb")
+        except FileNotFoundError as exc:
+            raise _scene_error(scene, f"archive {redact(scene.source)} not found", exc) from exc
+        with fh:
+            try:
+                afs = _open_archive(scene.kind, fh)
+            except _archive_errors() as exc:
+                raise _scene_error(scene, f"cannot open {scene.kind} archive {redact(scene.source)}", exc) from exc
+            out = []
+            for frame in scene.frames:
+                try:
+                    out.append(afs.cat_file(frame.name))
+                except (FileNotFoundError, *_archive_errors()) as exc:
+                    raise _scene_error(
+                        scene, f"cannot read {frame.name!r} in archive {redact(scene.source)}", exc
+                    ) from exc
+            return out
+
+    return retry(read_all, what=f"read archive {redact(scene.source)}")
+
+
+def _read_files(scene: SceneSpec, storage_options: dict | None) -> list[bytes]:
+    """Read plain frame URIs, batched per filesystem (object stores fetch concurrently)."""
+    groups: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str, FrameRef]]]] = {}
+    for i, frame in enumerate(scene.frames):
+        try:
+            fs, path = get_fs(frame.uri, storage_options)
+        except (ValueError, ImportError) as exc:
+            raise _scene_error(scene, f"cannot open frame {redact(frame.uri)}", exc) from exc
+        groups.setdefault(id(fs), (fs, []))[1].append((i, path, frame))
+    out: list[bytes | None] = [None] * len(scene.frames)
+    for fs, items in groups.values():
+        paths = [p for _, p, _ in items]
+        got = fs.cat(paths, on_error="return") if len(paths) > 1 else {paths[0]: _safe_cat(fs, paths[0])}
+        for i, path, frame in items:
+            data = got.get(path)
+            if isinstance(data, BaseException) or data is None:
+                try:  # one more careful attempt with backoff, to tell transient from permanent
+                    data = retry(lambda: fs.cat_file(path), what=f"read {redact(frame.uri)}")
+                except StorageError:
+                    raise
+                except (OSError, ValueError, *_archive_errors()) as exc:
+                    raise _scene_error(scene, f"cannot read frame {redact(frame.uri)}", exc) from exc
+            out[i] = data
+    return out  # type: ignore[return-value]
+
+
+def _safe_cat(fs, path: str):
+    try:
+        return fs.cat_file(path)
+    except Exception as exc:  # noqa: BLE001 - handled by the caller
+        return exc
+
+
+def read_scene_frames(scene: SceneSpec, storage_options: dict | None = None) -> list[bytes]:
+    """The encoded bytes of every frame of ``scene``, in frame order.
+
+    Archives are opened once per call, not once per frame; transient storage errors are
+    retried (then :class:`StorageError`). A scene with no frames, a missing or corrupt
+    archive, or a missing/unreadable file raises :class:`SceneError` naming the scene and
+    the file.
+    """
+    if scene.error:
+        raise SceneError(scene.error)
+    if not scene.frames:
+        raise SceneError(
+            f"scene {scene.scene_id!r} has no image frames (.jpg/.jpeg/.png/.webp) in "
+            f"{redact(scene.source)}"
+        )
+    if scene.kind in ("tar", "zip"):
+        return _read_archive(scene, storage_options)
+    return _read_files(scene, storage_options)
+
+
+def frame_uris(scenes: Iterable[SceneSpec]) -> list[str]:
+    """All frame URIs of ``scenes`` (handy for logs and tests)."""
+    return [f.uri for s in scenes for f in s.frames]

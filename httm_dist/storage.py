@@ -1,0 +1,312 @@
+"""fsspec helpers shared by scene discovery (``data/``) and the result store (``results/``).
+
+One place decides how a URL becomes a filesystem, which errors are worth retrying, how an
+object is written so that nothing half-written is ever visible under its final key, and how
+secrets are kept out of logs and outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+import uuid
+from typing import Any, Callable, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from httm_dist.errors import ConfigError, HttmDistError, StorageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+REDACTED = "***"
+
+# --------------------------------------------------------------------------- filesystems
+
+
+def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for any fsspec URL (local path, ``s3://``, ``gs://``...).
+
+    ``storage_options`` are the options of the storage the data lives on. For a chained URL
+    (``tar://member::s3://bucket/scene.tar``) they go to the innermost (remote) protocol, since
+    archive layers take no credentials.
+    """
+    options = dict(storage_options or {})
+    if "::" in url:
+        inner = url.rsplit("::", 1)[1]
+        protocol = fsspec.core.split_protocol(inner)[0] or "file"
+        return url_to_fs(url, **({protocol: options} if options else {}))
+    return url_to_fs(url, **options)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local disk, where rename is atomic and directories are real."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join URL/path segments with ``/`` (fsspec paths always use ``/``)."""
+    out = base.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URL a user can pass back to fsspec for ``path`` on ``fs`` (plain path when local)."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+# --------------------------------------------------------------------------- retries
+
+_PERMANENT_OS_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    try:  # botocore is there whenever s3fs is; its network errors are not OSErrors
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        types += [BotoCoreError, ClientError]
+    except ImportError:  # pragma: no cover - no s3 support installed
+        pass
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    import asyncio
+
+    types.append(asyncio.TimeoutError)
+    return tuple(types)
+
+
+_TRANSIENT = _transient_types()
+_PERMANENT_CLIENT_CODES = {
+    "NoSuchBucket", "NoSuchKey", "AccessDenied", "InvalidAccessKeyId",
+    "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidBucketName", "404", "403",
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Is ``exc`` worth retrying? Network/timeouts/5xx yes; missing, forbidden, bad input no."""
+    if isinstance(exc, (HttmDistError, ValueError, *_PERMANENT_OS_ERRORS)):
+        return False
+    code = getattr(exc, "response", None)
+    if isinstance(code, dict):  # botocore ClientError
+        err_code = str(code.get("Error", {}).get("Code", ""))
+        if err_code in _PERMANENT_CLIENT_CODES:
+            return False
+    return isinstance(exc, _TRANSIENT)
+
+
+def retry(
+    fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.2
+) -> T:
+    """Call ``fn()``, retrying transient storage errors with exponential backoff and jitter.
+
+    Permanent errors (missing file, permission denied, bad value) are raised at once,
+    unchanged. After the last failed attempt a :class:`StorageError` naming ``what`` (which
+    should contain the URL) is raised from the last error.
+    """
+    if attempts < 1:
+        raise ValueError(f"retry attempts must be >= 1, got {attempts}")
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except BaseException as exc:  # noqa: BLE001 - filtered just below
+            if not is_transient(exc):
+                raise
+            if attempt == attempts:
+                raise StorageError(
+                    redact(f"{what} failed after {attempts} attempts: {type(exc).__name__}: {exc}")
+                ) from exc
+            delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning(
+                "%s failed (attempt %d/%d, %s: %s); retrying in %.2fs",
+                redact(what), attempt, attempts, type(exc).__name__, redact(str(exc)), delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- whole objects
+
+
+def write_bytes_fs(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that no reader ever sees a partial object.
+
+    Local disk: a temporary file in the same folder, then ``os.replace`` (atomic rename).
+    Object stores: a single PUT (``pipe_file``), which is visible whole or not at all.
+    """
+    if is_local(fs):
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write ``data`` to ``url`` whole (see :func:`write_bytes_fs`), retrying transient errors."""
+    fs, path = get_fs(url, storage_options)
+    retry(lambda: write_bytes_fs(fs, path, data), what=f"write {url}")
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """Read the whole object at ``url``, retrying transient errors.
+
+    A missing object raises ``FileNotFoundError`` at once (not retried).
+    """
+    fs, path = get_fs(url, storage_options)
+    return retry(lambda: fs.cat_file(path), what=f"read {url}")
+
+
+# --------------------------------------------------------------------------- secrets
+
+_SENSITIVE_WORDS = ("secret", "password", "passwd", "credential", "private", "access_key")
+_SENSITIVE_LAST = {
+    "key", "token", "signature", "sig", "auth", "authorization", "pwd", "sas", "apikey",
+    "cookie", "session",
+}
+_HARMLESS = {
+    "sort_key", "partition_key", "primary_key", "cache_key", "scene_key", "key_prefix",
+    "dict_key", "hash_key", "merge_key", "run_key", "kms_key_id", "ssekms_key_id",
+    "sse_kms_key_id",
+}
+
+
+def _is_sensitive_name(name: str) -> bool:
+    low = str(name).lower()
+    if low in _HARMLESS:
+        return False
+    if any(word in low for word in _SENSITIVE_WORDS):
+        return True
+    # split snake/kebab/camel case: "sessionToken" -> ["session", "token"]
+    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower())
+    return bool(words) and words[-1] in _SENSITIVE_LAST
+
+
+def _redact_url(text: str) -> str:
+    """Hide the password of ``scheme://user:pass@host`` and sensitive query parameters."""
+
+    def one(match: re.Match) -> str:
+        url = match.group(0)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return url
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:{REDACTED}@{host}" if ":" in userinfo else f"{REDACTED}@{host}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            if any(_is_sensitive_name(k) or k.lower().startswith("x-amz-") for k, _ in pairs):
+                query = urlencode(
+                    [
+                        (k, REDACTED if (_is_sensitive_name(k) or k.lower() in
+                                         ("x-amz-signature", "x-amz-credential",
+                                          "x-amz-security-token")) else v)
+                        for k, v in pairs
+                    ]
+                )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+", one, text)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of ``obj`` with secrets replaced by ``***``, safe for logs and outputs.
+
+    Dicts: the value of any key naming a secret (``key``, ``secret``, ``token``, ``password``,
+    ``aws_secret_access_key``, ``session_token``, ``Authorization``...) is replaced, recursing
+    into nested dicts/lists. Strings: passwords in URLs and signed-URL query parameters are
+    replaced. Other values are returned unchanged.
+    """
+    if isinstance(obj, dict):
+        return {
+            k: (REDACTED if (_is_sensitive_name(k) and v is not None and not isinstance(v, (dict, list, tuple)))
+                else redact(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(redact(v) for v in obj)
+    if isinstance(obj, str):
+        return _redact_url(obj) if "://" in obj else obj
+    return obj
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_reachable(
+    url: str, storage_options: dict | None = None, *, for_write: bool = False, attempts: int = 3
+) -> None:
+    """Fail fast, before any work, if ``url`` cannot be used.
+
+    Reading (``for_write=False``): the URL must exist; otherwise :class:`ConfigError`.
+    Writing: the folder is created (local) or a small probe object is written and removed
+    (object stores), proving the bucket exists and is writable. Network failures after
+    retries raise :class:`StorageError`; missing bucket/forbidden raise :class:`ConfigError`.
+    """
+    shown = redact(url)
+    try:
+        fs, path = get_fs(url, storage_options)
+    except (ValueError, ImportError, TypeError) as exc:
+        raise ConfigError(f"cannot open storage URL {shown!r}: {exc}") from exc
+    try:
+        if not for_write:
+            if not retry(lambda: fs.exists(path), what=f"check {shown}", attempts=attempts):
+                raise ConfigError(f"input {shown!r} does not exist (check the path and storage_options)")
+            return
+        if is_local(fs):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ConfigError(f"output {shown!r} exists and is not a folder")
+            os.makedirs(path, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise ConfigError(f"output folder {shown!r} is not writable")
+            return
+        probe = join_url(path, f"_probe-{uuid.uuid4().hex}")
+        retry(lambda: fs.pipe_file(probe, b""), what=f"write probe to {shown}", attempts=attempts)
+        try:
+            retry(lambda: fs.rm_file(probe), what=f"remove probe from {shown}", attempts=attempts)
+        except (StorageError, FileNotFoundError):
+            log.warning("could not remove the write probe %s", redact(full_url(fs, probe)))
+    except (FileNotFoundError, PermissionError) as exc:
+        what = "output" if for_write else "input"
+        raise ConfigError(
+            f"{what} {shown!r} is not reachable ({type(exc).__name__}: {redact(str(exc))}); "
+            "check that the bucket/folder exists and the credentials in storage_options allow it"
+        ) from exc

@@ -1,0 +1,229 @@
+"""Scene discovery and frame reading: folders, tar/zip archives, manifests; local and S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_storage import s3_bucket  # noqa: F401 - working bucket fixture (see its docstring)
+
+from httm_dist.data import discover_scenes, natural_key, read_scene_frames
+from httm_dist.data import scenes as scenes_mod
+from httm_dist.errors import ConfigError, SceneError
+from httm_dist.storage import get_fs
+
+# scene "a": folder with natural-sort names, mixed-case extensions, a nested subfolder,
+# plus files that are not frames
+FOLDER_FILES = {
+    "a/frame10.JPG": b"a10",
+    "a/frame2.jpg": b"a2",
+    "a/frame1.PNG": b"a1",
+    "a/sub/frame0.webp": b"as0",
+    "a/Frame3.Jpeg": b"a3",
+    "a/notes.txt": b"x",
+    "a/.hidden.jpg": b"x",
+}
+ORDER_A = ["frame1.PNG", "frame2.jpg", "Frame3.Jpeg", "frame10.JPG", "sub/frame0.webp"]  # case-insensitive
+MEMBERS = {"f10.jpg": b"t10", "f9.jpg": b"t9", "d/f1.png": b"t1", "readme.md": b"no"}
+ORDER_ARCHIVE = ["d/f1.png", "f9.jpg", "f10.jpg"]
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def root(request, tmp_path):
+    """``(root_url, storage_options, fs, root_path)`` of an empty input root."""
+    if request.param == "local":
+        url, opts = str(tmp_path / "input"), None
+    else:
+        bucket, opts = request.getfixturevalue("s3_bucket")
+        url = f"{bucket}/input"
+    fs, path = get_fs(url, opts)
+    return url, opts, fs, path
+
+
+def put(fs, path: str, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        fs.makedirs(f"{path}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(f"{path}/{rel}", data)
+    fs.invalidate_cache()
+
+
+def make_dataset(fs, path: str) -> None:
+    put(fs, path, FOLDER_FILES)
+    put(fs, path, {"b.tar": tar_bytes(MEMBERS), "c.zip": zip_bytes(MEMBERS), "stray.txt": b"x"})
+
+
+def test_natural_key_orders_numbers_by_value():
+    names = ["f10.jpg", "f2.jpg", "f1.jpg", "a/f3.jpg", "F0.jpg"]
+    assert sorted(names, key=natural_key) == ["a/f3.jpg", "F0.jpg", "f1.jpg", "f2.jpg", "f10.jpg"]
+
+
+def test_discover_and_read_folders_and_archives(root):
+    url, opts, fs, path = root
+    make_dataset(fs, path)
+    scenes = discover_scenes(url, opts)
+    assert [(s.scene_id, s.kind) for s in scenes] == [("a", "folder"), ("b", "tar"), ("c", "zip")]
+    a, b, c = scenes
+    assert [f.name for f in a.frames] == ORDER_A
+    assert [f.frame_index for f in a.frames] == list(range(5))
+    assert read_scene_frames(a, opts) == [FOLDER_FILES[f"a/{n}"] for n in ORDER_A]
+    for archive in (b, c):
+        assert [f.name for f in archive.frames] == ORDER_ARCHIVE
+        assert read_scene_frames(archive, opts) == [MEMBERS[n] for n in ORDER_ARCHIVE]
+        # the frame URI is a chained URL fsspec can open on its own
+        uri = archive.frames[-1].uri
+        assert uri.startswith(f"{archive.kind}://f10.jpg::")
+        inner = {"s3": opts} if opts else {}
+        with fsspec.open(uri, "rb", **inner) as fh:
+            assert fh.read() == b"t10"
+    # frame URIs of folders are readable URLs too
+    with fsspec.open(a.frames[0].uri, "rb", **(opts or {})) as fh:
+        assert fh.read() == b"a1"
+
+
+def test_archive_opened_once_per_read(tmp_path, monkeypatch):
+    (tmp_path / "s.tar").write_bytes(tar_bytes(MEMBERS))
+    (scene,) = discover_scenes(str(tmp_path))
+    calls = []
+    real = scenes_mod._open_archive
+    monkeypatch.setattr(scenes_mod, "_open_archive", lambda *a: calls.append(1) or real(*a))
+    assert len(read_scene_frames(scene)) == 3
+    assert len(calls) == 1
+
+
+def test_stride_max_include_exclude(tmp_path):
+    files = {f"s{k}/img{i}.jpg": f"{k}{i}".encode() for k in range(3) for i in range(10)}
+    put(fsspec.filesystem("file"), str(tmp_path), files)
+    scenes = discover_scenes(str(tmp_path), frame_stride=3, max_frames=3)
+    assert [s.scene_id for s in scenes] == ["s0", "s1", "s2"]
+    assert [f.name for f in scenes[0].frames] == ["img0.jpg", "img3.jpg", "img6.jpg"]
+    assert [f.frame_index for f in scenes[0].frames] == [0, 3, 6]
+    assert len(discover_scenes(str(tmp_path), frame_stride=4)[1].frames) == 3  # 0, 4, 8
+    assert [s.scene_id for s in discover_scenes(str(tmp_path), include=["s1", "s2"], exclude=["s2"])] == ["s1"]
+    assert [s.scene_id for s in discover_scenes(str(tmp_path), exclude=["s*"])] == []
+    with pytest.raises(ConfigError, match="frame_stride"):
+        discover_scenes(str(tmp_path), frame_stride=0)
+    with pytest.raises(ConfigError, match="max_frames"):
+        discover_scenes(str(tmp_path), max_frames=-1)
+
+
+def test_empty_scene_is_listed_and_fails_clearly(root):
+    url, opts, fs, path = root
+    put(fs, path, {"full/x.jpg": b"x", "empty/readme.txt": b"nothing"})
+    scenes = {s.scene_id: s for s in discover_scenes(url, opts)}
+    assert scenes["empty"].frames == ()
+    with pytest.raises(SceneError, match="'empty' has no image frames"):
+        read_scene_frames(scenes["empty"], opts)
+
+
+def test_corrupt_and_missing_archives(root):
+    url, opts, fs, path = root
+    put(fs, path, {"bad.tar": b"this is not a tar archive" * 40, "bad2.zip": b"nope", "ok.tar": tar_bytes(MEMBERS)})
+    scenes = {s.scene_id: s for s in discover_scenes(url, opts)}
+    for sid in ("bad", "bad2"):
+        assert scenes[sid].frames == ()
+        with pytest.raises(SceneError, match=f"'{sid}'.*{sid}\\.(tar|zip)"):
+            read_scene_frames(scenes[sid], opts)
+    fs.rm_file(f"{path}/ok.tar")
+    fs.invalidate_cache()
+    with pytest.raises(SceneError, match=r"'ok'.*ok\.tar.*not found"):
+        read_scene_frames(scenes["ok"], opts)
+
+
+def test_missing_frame_file_names_scene_and_file(root):
+    url, opts, fs, path = root
+    put(fs, path, {"s/1.jpg": b"1", "s/2.jpg": b"2"})
+    (scene,) = discover_scenes(url, opts)
+    fs.rm_file(f"{path}/s/2.jpg")
+    fs.invalidate_cache()
+    with pytest.raises(SceneError, match=r"'s'.*s/2\.jpg"):
+        read_scene_frames(scene, opts)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        discover_scenes(str(tmp_path / "nope"))
+    put(fsspec.filesystem("file"), str(tmp_path / "r"), {"bad id/x.jpg": b"x"})
+    with pytest.raises(ConfigError, match="'bad id'"):
+        discover_scenes(str(tmp_path / "r"))
+    put(fsspec.filesystem("file"), str(tmp_path / "d"), {"x/1.jpg": b"x", "x.tar": tar_bytes(MEMBERS)})
+    with pytest.raises(ConfigError, match="twice"):
+        discover_scenes(str(tmp_path / "d"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a manifest"):
+        discover_scenes(str(tmp_path / "file.txt"))
+
+
+def _manifest_bytes(fmt: str, rows: list[dict]) -> bytes:
+    if fmt == "parquet":
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        return buf.getvalue()
+    if fmt == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
+    cols = list(rows[0])
+    lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_manifest_formats(root, fmt):
+    url, opts, fs, path = root
+    put(fs, path, {"imgs/p.jpg": b"p", "imgs/q.jpg": b"q", "imgs/r.jpg": b"r", "arc.tar": tar_bytes(MEMBERS)})
+    abs_uri = f"{url}/imgs/r.jpg"
+    rows = [
+        {"scene_id": "m1", "uri": "imgs/q.jpg", "frame_index": 5},
+        {"scene_id": "m2", "uri": abs_uri, "frame_index": 0},
+        {"scene_id": "m1", "uri": "imgs/p.jpg", "frame_index": 2},
+        {"scene_id": "m1", "uri": abs_uri, "frame_index": 9},
+        {"scene_id": "m2", "uri": f"tar://f9.jpg::{url}/arc.tar", "frame_index": 1},
+    ]
+    put(fs, path, {f"man.{fmt}": _manifest_bytes(fmt, rows)})
+    scenes = discover_scenes(f"{url}/man.{fmt}", opts)
+    assert [(s.scene_id, s.kind) for s in scenes] == [("m1", "manifest"), ("m2", "manifest")]
+    m1, m2 = scenes
+    assert [f.frame_index for f in m1.frames] == [2, 5, 9]
+    assert read_scene_frames(m1, opts) == [b"p", b"q", b"r"]
+    assert read_scene_frames(m2, opts) == [b"r", b"t9"]
+    assert m1.frames[0].uri == f"{url}/imgs/p.jpg"
+    strided = discover_scenes(f"{url}/man.{fmt}", opts, frame_stride=2, include=["m1"])
+    assert [f.frame_index for f in strided[0].frames] == [2, 9]
+
+
+def test_manifest_without_frame_index_keeps_order_and_validates(tmp_path):
+    for name in ("z.jpg", "a.jpg"):
+        (tmp_path / name).write_bytes(name.encode())
+    (tmp_path / "m.jsonl").write_text('{"scene_id": "s", "uri": "z.jpg"}\n{"scene_id": "s", "uri": "a.jpg"}\n')
+    (scene,) = discover_scenes(str(tmp_path / "m.jsonl"))
+    assert [f.name for f in scene.frames] == ["z.jpg", "a.jpg"]
+    assert [f.frame_index for f in scene.frames] == [0, 1]
+    assert read_scene_frames(scene) == [b"z.jpg", b"a.jpg"]
+    (tmp_path / "bad.csv").write_text("scene,uri\ns,a.jpg\n")
+    with pytest.raises(ConfigError, match="scene_id"):
+        discover_scenes(str(tmp_path / "bad.csv"))
+    (tmp_path / "bad.jsonl").write_text('{"scene_id": "s/../x", "uri": "a.jpg"}\n')
+    with pytest.raises(ConfigError, match="s/../x"):
+        discover_scenes(str(tmp_path / "bad.jsonl"))

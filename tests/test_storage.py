@@ -1,0 +1,197 @@
+"""Storage helpers: retries, atomic writes, redaction, reachability checks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from httm_dist import storage
+from httm_dist.errors import ConfigError, StorageError
+from httm_dist.storage import (
+    check_reachable,
+    get_fs,
+    read_bytes,
+    redact,
+    retry,
+    write_bytes_atomic,
+)
+
+
+class Flaky:
+    """A fake storage call failing ``failures`` times with ``exc`` before returning 42."""
+
+    def __init__(self, exc: BaseException, failures: int):
+        self.exc, self.failures, self.calls = exc, failures, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.exc
+        return 42
+
+
+@pytest.fixture(autouse=True)
+def _no_sleep(monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+
+@pytest.mark.parametrize(
+    "exc", [ConnectionError("reset"), TimeoutError("slow"), OSError(5, "EIO")]
+)
+def test_retry_recovers_from_transient_errors(exc):
+    fn = Flaky(exc, failures=3)
+    assert retry(fn, what="read s3://b/k", attempts=5) == 42
+    assert fn.calls == 4
+
+
+def test_retry_gives_up_with_storage_error_naming_the_url():
+    fn = Flaky(ConnectionError("reset"), failures=10)
+    with pytest.raises(StorageError, match="s3://bucket/key") as info:
+        retry(fn, what="read s3://bucket/key", attempts=3)
+    assert fn.calls == 3
+    assert isinstance(info.value.__cause__, ConnectionError)
+
+
+@pytest.mark.parametrize(
+    "exc", [FileNotFoundError("gone"), PermissionError("no"), ValueError("bad")]
+)
+def test_retry_does_not_retry_permanent_errors(exc):
+    fn = Flaky(exc, failures=10)
+    with pytest.raises(type(exc)):
+        retry(fn, what="read x", attempts=5)
+    assert fn.calls == 1
+
+
+def test_retry_botocore_errors():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    slow = ClientError({"Error": {"Code": "SlowDown", "Message": "x"}}, "PutObject")
+    fn = Flaky(slow, failures=2)
+    assert retry(fn, what="w", attempts=3) == 42 and fn.calls == 3
+    fn = Flaky(EndpointConnectionError(endpoint_url="http://x"), failures=1)
+    assert retry(fn, what="w", attempts=3) == 42
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "x"}}, "GetObject")
+    fn = Flaky(denied, failures=5)
+    with pytest.raises(ClientError):
+        retry(fn, what="w", attempts=3)
+    assert fn.calls == 1
+
+
+def test_backoff_grows(monkeypatch):
+    delays = []
+    monkeypatch.setattr(storage.time, "sleep", delays.append)
+    with pytest.raises(StorageError):
+        retry(Flaky(ConnectionError(), 10), what="x", attempts=4, base_delay=0.1)
+    assert len(delays) == 3
+    # jitter is in [0.5, 1.5) of 0.1 * 2**k: ranges do not overlap past the first step
+    for k, d in enumerate(delays):
+        assert 0.05 * 2**k <= d < 0.15 * 2**k
+
+
+def test_redact_removes_secrets_and_keeps_the_rest():
+    opts = {
+        "key": "AKIAXXXX",
+        "secret": "s3cr3t",
+        "token": "tok",
+        "client_kwargs": {"endpoint_url": "http://minio:9000", "region_name": "eu"},
+        "config_kwargs": {"aws_secret_access_key": "a", "aws_access_key_id": "b"},
+        "headers": {"Authorization": "Bearer abc"},
+        "sessionToken": "st",
+        "db_password": "pw",
+        "anon": False,
+        "merging": {"q_keep": 0.2, "num_tokens": 5, "token_ratio": 0.5},
+        "nested": [{"api_key": "k"}],
+    }
+    out = redact(opts)
+    text = json.dumps(out)
+    for secret in ("AKIAXXXX", "s3cr3t", "tok\"", "Bearer", "\"st\"", "\"pw\"", "\"k\"", "\"a\"", "\"b\""):
+        assert secret not in text, secret
+    assert out["client_kwargs"] == opts["client_kwargs"]
+    assert out["merging"] == opts["merging"]
+    assert out["anon"] is False
+    assert opts["key"] == "AKIAXXXX"  # input untouched
+
+
+def test_redact_urls():
+    url = "https://user:hunter2@host/path?X-Amz-Signature=abc&part=1"
+    out = redact({"endpoint": url, "msg": f"failed to read {url} now"})
+    assert "hunter2" not in json.dumps(out) and "abc" not in json.dumps(out)
+    assert "part=1" in out["endpoint"] and out["msg"].startswith("failed to read https://user:")
+    assert redact("s3://bucket/scene.tar") == "s3://bucket/scene.tar"
+
+
+def test_atomic_write_local_leaves_no_temp(tmp_path):
+    url = str(tmp_path / "a" / "b.bin")
+    write_bytes_atomic(url, b"one")
+    write_bytes_atomic(url, b"two")
+    assert read_bytes(url) == b"two"
+    assert os.listdir(tmp_path / "a") == ["b.bin"]
+    with pytest.raises(FileNotFoundError):
+        read_bytes(str(tmp_path / "missing"))
+
+
+def test_atomic_write_local_failure_keeps_old_object(tmp_path, monkeypatch):
+    url = str(tmp_path / "x.bin")
+    write_bytes_atomic(url, b"old")
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "replace", boom)
+    with pytest.raises(StorageError):
+        write_bytes_atomic(url, b"new")
+    assert read_bytes(url) == b"old"
+    assert os.listdir(tmp_path) == ["x.bin"]
+
+
+@pytest.mark.s3
+def test_s3_write_read_and_reachability(s3_bucket):
+    bucket, opts = s3_bucket
+    write_bytes_atomic(f"{bucket}/d/x.bin", b"abc", opts)
+    assert read_bytes(f"{bucket}/d/x.bin", opts) == b"abc"
+    check_reachable(f"{bucket}/d", opts)
+    check_reachable(f"{bucket}/out", opts, for_write=True)
+    fs, path = get_fs(bucket, opts)
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[-1] for p in fs.find(path)] == ["x.bin"]  # probe removed
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_reachable(f"{bucket}/nothing-here", opts)
+    with pytest.raises(ConfigError, match="not reachable") as info:
+        check_reachable("s3://no-such-bucket-httm/out", opts, for_write=True)
+    assert "testing" not in str(info.value)
+
+
+def test_local_reachability(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_reachable(str(tmp_path / "nope"))
+    check_reachable(str(tmp_path / "new" / "out"), for_write=True)
+    assert (tmp_path / "new" / "out").is_dir()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        check_reachable(str(tmp_path / "f"), for_write=True)
+
+
+def test_get_fs_chained_url_passes_options_to_the_inner_protocol(tmp_path):
+    import tarfile
+
+    member = tmp_path / "m.txt"
+    member.write_bytes(b"hello")
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        tar.add(member, arcname="sub/m.txt")
+    fs, path = get_fs(f"tar://sub/m.txt::{tmp_path}/a.tar", {"auto_mkdir": False})
+    assert fs.cat_file(path) == b"hello"
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """Override of the conftest fixture: s3fs's ``mkdir`` sends ``LocationConstraint=us-east-1``,
+    which moto (like AWS) rejects, so create the bucket with a plain CreateBucket call."""
+    import uuid
+
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True, **s3_server).call_s3("create_bucket", Bucket=name)
+    yield f"s3://{name}", s3_server
