@@ -167,23 +167,14 @@ class PairAlignment:
 
 
 @dataclass
-class AssembledScene:
-    """The whole scene in chunk 0's frame, one entry per frame (arrays like :class:`ChunkPrediction`)."""
+class AssembledScene(ChunkPrediction):
+    """The whole scene in chunk 0's frame: the arrays of :class:`ChunkPrediction` for every frame,
+    plus where each frame came from and how the chunks were aligned."""
 
-    depth: np.ndarray
-    depth_conf: np.ndarray
-    world_points: np.ndarray
-    world_points_conf: np.ndarray
-    extrinsic: np.ndarray
-    intrinsic: np.ndarray
     source_chunk: np.ndarray  # [num_frames] int: the chunk each frame was taken from
     ranges: list[tuple[int, int]]
     chunk_to_first: list[Sim3]  # per chunk: its frame -> chunk 0's frame
     alignments: list[PairAlignment] = field(default_factory=list)
-
-    @property
-    def num_frames(self) -> int:
-        return self.depth.shape[0]
 
     @property
     def flagged(self) -> bool:
