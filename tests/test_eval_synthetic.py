@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from test_storage import s3_bucket  # noqa: F401 - working bucket fixture (conftest's sends a bad LocationConstraint)
 
 from httm_dist.errors import SceneError
 from httm_dist.eval.gt_loader import load_gt_scene
@@ -166,6 +167,15 @@ def test_scene_folder_round_trip_local(tmp_path):
     url = write_scene_folder(sc, str(tmp_path / "s"))
     uris = _check_round_trip(url, None, sc)
     np.testing.assert_array_equal(np.asarray(Image.open(uris[2])), sc.images[2])
+
+
+@pytest.mark.s3
+def test_scene_folder_round_trip_s3(s3_bucket):
+    bucket, so = s3_bucket
+    sc = render_scene(2, 28, 42, seed=1)
+    url = write_scene_folder(sc, f"{bucket}/scenes/a", storage_options=so)
+    uris = _check_round_trip(url, so, sc)
+    assert uris[0].startswith("s3://")
 
 
 def test_make_synthetic_dataset(tmp_path):

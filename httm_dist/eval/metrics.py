@@ -62,34 +62,14 @@ def camera_centers(extrinsic: np.ndarray) -> np.ndarray:
     return -np.einsum("sji,sj->si", E[:, :, :3], E[:, :, 3])
 
 
-def _umeyama_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
-    """Weighted least-squares Sim(3) (Umeyama 1991): (s, R, t) minimising
-    sum_i w_i |dst_i - (s R src_i + t)|^2."""
-    src = np.asarray(src, dtype=np.float64).reshape(-1, 3)
-    dst = np.asarray(dst, dtype=np.float64).reshape(-1, 3)
-    if src.shape != dst.shape or len(src) == 0:
-        raise ValueError(f"umeyama_sim3: need matching non-empty [N,3] point sets, got {src.shape} and {dst.shape}")
-    w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
-    if w.shape != (len(src),) or not np.all(w >= 0) or w.sum() <= 0:
-        raise ValueError("umeyama_sim3: weights must be [N], non-negative, with a positive sum")
-    w = w / w.sum()
-    mu_s, mu_d = w @ src, w @ dst
-    X, Y = src - mu_s, dst - mu_d
-    cov = (Y * w[:, None]).T @ X
-    U, D, Vt = np.linalg.svd(cov)
-    sign = np.ones(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        sign[2] = -1.0
-    R = U @ np.diag(sign) @ Vt
-    var = float(w @ (X**2).sum(axis=1))
-    s = float((D * sign).sum() / var) if var > 0 else 1.0
-    t = mu_d - s * R @ mu_s
-    return s, R, t
-
-
 def umeyama_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
-    """Sim(3) (s, R, t) with dst ~ s R src + t, weighted least squares."""
-    return _umeyama_sim3(src, dst, weights)
+    """Sim(3) (s, R, t) with dst ~ s R src + t in weighted least squares: the project's
+    estimator (``httm_dist.pipeline.align.umeyama_sim3``, the one chunk alignment uses) as a
+    plain tuple. Needs at least 3 finite point pairs."""
+    from httm_dist.pipeline.align import umeyama_sim3 as _umeyama
+
+    sim = _umeyama(np.asarray(src, dtype=np.float64).reshape(-1, 3), np.asarray(dst, dtype=np.float64).reshape(-1, 3), weights)
+    return sim.scale, sim.rotation, sim.translation
 
 
 def apply_sim3(points: np.ndarray, s: float, R: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -246,8 +226,8 @@ def auc(errors: np.ndarray, max_threshold: int = 30) -> float:
 def ate(pred_extrinsic: np.ndarray, gt_extrinsic: np.ndarray) -> float:
     """Absolute trajectory error: RMSE of camera centres after a Sim(3) alignment to GT."""
     cp, cg = camera_centers(pred_extrinsic), camera_centers(gt_extrinsic)
-    if len(cp) < 2:
-        return 0.0
+    if len(cp) < 3:
+        return 0.0  # one or two centres always match exactly under some Sim(3)
     s, R, t = umeyama_sim3(cp, cg)
     return float(np.sqrt(np.mean(np.sum((apply_sim3(cp, s, R, t) - cg) ** 2, axis=1))))
 
