@@ -1,0 +1,203 @@
+"""Load VGGT weights (the official checkpoint or our own) from a path or any fsspec URL.
+
+The model is built on the meta device (no memory) and the checkpoint's tensors are assigned
+to it one by one, so at most one copy of the weights is ever held: safetensors files are
+streamed tensor by tensor from their byte ranges (local, s3://, gs://, ...), ``.pt`` files are
+memory-mapped when local. ``hf://org/repo[@revision]/path/file`` is fetched into the Hugging
+Face cache with ``huggingface_hub`` (an optional dependency).
+
+Exactly the ``track_head.*`` keys are dropped (this project has no track head); any other
+missing, unexpected or mis-shaped key is a ``WeightsMismatchError`` that lists them all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from httm_dist.errors import HttmDistError
+from httm_dist.model.config import VGGTConfig, preset_weights
+from httm_dist.model.vggt import VGGT
+
+logger = logging.getLogger(__name__)
+
+DROPPED_PREFIX = "track_head."
+MAX_HEADER_BYTES = 100 * 2**20
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class WeightsMismatchError(HttmDistError, ValueError):
+    """The checkpoint does not fit the architecture; ``str()`` lists every offending key."""
+
+    def __init__(self, source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        parts = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+                 if keys]
+        super().__init__(f"weights {source} do not match the VGGT config; " + "; ".join(parts))
+
+
+def load_vggt(
+    config: Union[VGGTConfig, Mapping[str, Any], str],
+    weights: Union[str, os.PathLike, None] = None,
+    device: Union[str, torch.device, None] = None,
+    storage_options: Optional[Mapping[str, Any]] = None,
+) -> VGGT:
+    """An eval-mode VGGT on ``device`` (default: CUDA when available, else CPU).
+
+    ``config``: a ``VGGTConfig``, a ``config.json``-style mapping, or a preset name.
+    ``weights``: path or fsspec URL of a ``.safetensors`` or ``.pt``/``.pth`` state dict
+    (``storage_options`` go to fsspec). None loads the preset's shipped weights if it has
+    any, else leaves the model randomly initialised (with a warning: outputs are meaningless).
+    """
+    if isinstance(config, str):
+        weights = weights if weights is not None else preset_weights(config)
+        config = VGGTConfig.preset(config)
+    elif not isinstance(config, VGGTConfig):
+        config = VGGTConfig.from_dict(config)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    if weights is None:
+        logger.warning("VGGT built with random weights: its cameras, depth and points are meaningless")
+        with device:
+            return VGGT(config).eval()
+
+    source = os.fspath(weights)
+    with torch.device("meta"):
+        model = VGGT(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with _open_checkpoint(source, storage_options or {}) as checkpoint:
+        shapes = checkpoint.shapes
+        dropped = [k for k in shapes if k.startswith(DROPPED_PREFIX)]
+        if dropped:
+            logger.info("dropping %d %s* keys from %s: the track head is not implemented",
+                        len(dropped), DROPPED_PREFIX, source)
+        available = {k: s for k, s in shapes.items() if not k.startswith(DROPPED_PREFIX)}
+        missing = sorted(set(expected) - set(available))
+        unexpected = sorted(set(available) - set(expected))
+        mismatched = sorted(f"{k} {available[k]} != {expected[k]}" for k in set(expected) & set(available)
+                            if available[k] != expected[k])
+        if missing or unexpected or mismatched:
+            raise WeightsMismatchError(source, missing, unexpected, mismatched)
+        state = {
+            key: t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+            for key, t in checkpoint.tensors(expected)
+        }
+    model.load_state_dict(state, strict=True, assign=True)
+    logger.info("loaded VGGT weights from %s (%d tensors) onto %s", source, len(state), device)
+    return model.eval()
+
+
+# -- checkpoint readers ------------------------------------------------------------------
+class _Checkpoint:
+    """Keys and shapes up front (so mismatches fail before any data is read), then tensors."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    def tensors(self, keys: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "_Checkpoint":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _SafetensorsStream(_Checkpoint):
+    """Reads a safetensors file through any file object: header, then one tensor at a time."""
+
+    def __init__(self, f: Any, source: str) -> None:
+        self.f = f
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+        except ValueError as e:  # includes JSON and UTF-8 decoding errors
+            raise ValueError(f"{source} is not a valid safetensors file: {e}") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = header
+        self.shapes = {k: tuple(e["shape"]) for k, e in header.items()}
+
+    def tensors(self, keys: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        wanted = sorted(keys, key=lambda k: self.entries[k]["data_offsets"][0])  # sequential reads
+        for key in wanted:
+            e = self.entries[key]
+            begin, end = e["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            self.f.seek(self.data_start + begin)
+            if self.f.readinto(memoryview(buf.numpy())) != end - begin:
+                raise ValueError(f"safetensors file truncated at tensor {key}")
+            dtype = SAFETENSORS_DTYPES[e["dtype"]]
+            yield key, buf.view(dtype).reshape(e["shape"])
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _TorchStateDict(_Checkpoint):
+    """A ``torch.save``'d state dict (loaded with ``weights_only=True``)."""
+
+    def __init__(self, state: Any, source: str) -> None:
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{source} does not hold a plain state dict of tensors")
+        self.state = dict(state)
+        self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+
+    def tensors(self, keys: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in keys:
+            yield key, self.state.pop(key)  # release each source tensor once it is placed
+
+
+def _open_checkpoint(source: str, storage_options: Mapping[str, Any]) -> _Checkpoint:
+    if source.startswith("hf://"):
+        source = _hf_download(source)
+    fs, path = fsspec.core.url_to_fs(source, **storage_options)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".safetensors", ".pt", ".pth"):
+        raise ValueError(f"weights {source}: unknown format {suffix!r}; use .safetensors, .pt or .pth")
+    try:
+        if suffix == ".safetensors":
+            return _SafetensorsStream(fs.open(path, "rb"), source)
+        if isinstance(fs, LocalFileSystem):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with fs.open(path, "rb") as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        return _TorchStateDict(state, source)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"VGGT weights not found: {source}") from None
+
+
+def _hf_download(url: str) -> str:
+    """hf://org/repo[@revision]/path/in/repo -> local path in the Hugging Face cache."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ImportError(
+            f"loading {url} needs huggingface_hub (pip install 'httm-dist[hf]'), "
+            "or download the file and pass its local path"
+        ) from None
+    parts = url[len("hf://"):].split("/")
+    if len(parts) < 3:
+        raise ValueError(f"{url}: expected hf://org/repo[@revision]/path/to/file")
+    repo, _, revision = "/".join(parts[:2]).partition("@")
+    return hf_hub_download(repo_id=repo, filename="/".join(parts[2:]), revision=revision or None)
