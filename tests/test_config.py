@@ -1,0 +1,222 @@
+"""The job config: YAML + dotted overrides -> one typed tree, every mistake named before work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from httm_dist.config import (
+    JobConfig,
+    demo_config,
+    load_config,
+    parse_override,
+    validate_resources,
+)
+from httm_dist.errors import ConfigError, HttmDistError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+BASE = {"input": "/data/scenes", "output": "/data/out", "model": {"preset": "tiny"}}
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_yaml_and_overrides_build_a_typed_tree(tmp_path):
+    path = _write(tmp_path, {**BASE, "workers": 4, "chunk": {"max_frames": 60}})
+    cfg = load_config(
+        path,
+        [
+            "merging.q_keep=0.4",
+            "workers=2",
+            "gpus_per_worker=0.5",
+            "model.weights=s3://bucket/w.safetensors",
+            "include=[scene_*, other]",
+            "chunk.overlap=20",
+            "storage_options.client_kwargs.endpoint_url=http://127.0.0.1:9000",
+        ],
+    )
+    assert isinstance(cfg, JobConfig)
+    assert cfg.workers == 2 and isinstance(cfg.workers, int)
+    assert cfg.gpus_per_worker == 0.5
+    assert cfg.merging.q_keep == pytest.approx(0.4)
+    assert cfg.model.preset == "tiny"
+    assert cfg.model.weights == "s3://bucket/w.safetensors"
+    assert cfg.include == ["scene_*", "other"]
+    assert (cfg.chunk.max_frames, cfg.chunk.overlap) == (60, 20)
+    assert cfg.storage_options == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    # Defaults the brief fixes.
+    assert cfg.max_attempts == 3 and cfg.retry_failed is True and cfg.min_frames == 1
+    assert cfg.image.size == 518 and cfg.image.mode == "crop" and cfg.output_dtype == "float16"
+    # An int is accepted for a float field and becomes a float.
+    assert isinstance(load_config(BASE, ["cpus_per_worker=2"]).cpus_per_worker, float)
+    # A null override resets an optional value.
+    assert load_config({**BASE, "max_frames": 5}, ["max_frames=null"]).max_frames is None
+
+
+def test_to_dict_round_trips_and_redacts():
+    cfg = load_config(
+        {**BASE, "storage_options": {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value"}},
+        ["merging.kv_keep=0.5", "chunk.max_frames=8", "chunk.overlap=3"],
+    )
+    again = load_config(cfg.to_dict())
+    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
+    text = str(cfg.to_dict(redacted=True))
+    assert "s3cr3t-value" not in text and "AKIAEXAMPLE" not in text
+    assert cfg.to_dict()["storage_options"]["secret"] == "s3cr3t-value"  # original untouched
+
+
+@pytest.mark.parametrize(
+    "data, overrides, unknown, suggestion",
+    [
+        ({**BASE, "wokers": 2}, [], "wokers", "workers"),
+        (BASE, ["model.presett=tiny"], "model.presett", "model.preset"),
+        (BASE, ["chunk.max_frame=4"], "chunk.max_frame", "chunk.max_frames"),
+        (BASE, ["merging.q_kep=0.3"], "merging.q_kep", "merging.q_keep"),
+        (BASE, ["imag.size=168"], "imag", "image"),
+        (BASE, ["chunk.align_options.los=huber"], "chunk.align_options.los",
+         "chunk.align_options.loss"),
+    ],
+)
+def test_unknown_keys_are_named_with_a_suggestion(data, overrides, unknown, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(data, overrides)
+    msg = str(err.value)
+    assert f"unknown config key '{unknown}'" in msg
+    assert f"did you mean '{suggestion}'" in msg
+
+
+def test_unknown_key_message_names_the_dotted_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'image\.colour'"):
+        load_config(BASE, ["image.colour=red"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("image.size=500", "image.size"),
+        ("image.size=0", "image.size"),
+        ("image.mode=stretch", "image.mode"),
+        ("workers=0", "workers"),
+        ("workers=two", "workers"),
+        ("workers=true", "workers"),
+        ("workers=1.5", "workers"),
+        ("gpus_per_worker=-1", "gpus_per_worker"),
+        ("gpus_per_worker=1.5", "gpus_per_worker"),
+        ("max_attempts=0", "max_attempts"),
+        ("frame_stride=0", "frame_stride"),
+        ("output_dtype=float64", "output_dtype"),
+        ("on_config_change=ignore", "on_config_change"),
+        ("retry_failed=maybe", "retry_failed"),
+        ("model.device=tpu", "model.device"),
+        ("model.preset=vggt-2b", "model.preset"),
+        ("chunk.overlap=0", "chunk.overlap"),
+        ("chunk.max_frames=1", "chunk.max_frames"),
+        ("merging.q_keep=2.0", "merging"),
+        ("merging.strategy=magic", "merging"),
+        ("storage_options=5", "storage_options"),
+        ("input=", "input"),
+        ("min_frames=0", "min_frames"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(BASE, [override])
+    assert f"'{key}" in str(err.value), str(err.value)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match=r"'chunk.overlap' \(4\) must be less than 'chunk.max_frames' \(4\)"):
+        load_config(BASE, ["chunk.max_frames=4", "chunk.overlap=4"])
+    with pytest.raises(ConfigError, match="'max_frames' .* below 'min_frames'"):
+        load_config(BASE, ["max_frames=2", "min_frames=3"])
+    with pytest.raises(ConfigError, match="'output' is required"):
+        load_config({"input": "/x"})
+
+
+@pytest.mark.parametrize("item", ["workers", "=3", "a..b=1", ".x=1"])
+def test_malformed_overrides(item):
+    with pytest.raises(ConfigError, match="override"):
+        parse_override(item)
+
+
+def test_override_into_a_value_is_refused():
+    with pytest.raises(ConfigError, match="'workers' is a value, not a section"):
+        load_config({**BASE, "workers": 3}, ["workers.count=2"])
+    with pytest.raises(ConfigError, match="'workers' must be an integer or null"):
+        load_config(BASE, ["workers.count=2"])
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_config(listy)
+
+
+def test_hashes_are_stable_and_track_the_right_fields():
+    a = load_config(BASE)
+    b = load_config(dict(BASE), ["workers=7", "max_attempts=9", "output=/elsewhere"])
+    assert a.model_hash() == b.model_hash() and a.merge_hash() == b.merge_hash()
+    assert len(a.model_hash()) == 64 and int(a.model_hash(), 16) >= 0
+    c = load_config(BASE, ["merging.q_keep=0.5"])
+    assert c.merge_hash() != a.merge_hash() and c.model_hash() == a.model_hash()
+    d = load_config(BASE, ["model.weights=/w/other.safetensors"])
+    assert d.model_hash() != a.model_hash() and d.merge_hash() == a.merge_hash()
+    e = load_config(BASE, ["image.size=168"])
+    assert e.model_hash() != a.model_hash()
+    f = load_config(BASE, ["model.preset=vggt-1b"])
+    assert f.model_hash() != a.model_hash()
+
+
+def test_validate_resources(tmp_path):
+    scenes = tmp_path / "scenes"
+    (scenes / "s0").mkdir(parents=True)
+    out = tmp_path / "out"
+    ok = load_config({**BASE, "input": str(scenes), "output": str(out)})
+    validate_resources(ok)  # weights null, input present, output creatable
+
+    weights = tmp_path / "w.safetensors"
+    with pytest.raises(ConfigError, match=r"'model.weights' file .*w\.safetensors' does not exist"):
+        validate_resources(load_config(ok.to_dict(), [f"model.weights={weights}"]))
+    weights.write_bytes(b"x")
+    validate_resources(load_config(ok.to_dict(), [f"model.weights={weights}"]))
+
+    with pytest.raises(HttmDistError) as err:
+        validate_resources(load_config(ok.to_dict(), [f"input={tmp_path / 'nowhere'}"]))
+    assert "nowhere" in str(err.value)
+
+
+def test_demo_config_is_small_and_local(tmp_path):
+    cfg = demo_config(tmp_path)
+    assert cfg.input == str(tmp_path / "scenes") and cfg.output == str(tmp_path / "output")
+    assert cfg.model.device == "cpu" and cfg.gpus_per_worker == 0 and cfg.ray.address is None
+    assert cfg.image.size % 14 == 0 and cfg.image.size <= 224
+    assert cfg.model.preset in ("tiny", "tiny-synthetic")
+    assert demo_config(tmp_path, ["workers=2"]).workers == 2
+
+
+def test_every_shipped_config_validates():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    names = {p.name for p in files}
+    assert {"vggt1b-httm-gpu.yaml", "local-tiny-demo.yaml", "s3-example.yaml"} <= names
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.input and cfg.output, path
+    gpu = load_config(CONFIGS / "vggt1b-httm-gpu.yaml")
+    assert gpu.model.preset == "vggt-1b" and gpu.merging.strategy == "httm"
+    assert gpu.model.weights == "hf://facebook/VGGT-1B/model.safetensors"
+    s3 = load_config(CONFIGS / "s3-example.yaml")
+    assert s3.input.startswith("s3://") and s3.output.startswith("s3://")
