@@ -67,6 +67,23 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def safe_name(name: str, what: str) -> str:
+    """Return ``name`` if it is safe as a file name and a hive partition value, else raise.
+
+    Allowed: 1-128 characters from letters, digits, ``.``, ``_``, ``-``, starting with a
+    letter or digit (so no ``/``, ``=``, spaces, or hidden/relative names).
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+        raise ConfigError(
+            f"{what} {name!r} is not usable as a file name: use 1-128 characters from letters, "
+            "digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return name
+
+
 # --------------------------------------------------------------------------- retries
 
 _PERMANENT_OS_ERRORS = (

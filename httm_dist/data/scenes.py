@@ -25,16 +25,13 @@ from typing import Iterable, Sequence
 import fsspec
 
 from httm_dist.errors import ConfigError, SceneError, StorageError
-from httm_dist.storage import full_url, get_fs, redact, retry
+from httm_dist.storage import full_url, get_fs, redact, retry, safe_name
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 ARCHIVE_KINDS = {".tar": "tar", ".zip": "zip"}
 MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv", ".jsonl"})
-
-_SCENE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
 
 @dataclass(frozen=True)
 class FrameRef:
@@ -92,13 +89,7 @@ def is_image_name(name: str) -> bool:
 
 def validate_scene_id(scene_id: str, where: str) -> str:
     """Check that ``scene_id`` is safe as a file name and a hive partition value."""
-    if not isinstance(scene_id, str) or not _SCENE_ID.match(scene_id):
-        raise ConfigError(
-            f"scene id {scene_id!r} (from {redact(where)}) is not usable as a file name: use "
-            "1-128 characters from letters, digits, '.', '_' and '-', starting with a letter or "
-            "digit (rename the folder/archive or fix the manifest's scene_id)"
-        )
-    return scene_id
+    return safe_name(scene_id, f"scene id (from {redact(where)}; rename the folder/archive or fix the manifest)")
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool) -> None:

@@ -1,0 +1,178 @@
+"""The per-frame table (one Parquet row per frame) and the per-scene NPZ arrays.
+
+Cameras are stored as ``fixed_size_list<float32>`` columns, row-major: ``extrinsic`` has 12
+values (3x4 camera-from-world ``[R|t]``, OpenCV axes), ``intrinsic`` 9 (3x3). Fixed-size
+lists survive Parquet round trips in every reader (pyarrow, pandas, DuckDB, Spark), unlike the
+``fixed_shape_tensor`` extension type; :func:`column_matrices` turns them back into
+``[N, 3, 4]`` / ``[N, 3, 3]`` arrays.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from httm_dist.results.layout import FORMAT_VERSION
+
+FRAME_SCHEMA = pa.schema(
+    [
+        pa.field("scene_id", pa.string(), nullable=False),
+        pa.field("frame_index", pa.int32(), nullable=False),
+        pa.field("image_uri", pa.string()),
+        pa.field("orig_height", pa.int32()),
+        pa.field("orig_width", pa.int32()),
+        pa.field("input_height", pa.int32()),
+        pa.field("input_width", pa.int32()),
+        pa.field("extrinsic", pa.list_(pa.float32(), 12)),
+        pa.field("intrinsic", pa.list_(pa.float32(), 9)),
+        pa.field("depth_min", pa.float32()),
+        pa.field("depth_max", pa.float32()),
+        pa.field("depth_mean", pa.float32()),
+        pa.field("depth_median", pa.float32()),
+        pa.field("conf_mean", pa.float32()),
+        pa.field("conf_median", pa.float32()),
+    ],
+    metadata={
+        "format_version": str(FORMAT_VERSION),
+        "extrinsic": "row-major 3x4 camera-from-world [R|t], OpenCV axes",
+        "intrinsic": "row-major 3x3 pixel intrinsics at the model input size",
+    },
+)
+
+DENSE_KEYS = ("depth", "depth_conf", "world_points", "world_points_conf")
+CAMERA_KEYS = ("extrinsic", "intrinsic")
+DENSE_DTYPES = ("float16", "float32")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    """numpy view of an array-like (torch tensors are moved to CPU first)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _maps(x: Any, name: str, s: int) -> np.ndarray:
+    """``[S, H, W]`` float array from ``[S, H, W]`` or ``[S, H, W, 1]``."""
+    a = _numpy(x)
+    if a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 3 or a.shape[0] != s:
+        raise ValueError(f"{name} must have shape [S={s}, H, W] (or [S, H, W, 1]), got {a.shape}")
+    return a
+
+
+def _stats(maps: np.ndarray, ops: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-frame statistics over finite values (non-finite pixels are ignored)."""
+    flat = maps.reshape(maps.shape[0], -1).astype(np.float64)
+    flat = np.where(np.isfinite(flat), flat, np.nan)
+    funcs = {"min": np.nanmin, "max": np.nanmax, "mean": np.nanmean, "median": np.nanmedian}
+    with warnings.catch_warnings():  # an all-NaN frame gives NaN, which is what we want
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {op: funcs[op](flat, axis=1).astype(np.float32) for op in ops}
+
+
+def _matrix_column(x: Any, name: str, s: int, cols: int) -> pa.FixedSizeListArray:
+    """``[S, 3, cols]`` matrices as a row-major ``fixed_size_list<float32>[3*cols]`` column."""
+    a = _numpy(x).astype(np.float32)
+    if a.shape != (s, 3, cols):
+        raise ValueError(f"{name} must have shape [S={s}, 3, {cols}], got {a.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), 3 * cols)
+
+
+def build_frame_table(
+    scene_id: str,
+    frame_uris: Sequence[str],
+    original_hw: Sequence[tuple[int, int]],
+    input_hw: tuple[int, int],
+    extrinsic: Any,
+    intrinsic: Any,
+    depth: Any,
+    depth_conf: Any,
+    frame_indices: Sequence[int] | None = None,
+) -> pa.Table:
+    """One row per frame of ``scene_id`` with :data:`FRAME_SCHEMA`.
+
+    ``extrinsic`` ``[S,3,4]``, ``intrinsic`` ``[S,3,3]``, ``depth`` / ``depth_conf``
+    ``[S,H,W]`` (or ``[S,H,W,1]``), numpy or torch. ``frame_indices`` defaults to
+    ``0..S-1``; pass the scene's ``FrameRef.frame_index`` values to keep source positions.
+    """
+    s = len(frame_uris)
+    if len(original_hw) != s:
+        raise ValueError(f"original_hw has {len(original_hw)} entries for {s} frames")
+    indices = list(range(s)) if frame_indices is None else [int(i) for i in frame_indices]
+    if len(indices) != s:
+        raise ValueError(f"frame_indices has {len(indices)} entries for {s} frames")
+    depth_stats = _stats(_maps(depth, "depth", s), ("min", "max", "mean", "median"))
+    conf_stats = _stats(_maps(depth_conf, "depth_conf", s), ("mean", "median"))
+    orig = np.asarray(original_hw, dtype=np.int64).reshape(s, 2)
+    h, w = (int(v) for v in input_hw)
+    columns = {
+        "scene_id": pa.array([scene_id] * s, pa.string()),
+        "frame_index": pa.array(indices, pa.int32()),
+        "image_uri": pa.array([str(u) for u in frame_uris], pa.string()),
+        "orig_height": pa.array(orig[:, 0], pa.int32()),
+        "orig_width": pa.array(orig[:, 1], pa.int32()),
+        "input_height": pa.array([h] * s, pa.int32()),
+        "input_width": pa.array([w] * s, pa.int32()),
+        "extrinsic": _matrix_column(extrinsic, "extrinsic", s, 4),
+        "intrinsic": _matrix_column(intrinsic, "intrinsic", s, 3),
+        **{f"depth_{k}": pa.array(v, pa.float32()) for k, v in depth_stats.items()},
+        **{f"conf_{k}": pa.array(v, pa.float32()) for k, v in conf_stats.items()},
+    }
+    return pa.Table.from_pydict(columns, schema=FRAME_SCHEMA)
+
+
+def column_matrices(table: pa.Table, name: str) -> np.ndarray:
+    """``[N, 3, 4]`` (extrinsic) or ``[N, 3, 3]`` (intrinsic) float32 array from a frame table."""
+    col = table.column(name).combine_chunks()
+    width = col.type.list_size
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return values.reshape(len(col), 3, width // 3)
+
+
+def scene_arrays(pred_arrays: Mapping[str, Any], dense_dtype: str = "float16") -> dict[str, np.ndarray]:
+    """The per-scene NPZ content: dense maps in ``dense_dtype``, cameras float32, URIs as str.
+
+    Known keys: ``depth``, ``depth_conf``, ``world_points``, ``world_points_conf`` (cast to
+    ``dense_dtype``, ``"float16"`` by default or ``"float32"``), ``extrinsic``, ``intrinsic``
+    (float32), ``frame_uris`` (unicode array, loadable without pickle). Other keys are kept as
+    numpy arrays; ``None`` values are dropped.
+    """
+    if dense_dtype not in DENSE_DTYPES:
+        raise ValueError(f"dense_dtype must be one of {DENSE_DTYPES}, got {dense_dtype!r}")
+    out: dict[str, np.ndarray] = {}
+    for key, value in pred_arrays.items():
+        if value is None:
+            continue
+        if key == "frame_uris":
+            out[key] = np.asarray([str(u) for u in value], dtype=str)
+            continue
+        a = _numpy(value)
+        if key in DENSE_KEYS:
+            a = a.astype(dense_dtype)
+        elif key in CAMERA_KEYS:
+            a = a.astype(np.float32)
+        if a.dtype == object:
+            raise ValueError(f"array {key!r} has dtype object; NPZ outputs must load without pickle")
+        out[key] = a
+    return out
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray], compress: bool = True) -> bytes:
+    """Serialize ``arrays`` to NPZ bytes in memory, for one whole-object PUT."""
+    buf = io.BytesIO()
+    (np.savez_compressed if compress else np.savez)(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def load_npz(data: bytes) -> dict[str, np.ndarray]:
+    """Arrays from NPZ bytes (never unpickles)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}

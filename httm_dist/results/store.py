@@ -1,0 +1,291 @@
+"""Writing results with a commit protocol that survives killed workers and drivers.
+
+Per scene: the frame Parquet, then the NPZ, then the record ``scenes/<id>.json`` last. A scene
+is committed exactly when its record exists with ``status == "done"``; every object is
+written whole (one PUT, or temp file + rename on local disk), so a reader that trusts only
+records never sees partial or stale data. Rewriting a scene first removes its old record
+(uncommitting it), then overwrites its objects in place, so reruns never leave duplicates.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from httm_dist.results import layout
+from httm_dist.results.frames import FRAME_SCHEMA, load_npz, npz_bytes
+from httm_dist.storage import full_url, get_fs, join_url, redact, retry, write_bytes_fs
+
+log = logging.getLogger(__name__)
+
+DONE = "done"
+FAILED = "failed"
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp used for ``written_at``."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def to_json_bytes(obj: Any) -> bytes:
+    """Secret-free, stable JSON for records and summaries."""
+    return json.dumps(redact(obj), indent=2, sort_keys=True, default=_json_default).encode()
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """Parquet bytes of ``table`` (zstd), for one whole-object PUT."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class ResultStore:
+    """Reads and writes the output layout (see :mod:`httm_dist.results.layout`) at one URL.
+
+    Safe to use from many workers at once as long as each scene is written by one worker at
+    a time (the driver's job).
+    """
+
+    def __init__(self, output_url: str, storage_options: dict | None = None):
+        self.url = output_url.rstrip("/") or output_url
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = get_fs(self.url, self.storage_options)
+        self.root = self.root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"ResultStore({redact(self.url)!r})"
+
+    # ------------------------------------------------------------------ low level
+
+    def path(self, key: str) -> str:
+        """Filesystem path of a layout key."""
+        return join_url(self.root, key)
+
+    def url_of(self, key: str) -> str:
+        """Full URL of a layout key (plain path on local disk)."""
+        return full_url(self.fs, self.path(key))
+
+    def _put(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        retry(lambda: write_bytes_fs(self.fs, path, data), what=f"write {redact(self.url_of(key))}")
+
+    def _get(self, key: str) -> bytes:
+        path = self.path(key)
+        return retry(lambda: self.fs.cat_file(path), what=f"read {redact(self.url_of(key))}")
+
+    def _exists(self, key: str) -> bool:
+        path = self.path(key)
+        self.fs.invalidate_cache(path)
+        return retry(lambda: self.fs.exists(path), what=f"check {redact(self.url_of(key))}")
+
+    def _list(self, key: str) -> list[str]:
+        """Paths of the files directly under a layout folder ([] when it does not exist)."""
+        path = self.path(key)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = retry(lambda: self.fs.ls(path, detail=True), what=f"list {redact(self.url_of(key))}")
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"] for e in entries if e.get("type") != "directory")
+
+    def _rm(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                retry(lambda p=path: self.fs.rm_file(p), what=f"remove {redact(full_url(self.fs, path))}")
+            except FileNotFoundError:
+                pass
+        if paths:
+            self.fs.invalidate_cache(self.root)
+
+    def _read_json_many(self, paths: list[str]) -> dict[str, dict]:
+        """path -> parsed JSON, read concurrently on object stores."""
+        if not paths:
+            return {}
+        raw = retry(lambda: self.fs.cat(paths, on_error="return"), what=f"read records under {redact(self.url)}")
+        out = {}
+        for path in paths:
+            data = raw.get(path)
+            if isinstance(data, FileNotFoundError):
+                continue  # removed between list and read (a scene being rewritten)
+            if isinstance(data, BaseException) or data is None:
+                data = self.fs.cat_file(path)
+            try:
+                out[path] = json.loads(data)
+            except ValueError:
+                log.warning("skipping unreadable JSON %s", redact(full_url(self.fs, path)))
+        return out
+
+    # ------------------------------------------------------------------ scene records
+
+    def records(self) -> dict[str, dict]:
+        """Every scene record (done and failed), keyed by scene id."""
+        paths = [p for p in self._list(layout.SCENES_DIR) if p.endswith(".json")]
+        recs = self._read_json_many(paths)
+        out = {}
+        for path, rec in recs.items():
+            sid = path.rsplit("/", 1)[-1][: -len(".json")]
+            out[rec.get("scene_id", sid)] = rec
+        return dict(sorted(out.items()))
+
+    def committed(self) -> dict[str, dict]:
+        """Records of committed scenes (``status == "done"``), keyed by scene id."""
+        return {sid: r for sid, r in self.records().items() if r.get("status") == DONE}
+
+    def record(self, scene_id: str) -> dict | None:
+        """One scene's record, or ``None`` when it has none."""
+        try:
+            return json.loads(self._get(layout.record_key(scene_id)))
+        except FileNotFoundError:
+            return None
+
+    def _remove_scene_data(self, scene_id: str, keep: tuple[str, ...] = ()) -> None:
+        stale = [p for p in self._list(layout.frames_dir(scene_id)) if p not in keep]
+        arrays = self.path(layout.arrays_key(scene_id))
+        if arrays not in keep and self._exists(layout.arrays_key(scene_id)):
+            stale.append(arrays)
+        self._rm(stale)
+
+    def write_scene(
+        self,
+        scene_id: str,
+        frames: pa.Table,
+        arrays: Mapping[str, np.ndarray],
+        record: Mapping[str, Any],
+    ) -> dict:
+        """Write one scene's results and commit it; returns the record as written.
+
+        Order: remove the old record (uncommit), remove stale objects of the scene, write
+        ``frames/scene_id=<id>/part-0.parquet``, then ``arrays/<id>.npz``, then the record
+        ``scenes/<id>.json`` with ``status="done"``, ``format_version``, ``written_at``,
+        ``num_frames`` and the keys of both data objects. ``record`` should carry at least
+        ``model_hash`` and ``merge_hash`` (see :meth:`config_conflicts`).
+        """
+        frames_key, arrays_key, record_key = (
+            layout.frames_key(scene_id), layout.arrays_key(scene_id), layout.record_key(scene_id),
+        )
+        table = frames.select(FRAME_SCHEMA.names).cast(FRAME_SCHEMA)
+        ids = set(table.column("scene_id").to_pylist())
+        if ids - {scene_id}:
+            raise ValueError(f"frame table for scene {scene_id!r} has rows of scene(s) {sorted(ids - {scene_id})}")
+        parquet, npz = table_bytes(table), npz_bytes(arrays, compress=True)
+        self._rm([self.path(record_key)] if self._exists(record_key) else [])
+        self._remove_scene_data(scene_id, keep=(self.path(frames_key), self.path(arrays_key)))
+        self._put(frames_key, parquet)
+        self._put(arrays_key, npz)
+        rec = {
+            **dict(record),
+            "scene_id": scene_id,
+            "status": DONE,
+            "error": None,
+            "format_version": layout.FORMAT_VERSION,
+            "written_at": utc_now(),
+            "num_frames": table.num_rows,
+            "frames_path": frames_key,
+            "arrays_path": arrays_key,
+            "arrays": {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in arrays.items()},
+        }
+        body = to_json_bytes(rec)
+        self._put(record_key, body)
+        log.debug("committed scene %s (%d frames)", scene_id, table.num_rows)
+        return json.loads(body)
+
+    def write_failure(self, scene_id: str, record: Mapping[str, Any]) -> dict | None:
+        """Record ``scene_id`` as failed (``record`` should hold ``error``).
+
+        A committed scene is never downgraded: if a ``done`` record exists, nothing is written
+        and ``None`` is returned. Otherwise leftovers of an interrupted write of this scene
+        are removed (so raw readers of ``frames/`` see no orphan rows) and the failure record
+        is written and returned.
+        """
+        existing = self.record(scene_id)
+        if existing and existing.get("status") == DONE:
+            log.warning("scene %s is already committed; not recording a failure over it", scene_id)
+            return None
+        self._remove_scene_data(scene_id)
+        rec = {
+            **dict(record),
+            "scene_id": scene_id,
+            "status": FAILED,
+            "format_version": layout.FORMAT_VERSION,
+            "written_at": utc_now(),
+        }
+        rec.setdefault("error", "unknown error")
+        body = to_json_bytes(rec)
+        self._put(layout.record_key(scene_id), body)
+        return json.loads(body)
+
+    def config_conflicts(self, model_hash: str | None, merge_hash: str | None) -> list[str]:
+        """Committed scene ids whose record's ``model_hash`` / ``merge_hash`` differ from these.
+
+        A ``None`` argument means "do not compare that hash".
+        """
+        out = []
+        for sid, rec in self.committed().items():
+            if (model_hash is not None and rec.get("model_hash") != model_hash) or (
+                merge_hash is not None and rec.get("merge_hash") != merge_hash
+            ):
+                out.append(sid)
+        return out
+
+    # ------------------------------------------------------------------ chunks of long scenes
+
+    def write_chunk(
+        self, scene_id: str, chunk_index: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+    ) -> None:
+        """Save one chunk's intermediate arrays, then its JSON marker (the chunk's commit)."""
+        self._put(layout.chunk_key(scene_id, chunk_index, "npz"), npz_bytes(arrays, compress=False))
+        marker = {**dict(meta), "chunk_index": chunk_index, "written_at": utc_now()}
+        self._put(layout.chunk_key(scene_id, chunk_index, "json"), to_json_bytes(marker))
+
+    def read_chunk(self, scene_id: str, chunk_index: int) -> tuple[dict[str, np.ndarray], dict]:
+        """``(arrays, meta)`` of a committed chunk; ``FileNotFoundError`` if it has no marker."""
+        meta = json.loads(self._get(layout.chunk_key(scene_id, chunk_index, "json")))
+        return load_npz(self._get(layout.chunk_key(scene_id, chunk_index, "npz"))), meta
+
+    def done_chunks(self, scene_id: str) -> dict[int, dict]:
+        """``{chunk_index: meta}`` for every chunk whose marker exists."""
+        paths = [p for p in self._list(layout.chunks_dir(scene_id)) if p.endswith(".json")]
+        return {
+            int(path.rsplit("/", 1)[-1][: -len(".json")]): meta
+            for path, meta in self._read_json_many(paths).items()
+        }
+
+    def clear_chunks(self, scene_id: str) -> None:
+        """Remove every intermediate chunk object of ``scene_id`` (after its commit)."""
+        self._rm(self._list(layout.chunks_dir(scene_id)))
+
+    # ------------------------------------------------------------------ runs
+
+    def write_run_summary(self, run_id: str, summary: Mapping[str, Any]) -> str:
+        """Write ``runs/<run_id>.json`` (secrets redacted); returns its URL."""
+        key = layout.run_key(run_id)
+        rec = {**dict(summary), "run_id": run_id, "format_version": layout.FORMAT_VERSION, "written_at": utc_now()}
+        self._put(key, to_json_bytes(rec))
+        return self.url_of(key)
+
+    def runs(self) -> list[dict]:
+        """Every run summary, oldest first."""
+        recs = self._read_json_many([p for p in self._list(layout.RUNS_DIR) if p.endswith(".json")])
+        return sorted(recs.values(), key=lambda r: (str(r.get("written_at", "")), str(r.get("run_id", ""))))
+
+    # ------------------------------------------------------------------ reading data objects
+
+    def read_arrays(self, scene_id: str, record: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """The NPZ arrays a record names (default: the scene's current record)."""
+        key = (record or {}).get("arrays_path") or layout.arrays_key(scene_id)
+        return load_npz(self._get(key))

@@ -1,0 +1,181 @@
+"""Result store and reader: commit protocol, reruns, failures, chunks, runs; local and S3."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+from test_results_frames import random_prediction, table_of
+from test_storage import s3_bucket  # noqa: F401 - working bucket fixture (see its docstring)
+
+import httm_dist.results as results
+from httm_dist.errors import ConfigError
+from httm_dist.results import ResultStore, column_matrices, scene_arrays
+from httm_dist.results.store import table_bytes
+from httm_dist.storage import get_fs
+
+HASHES = {"model_hash": "m1", "merge_hash": "g1"}
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def out(request, tmp_path):
+    """``(output_url, storage_options)``."""
+    if request.param == "local":
+        return str(tmp_path / "out"), None
+    bucket, opts = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/out", opts
+
+
+def commit(store: ResultStore, scene_id: str, s: int = 3, seed: int = 0, **record) -> dict:
+    pred = random_prediction(s=s, seed=seed)
+    return store.write_scene(
+        scene_id, table_of(pred, scene_id), scene_arrays(pred), {**HASHES, "seconds": 1.5, **record}
+    )
+
+
+def raw_frames(url: str, opts) -> pa.Table:
+    """What a user gets with plain pyarrow.dataset over the frames folder."""
+    fs, path = get_fs(url, opts)
+    fs.invalidate_cache()
+    return ds.dataset(f"{path}/frames", filesystem=fs, format="parquet").to_table()
+
+
+def test_round_trip_through_reader(out):
+    url, opts = out
+    store = ResultStore(url, opts)
+    preds = {sid: random_prediction(s=s, seed=i) for i, (sid, s) in enumerate([("0001", 2), ("b", 3)])}
+    for sid, pred in preds.items():
+        rec = store.write_scene(sid, table_of(pred, sid), scene_arrays(pred), {**HASHES, "worker_host": "h"})
+        assert rec["status"] == "done" and rec["format_version"] == 1 and rec["num_frames"] == len(pred["frame_uris"])
+        assert rec["frames_path"] == f"frames/scene_id={sid}/part-0.parquet" and "written_at" in rec
+    reader = results.open(url, opts)
+    assert reader.scene_ids == ["0001", "b"]
+    table = reader.frames()
+    assert table.column("scene_id").to_pylist() == ["0001"] * 2 + ["b"] * 3
+    np.testing.assert_array_equal(column_matrices(table, "extrinsic")[2:], preds["b"]["extrinsic"])
+    arrays = reader.arrays("b")
+    assert arrays["depth"].dtype == np.float16 and arrays["depth"].shape == (3, 6, 8, 1)
+    np.testing.assert_allclose(arrays["depth"], preds["b"]["depth"], rtol=1e-3)
+    assert arrays["frame_uris"].tolist() == preds["b"]["frame_uris"]
+    assert reader.frames(scene_ids=["b"], columns=["scene_id", "depth_mean"]).num_rows == 3
+    # a numeric-looking scene id stays a string for plain pyarrow.dataset readers too
+    assert sorted(set(raw_frames(url, opts).column("scene_id").to_pylist())) == ["0001", "b"]
+    fs, path = get_fs(url, opts)
+    typed = ds.partitioning(pa.schema([("scene_id", pa.string())]), flavor="hive")
+    hive = ds.dataset(f"{path}/frames", filesystem=fs, format="parquet", partitioning=typed).to_table()
+    assert sorted(hive.column("scene_id").to_pylist()) == ["0001"] * 2 + ["b"] * 3
+    with pytest.raises(KeyError, match="nope"):
+        reader.arrays("nope")
+
+
+def test_no_record_means_not_committed(out):
+    url, opts = out
+    store = ResultStore(url, opts)
+    commit(store, "good")
+    # a worker died after writing the data objects of "half" but before its record
+    pred = random_prediction(seed=3)
+    store._put("frames/scene_id=half/part-0.parquet", table_bytes(table_of(pred, "half")))
+    store._put("arrays/half.npz", b"partial")
+    assert set(store.records()) == {"good"}
+    reader = results.open(url, opts)
+    assert reader.scene_ids == ["good"]
+    assert set(reader.frames().column("scene_id").to_pylist()) == {"good"}
+    with pytest.raises(KeyError):
+        reader.arrays("half")
+    # the rerun then fails on that scene: its leftovers go, a failed record is written
+    rec = store.write_failure("half", {"error": "SceneError: corrupt image x.jpg", "attempts": 2})
+    assert rec["status"] == "failed" and rec["error"].startswith("SceneError")
+    assert set(raw_frames(url, opts).column("scene_id").to_pylist()) == {"good"}
+    assert set(store.committed()) == {"good"} and store.records()["half"]["attempts"] == 2
+    # a failure never overwrites a committed scene
+    assert store.write_failure("good", {"error": "late duplicate"}) is None
+    assert store.records()["good"]["status"] == "done"
+
+
+def test_rerun_leaves_no_duplicates(out):
+    url, opts = out
+    store = ResultStore(url, opts)
+    commit(store, "a", s=4, seed=1)
+    commit(store, "b", s=2)
+    # a stale extra part from some older writer, then a rerun of "a" with fewer frames
+    store._put("frames/scene_id=a/part-1.parquet", table_bytes(table_of(random_prediction(seed=9), "a")))
+    rec = commit(store, "a", s=3, seed=2, model_hash="m2")
+    assert rec["model_hash"] == "m2"
+    raw = raw_frames(url, opts)
+    assert raw.num_rows == 5
+    assert sorted(raw.column("scene_id").to_pylist()) == ["a"] * 3 + ["b"] * 2
+    reader = results.open(url, opts)
+    assert reader.frames().num_rows == 5
+    np.testing.assert_allclose(reader.arrays("a")["depth"], random_prediction(s=3, seed=2)["depth"], rtol=1e-3)
+    assert store.config_conflicts("m1", "g1") == ["a"]
+    assert store.config_conflicts("m2", None) == ["b"]
+    assert store.config_conflicts(None, "g1") == []
+
+
+def test_rewrite_uncommits_before_touching_data(tmp_path, monkeypatch):
+    url = str(tmp_path / "out")
+    store = ResultStore(url)
+    commit(store, "a")
+
+    def crash(key, data):
+        if key.startswith("arrays/"):
+            raise RuntimeError("worker killed")
+        return real_put(key, data)
+
+    real_put = store._put
+    monkeypatch.setattr(store, "_put", crash)
+    with pytest.raises(RuntimeError):
+        commit(store, "a", seed=5)
+    # new parquet with old npz would be a mixed scene: it must not look committed
+    assert store.committed() == {}
+    assert results.open(url).frames().num_rows == 0
+
+
+def test_records_and_summaries_hold_no_secrets(out):
+    url, opts = out
+    store = ResultStore(url, opts)
+    commit(store, "a", storage_options={"key": "AKIA123", "secret": "hunter2"})
+    summary_url = store.write_run_summary(
+        "run-1", {"config": {"storage_options": {"secret": "hunter2"}}, "done": 1, "failed": 0}
+    )
+    fs, path = get_fs(summary_url, opts)
+    text = fs.cat_file(path).decode() + json.dumps(store.records())
+    assert "hunter2" not in text and "AKIA123" not in text
+    runs = results.open(url, opts).runs()
+    assert [r["run_id"] for r in runs] == ["run-1"] and runs[0]["done"] == 1
+    with pytest.raises(ConfigError):
+        store.write_run_summary("../evil", {})
+
+
+def test_chunks(out):
+    url, opts = out
+    store = ResultStore(url, opts)
+    assert store.done_chunks("long") == {}
+    a0 = {"depth": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    store.write_chunk("long", 0, a0, {"frames": [0, 1, 2]})
+    store.write_chunk("long", 12, {"depth": np.ones((2, 2), np.float32)}, {"frames": [3, 4]})
+    store._put("_chunks/long/00007.npz", b"no marker: not done")
+    done = store.done_chunks("long")
+    assert sorted(done) == [0, 12] and done[12]["frames"] == [3, 4]
+    arrays, meta = store.read_chunk("long", 0)
+    np.testing.assert_array_equal(arrays["depth"], a0["depth"])
+    assert meta["chunk_index"] == 0 and meta["frames"] == [0, 1, 2]
+    with pytest.raises(FileNotFoundError):
+        store.read_chunk("long", 7)
+    store.clear_chunks("long")
+    assert store.done_chunks("long") == {}
+    with pytest.raises(ValueError):
+        store.write_chunk("long", -1, a0, {})
+
+
+def test_bad_scene_ids_and_tables(tmp_path):
+    store = ResultStore(str(tmp_path))
+    pred = random_prediction()
+    with pytest.raises(ConfigError, match="a/b"):
+        store.write_scene("a/b", table_of(pred, "a/b"), {}, {})
+    with pytest.raises(ValueError, match="other"):
+        store.write_scene("x", table_of(pred, "other"), {}, {})
+    assert results.open(str(tmp_path)).frames().num_rows == 0
