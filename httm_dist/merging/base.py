@@ -1,0 +1,157 @@
+"""What the merging strategies share: the attention call around a merge plan, timing, stats,
+plan caching and plan reuse across layers.
+
+A strategy instance is installed as one global block's ``attn.attn_fn``. Per call it
+(1) plans: decides which token folds into which slot of the reduced sequences (or reuses the
+plan of an earlier patched layer, ``MergeConfig.plan_reuse``), (2) aggregates q, k, v into the
+slot means, (3) runs ``scaled_dot_product_attention`` on the reduced tensors, (4) unmerges the
+output by copy. ``merge_stats`` reads what the last call recorded.
+
+Timing uses ``time.perf_counter``. On CUDA the kernels are asynchronous, so the phases are only
+synchronised (``torch.cuda.synchronize``) when ``MergeConfig.profile`` is on; otherwise the CUDA
+times are launch times and no sync is added to the forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from httm_dist.merging.config import MergeConfig
+from httm_dist.merging.matching import MergePlan, aggregate, build_plan, unmerge
+from httm_dist.merging.reorder import build_layout
+from httm_dist.model.hooks import AttentionContext
+
+
+@dataclass
+class Assignment:
+    """A merge plan for one forward: token -> slot maps of queries and of keys/values.
+
+    ``q_assign`` / ``kv_assign`` are ``[B, H or 1, N]`` (1: one plan for all heads);
+    ``kv_assign is q_assign`` when q, k and v share the plan. ``q_kept`` ``[B, H]`` counts the
+    real query slots per head (``q_slots`` is the padded count fed to the kernel).
+    """
+
+    q_assign: torch.Tensor
+    q_slots: int
+    q_kept: torch.Tensor
+    kv_assign: torch.Tensor
+    kv_slots: int
+
+    def fits(self, q: torch.Tensor) -> bool:
+        B, H, N, _ = q.shape
+        a = self.q_assign
+        return a.device == q.device and a.shape[0] == B and a.shape[-1] == N and a.shape[1] in (1, H)
+
+
+@dataclass
+class SharedState:
+    """State shared by the strategies of one ``apply_merging`` call (all patched layers)."""
+
+    cfg: MergeConfig
+    plans: dict[tuple, tuple[MergePlan, ...]] = field(default_factory=dict)
+    last: Optional[Assignment] = None
+
+    def plans_for(self, key: tuple, build) -> tuple[MergePlan, ...]:
+        if key not in self.plans:
+            if len(self.plans) >= 16:
+                self.plans.clear()
+            self.plans[key] = build()
+        return self.plans[key]
+
+
+class PhaseTimer:
+    """Accumulates wall time per phase; synchronises CUDA around phases only if ``sync``."""
+
+    def __init__(self, sync: bool) -> None:
+        self.sync = sync
+        self.times: dict[str, float] = {"match": 0.0, "aggregate": 0.0, "attention": 0.0}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.times[name] += time.perf_counter() - t0
+
+
+class MergedAttention:
+    """Base of the merging strategies (``attn_fn`` of one global block)."""
+
+    name = "base"
+
+    def __init__(self, cfg: MergeConfig, layer_idx: int, position: int, shared: SharedState) -> None:
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.position = position  # rank among the patched layers, for plan reuse
+        self.shared = shared
+        self.last_stats: Optional[dict[str, Any]] = None
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, timer: PhaseTimer) -> Assignment:
+        raise NotImplementedError
+
+    def layout_plans(self, ctx: AttentionContext, device: torch.device, block_spatial: int, block_frames: int, fracs: tuple[float, ...]) -> tuple[MergePlan, ...]:
+        """Cached dst plans (one per keep fraction) for the sequence ``ctx`` describes."""
+        cfg = self.cfg
+        key = (self.name, ctx.num_frames, ctx.tokens_per_frame, tuple(ctx.patch_grid), ctx.patch_start_idx, block_spatial, block_frames, fracs, str(device))
+
+        def build() -> tuple[MergePlan, ...]:
+            layout = build_layout(
+                ctx.num_frames, ctx.tokens_per_frame, tuple(ctx.patch_grid), ctx.patch_start_idx,
+                block_spatial, block_frames, cfg.protect_special_tokens,
+            )
+            return tuple(build_plan(layout, f, cfg.anchor_first_frame, device) for f in fracs)
+
+        return self.shared.plans_for(key, build)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        B, H, N, d = q.shape
+        if N != ctx.num_frames * ctx.tokens_per_frame:
+            raise ValueError(
+                f"merging ({self.name}, layer {self.layer_idx}): q has {N} tokens but the context "
+                f"describes {ctx.num_frames} frames x {ctx.tokens_per_frame} tokens"
+            )
+        timer = PhaseTimer(self.cfg.profile and q.is_cuda)
+        last = self.shared.last
+        reused = self.position % self.cfg.plan_reuse != 0 and last is not None and last.fits(q)
+        if reused:
+            a = last
+        else:
+            a = self.plan(q, k, v, ctx, timer)
+            self.shared.last = a
+        with timer("aggregate"):
+            if a.kv_assign is a.q_assign:
+                means, kv_sizes = aggregate(torch.cat([q, k, v], dim=-1), a.q_assign, a.q_slots)
+                qm, km, vm = means.to(q.dtype).split(d, dim=-1)
+            else:
+                qm = aggregate(q, a.q_assign, a.q_slots)[0].to(q.dtype)
+                kvm, kv_sizes = aggregate(torch.cat([k, v], dim=-1), a.kv_assign, a.kv_slots)
+                km, vm = kvm.to(q.dtype).split(d, dim=-1)
+        with timer("attention"):
+            bias = None
+            if self.cfg.proportional_attention:
+                bias = kv_sizes.clamp_min(1).to(q.dtype).log().unsqueeze(2)
+            out = F.scaled_dot_product_attention(qm, km, vm, attn_mask=bias)
+        with timer("aggregate"):
+            out = unmerge(out, a.q_assign)
+        self.last_stats = {
+            "layer": self.layer_idx,
+            "strategy": self.name,
+            "tokens": N,
+            "q_kept": a.q_kept.expand(B, H).float().mean(0).tolist(),
+            "q_len": a.q_slots,
+            "kv_kept": a.kv_slots,
+            "plan_reused": reused,
+            "match_s": timer.times["match"],
+            "aggregate_s": timer.times["aggregate"],
+            "attention_s": timer.times["attention"],
+        }
+        return out

@@ -1,0 +1,41 @@
+"""``httm``: head-wise temporal token merging (docs/HTTM.md).
+
+Per head and per merging block (one spatial tile x one run of frames, see ``reorder``), queries
+and keys are matched independently by cosine similarity to their block's destinations; values
+follow the key matches. The queries farthest from their merged token, across all heads, are
+restored as their own tokens (outlier filtering) and the merged queries are recomputed without
+them; heads then have different query counts, padded to the longest head for one
+``scaled_dot_product_attention`` call. Unmerging copies each merged query's output row back to
+every position that folded into it, per head, so the heads of one token stay distinct.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from httm_dist.merging.base import Assignment, MergedAttention, PhaseTimer
+from httm_dist.merging.matching import aggregate, assignment, match, restore_outliers, select_outliers
+from httm_dist.model.hooks import AttentionContext
+
+
+class HttmAttention(MergedAttention):
+    """The ``attn_fn`` of one global block under ``strategy="httm"``."""
+
+    name = "httm"
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, timer: PhaseTimer) -> Assignment:
+        cfg = self.cfg
+        plan_q, plan_kv = self.layout_plans(
+            ctx, q.device, cfg.block_spatial, cfg.block_frames, (cfg.q_keep - cfg.outlier_frac, cfg.kv_keep)
+        )
+        with timer("match"):
+            q_src = match(q, plan_q)
+            k_src = match(k, plan_kv)
+        with timer("aggregate"):
+            outliers = torch.zeros(q_src.shape, dtype=torch.bool, device=q.device)
+            if cfg.outlier_frac > 0 and plan_q.num_src:
+                means, _ = aggregate(q, assignment(plan_q, q_src), plan_q.num_kept)
+                outliers = select_outliers(q, means, plan_q, q_src, cfg.outlier_frac)
+            q_assign, q_slots, q_kept = restore_outliers(plan_q, q_src, outliers)
+            kv_assign = assignment(plan_kv, k_src)
+        return Assignment(q_assign, q_slots, q_kept, kv_assign, plan_kv.num_kept)
