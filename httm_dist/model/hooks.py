@@ -4,6 +4,14 @@ Every global-attention block's ``Attention`` module has an ``attn_fn`` attribute
 default. When it is set, the block calls ``attn_fn(q, k, v, ctx)`` instead of
 ``torch.nn.functional.scaled_dot_product_attention(q, k, v)``. Nothing else in the model knows
 about merging: ``httm_dist.merging`` installs and removes these callables.
+
+Where: ``model.aggregator.global_blocks[i].attn.attn_fn`` (``layer_idx == i``). Every
+``Attention`` module has the attribute, but only global blocks pass a context: setting it on a
+frame block or a camera-head block raises ``RuntimeError`` at the next forward.
+
+Dtypes: ``q``, ``k`` and ``v`` arrive in the dtype the dense kernel computes in: fp32 on CPU,
+the autocast dtype (bf16, or fp16 below compute capability 8) on CUDA. ``ctx.x`` is the
+``norm1`` output (fp32 under autocast). Return the shape of ``q`` (ideally its dtype too).
 """
 
 from __future__ import annotations
