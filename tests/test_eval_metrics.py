@@ -153,7 +153,7 @@ def test_ate_zero_under_sim3_and_hand_case():
 def test_camera_metrics_perfect_prediction():
     sc = render_scene(4, 28, 42, seed=0)
     m = camera_metrics(sc.extrinsic, sc.extrinsic)
-    assert m["rot_err_mean"] < 0.05 and m["trans_err_mean"] < 0.05 and m["auc@30"] == 1.0 and m["ate"] < 1e-5
+    assert m["rot_err_mean"] < 1e-3 and m["trans_err_mean"] < 1e-2 and m["auc@30"] == 1.0 and m["ate"] < 1e-5
 
 
 def test_evaluate_scene_sim3_prediction_is_perfect():
@@ -168,7 +168,7 @@ def test_evaluate_scene_sim3_prediction_is_perfect():
         m = evaluate_scene(pred, sc.depth, sc.extrinsic, sc.intrinsic, point_source=source)
         assert m["abs_rel"] < 1e-6 and m["delta_1.25"] == 1.0
         assert m["accuracy"] < 1e-4 and m["completeness"] < 1e-4
-        assert m["rot_err_mean"] < 0.05 and m["ate"] < 1e-4 and m["auc@30"] == 1.0
+        assert m["rot_err_mean"] < 1e-2 and m["ate"] < 1e-4 and m["auc@30"] == 1.0
     noisy = dict(pred, depth=D[..., None] * rng.uniform(0.8, 1.25, D.shape)[..., None])
     assert evaluate_scene(noisy, sc.depth, sc.extrinsic, sc.intrinsic)["abs_rel"] > 0.05
     with pytest.raises(ValueError, match="resize the ground truth"):

@@ -1,0 +1,93 @@
+"""Merging fidelity benchmark: dense vs uniform vs httm on the same synthetic scenes and weights.
+
+Locally:    python jobs/eval_merging.py --scenes 2 --frames 8
+On Ray:     ray job submit --working-dir . -- python jobs/eval_merging.py --ray --frames 32
+
+Prints a markdown table (see docs/evaluation.md for the columns); ``--json PATH`` also writes
+the rows. With ``--ray`` the benchmark runs inside one Ray task that asks for a GPU when the
+cluster has one, so the timings are the GPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenes", type=int, default=2, help="number of synthetic scenes (default 2)")
+    p.add_argument("--frames", type=int, default=8, help="frames per scene (default 8)")
+    p.add_argument("--height", type=int, default=126, help="image height, a multiple of 14 (default 126)")
+    p.add_argument("--width", type=int, default=168, help="image width, a multiple of 14 (default 168)")
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--weights", default=None, help="weights path/URL (default: the preset's, else random)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--strategies",
+        default=None,
+        help='JSON list of [name, MergeConfig dict] pairs, e.g. \'[["httm", {"strategy": "httm"}]]\' '
+        "(default: dense, uniform 0.5/0.3, httm q0.5/kv0.5 and q0.2/kv0.3)",
+    )
+    p.add_argument("--point-source", choices=("world_points", "depth"), default="world_points")
+    p.add_argument("--ray", action="store_true", help="run inside a Ray task (a GPU when the cluster has one)")
+    p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    args = p.parse_args(argv)
+    for name in ("height", "width"):
+        if getattr(args, name) % 14:
+            p.error(f"--{name} must be a multiple of 14 (the patch size), got {getattr(args, name)}")
+    if args.strategies is not None:
+        try:
+            args.strategies = [(str(n), dict(c)) for n, c in json.loads(args.strategies)]
+        except (ValueError, TypeError) as exc:
+            p.error(f"--strategies must be a JSON list of [name, config] pairs: {exc}")
+    return args
+
+
+def _run(kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    from httm_dist.eval.fidelity import run_fidelity
+
+    return run_fidelity(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    kwargs = dict(
+        num_scenes=args.scenes,
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        preset=args.preset,
+        weights=args.weights,
+        strategies=args.strategies,
+        seed=args.seed,
+        device=args.device,
+        point_source=args.point_source,
+    )
+    if args.ray:
+        import ray
+
+        ray.init(ignore_reinit_error=True)  # joins the cluster under `ray job submit`, else starts one
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        rows = ray.get(ray.remote(num_gpus=gpus)(_run).remote(kwargs))
+    else:
+        rows = _run(kwargs)
+
+    from httm_dist.eval.fidelity import format_table
+
+    weights = args.weights or "preset default (random if the preset ships none)"
+    print(f"\nfidelity: {args.scenes} scenes x {args.frames} frames at {args.width}x{args.height}, preset {args.preset}, weights {weights}\n")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
