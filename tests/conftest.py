@@ -55,11 +55,18 @@ def s3_bucket(s3_server, request):
     """A fresh, empty bucket per test: yields ``(bucket_url, storage_options)``."""
     import uuid
 
-    import s3fs
+    import boto3
 
     name = f"test-{uuid.uuid4().hex[:12]}"
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server)
-    fs.mkdir(name)
+    # boto3 directly: s3fs's mkdir sends a LocationConstraint that moto rejects for us-east-1.
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server["client_kwargs"]["endpoint_url"],
+        aws_access_key_id=s3_server["key"],
+        aws_secret_access_key=s3_server["secret"],
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=name)
     yield f"s3://{name}", s3_server
 
 
