@@ -266,14 +266,13 @@ def redact(obj: Any) -> Any:
     """A copy of ``obj`` with secrets replaced by ``***``, safe for logs and outputs.
 
     Dicts: the value of any key naming a secret (``key``, ``secret``, ``token``, ``password``,
-    ``aws_secret_access_key``, ``session_token``, ``Authorization``...) is replaced, recursing
-    into nested dicts/lists. Strings: passwords in URLs and signed-URL query parameters are
+    ``aws_secret_access_key``, ``session_token``, ``Authorization``...) is replaced whole (even a
+    nested dict), and other values are searched recursively. Strings: passwords in URLs and signed-URL query parameters are
     replaced. Other values are returned unchanged.
     """
     if isinstance(obj, dict):
         return {
-            k: (REDACTED if (_is_sensitive_name(k) and v is not None and not isinstance(v, (dict, list, tuple)))
-                else redact(v))
+            k: (REDACTED if (_is_sensitive_name(k) and v is not None) else redact(v))
             for k, v in obj.items()
         }
     if isinstance(obj, list):
@@ -289,7 +288,7 @@ def redact(obj: Any) -> Any:
 
 
 def check_reachable(
-    url: str, storage_options: dict | None = None, *, for_write: bool = False, attempts: int = 3
+    url: str, storage_options: dict | None = None, *, for_write: bool = False, attempts: int = 1
 ) -> None:
     """Fail fast, before any work, if ``url`` cannot be used.
 
@@ -297,6 +296,8 @@ def check_reachable(
     Writing: the folder is created (local) or a small probe object is written and removed
     (object stores), proving the bucket exists and is writable. Network failures after
     retries raise :class:`StorageError`; missing bucket/forbidden raise :class:`ConfigError`.
+    One attempt by default: the storage clients already retry connection errors themselves
+    (s3fs: about 5 s before giving up on a dead endpoint), and a check should answer quickly.
     """
     shown = redact(url)
     try:
@@ -321,6 +322,11 @@ def check_reachable(
             retry(lambda: fs.rm_file(probe), what=f"remove probe from {shown}", attempts=attempts)
         except (StorageError, FileNotFoundError):
             log.warning("could not remove the write probe %s", redact(full_url(fs, probe)))
+    except StorageError as exc:
+        raise StorageError(
+            f"{'output' if for_write else 'input'} {shown!r} is not reachable: {exc}; check the "
+            "endpoint/network and storage_options"
+        ) from exc
     except (FileNotFoundError, PermissionError) as exc:
         what = "output" if for_write else "input"
         raise ConfigError(

@@ -104,6 +104,17 @@ def test_discover_and_read_folders_and_archives(root):
         assert fh.read() == b"a1"
 
 
+@pytest.mark.s3
+def test_bucket_root_as_input(s3_bucket):  # noqa: F811 - the imported fixture
+    bucket, opts = s3_bucket
+    fs, path = get_fs(bucket, opts)
+    put(fs, path, {"x/2.jpg": b"2", "x/10.jpg": b"10", "y.zip": zip_bytes({"1.png": b"1"})})
+    scenes = discover_scenes(bucket + "/", opts)
+    assert [(s.scene_id, [f.name for f in s.frames]) for s in scenes] == [("x", ["2.jpg", "10.jpg"]), ("y", ["1.png"])]
+    assert scenes[0].frames[0].uri == f"{bucket}/x/2.jpg"
+    assert read_scene_frames(scenes[1], opts) == [b"1"]
+
+
 def test_archive_opened_once_per_read(tmp_path, monkeypatch):
     (tmp_path / "s.tar").write_bytes(tar_bytes(MEMBERS))
     (scene,) = discover_scenes(str(tmp_path))

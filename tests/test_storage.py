@@ -103,11 +103,13 @@ def test_redact_removes_secrets_and_keeps_the_rest():
         "anon": False,
         "merging": {"q_keep": 0.2, "num_tokens": 5, "token_ratio": 0.5},
         "nested": [{"api_key": "k"}],
+        "credentials": {"user": "someone", "pin": 1234},
     }
     out = redact(opts)
     text = json.dumps(out)
     for secret in ("AKIAXXXX", "s3cr3t", "tok\"", "Bearer", "\"st\"", "\"pw\"", "\"k\"", "\"a\"", "\"b\""):
         assert secret not in text, secret
+    assert out["credentials"] == "***" and "someone" not in text
     assert out["client_kwargs"] == opts["client_kwargs"]
     assert out["merging"] == opts["merging"]
     assert out["anon"] is False
@@ -195,3 +197,15 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(skip_instance_cache=True, **s3_server).call_s3("create_bucket", Bucket=name)
     yield f"s3://{name}", s3_server
+
+
+@pytest.mark.s3
+def test_unreachable_endpoint_is_a_storage_error_without_secrets():
+    opts = {
+        "key": "k", "secret": "hunter2",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+    }
+    with pytest.raises(StorageError, match="input 's3://bucket/in' is not reachable") as info:
+        check_reachable("s3://bucket/in", opts)
+    assert "hunter2" not in str(info.value)

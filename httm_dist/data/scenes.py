@@ -155,6 +155,7 @@ def _archive_members(fs: fsspec.AbstractFileSystem, path: str, kind: str) -> lis
 
 def _folder_scene(fs, scene_path: str, scene_id: str) -> SceneSpec:
     base = scene_path.rstrip("/")
+    fs.invalidate_cache(base)
     paths = retry(lambda: fs.find(base, withdirs=False), what=f"list {full_url(fs, base)}")
     rels = [p[len(base) + 1:] for p in paths if p.startswith(base + "/")]
     rels = sorted((r for r in rels if is_image_name(r)), key=natural_key)
