@@ -20,7 +20,7 @@ import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import fsspec
 
@@ -226,7 +226,10 @@ def discover_scenes(
     Frames are ordered (natural sort, or the manifest's ``frame_index``), then every
     ``frame_stride``-th is kept, then at most ``max_frames``. ``include`` / ``exclude`` are
     fnmatch globs on scene ids. Empty scenes are returned with ``frames=()`` so the driver can
-    record them as failed. Returns scenes sorted by ``scene_id``.
+    record them as failed (an empty folder on an object store does not exist, so only a prefix
+    holding non-image files shows up as an empty scene). Root entries whose names start with
+    ``.`` or ``_`` and root files that are not ``.tar``/``.zip`` are ignored. Returns scenes
+    sorted by ``scene_id``.
 
     Raises :class:`ConfigError` for a missing input or unusable scene ids, and
     :class:`StorageError` when the storage cannot be reached after retries.
@@ -362,8 +365,3 @@ def read_scene_frames(scene: SceneSpec, storage_options: dict | None = None) -> 
     if scene.kind in ("tar", "zip"):
         return _read_archive(scene, storage_options)
     return _read_files(scene, storage_options)
-
-
-def frame_uris(scenes: Iterable[SceneSpec]) -> list[str]:
-    """All frame URIs of ``scenes`` (handy for logs and tests)."""
-    return [f.uri for s in scenes for f in s.frames]
