@@ -202,16 +202,17 @@ def test_gt_loader_cam_to_world_depth_scale_and_resize(tmp_path):
         Image.fromarray(big.images[i]).save(root / f"img{i}.png")
         mm = np.rint(big.depth[i] * 1000).astype(np.uint16)
         mm[0, 0] = 0
+        mm[0, 1] = 65535  # 7-Scenes' hole marker
         Image.fromarray(mm).save(root / "depth" / f"d{i}.png")
         R, t = big.extrinsic[i, :, :3].astype(np.float64), big.extrinsic[i, :, 3].astype(np.float64)
         c2w = np.eye(4)
         c2w[:3, :3], c2w[:3, 3] = R.T, -R.T @ t
         frames.append({"image": f"img{i}.png", "depth": f"depth/d{i}.png", "cam_to_world": c2w.tolist(), "intrinsic": big.intrinsic[i].tolist()})
-    (root / "cameras.json").write_text(json.dumps({"format": "httm-dist-gt", "version": 1, "depth_scale": 1000, "frames": frames}))
+    (root / "cameras.json").write_text(json.dumps({"format": "httm-dist-gt", "version": 1, "depth_scale": 1000, "max_depth": 60, "frames": frames}))
     uris, gt = load_gt_scene(str(root))
     assert uris[1].endswith("img1.png")
     np.testing.assert_allclose(gt.extrinsic, big.extrinsic, atol=1e-6)
-    assert gt.depth[0, 0, 0] == 0 and not gt.valid[0, 0, 0]
+    assert not gt.valid[0, 0, 0] and not gt.valid[0, 0, 1] and gt.valid[0, 0, 2]
     np.testing.assert_allclose(gt.depth[:, 1:], big.depth[:, 1:], atol=6e-4)
     small_gt = gt.resized(126, 168, mode="crop")
     np.testing.assert_allclose(small_gt.intrinsic, small.intrinsic, rtol=1e-5)

@@ -11,7 +11,8 @@ Each entry of ``frames`` (in frame order) has ``image`` (path relative to SCENE)
 (relative path, optional), ``intrinsic`` (3x3) and either ``extrinsic`` (3x4 or 4x4,
 camera-from-world, OpenCV axes) or ``cam_to_world`` (3x4 or 4x4, its inverse: what 7-Scenes
 and ScanNet store). Optional top-level ``depth_scale`` (default 1.0): stored depth values are
-divided by it (1000 for millimetre PNGs). Depth <= 0 or non-finite is invalid (masked).
+divided by it (1000 for millimetre PNGs); optional ``max_depth``: scaled depth at or above it
+is invalid (7-Scenes marks holes with 65535). Depth <= 0 or non-finite is invalid (masked).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _as_extrinsic(frame: dict[str, Any], where: str) -> np.ndarray:
     return np.concatenate([R, t[:, None]], axis=1)
 
 
-def _read_depth(fs: fsspec.AbstractFileSystem, path: str, scale: float) -> np.ndarray:
+def _read_depth(fs: fsspec.AbstractFileSystem, path: str, scale: float, max_depth: float) -> np.ndarray:
     with fs.open(path, "rb") as f:
         data = f.read()
     if path.lower().endswith(".npy"):
@@ -121,7 +122,7 @@ def _read_depth(fs: fsspec.AbstractFileSystem, path: str, scale: float) -> np.nd
     if depth.ndim != 2:
         raise SceneError(f"depth {path}: expected a [H, W] map, got shape {depth.shape}")
     depth = depth / np.float32(scale)
-    depth[~np.isfinite(depth) | (depth <= 0)] = 0.0
+    depth[~np.isfinite(depth) | (depth <= 0) | (depth >= max_depth)] = 0.0
     return depth
 
 
@@ -149,6 +150,7 @@ def load_gt_scene(path_or_url: str, storage_options: dict[str, Any] | None = Non
     scale = float(meta.get("depth_scale", 1.0))
     if not scale > 0:
         raise SceneError(f"{cams_path}: 'depth_scale' must be > 0, got {scale}")
+    max_depth = float(meta.get("max_depth", np.inf))
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     prefix = "" if protocol in ("file", "local") else f"{protocol}://"
     uris, extrinsics, intrinsics, depths = [], [], [], []
@@ -162,7 +164,7 @@ def load_gt_scene(path_or_url: str, storage_options: dict[str, Any] | None = Non
         if K.shape != (3, 3) or not np.isfinite(K).all():
             raise SceneError(f"{where}: 'intrinsic' must be a finite 3x3, got shape {K.shape}")
         intrinsics.append(K)
-        depths.append(_read_depth(fs, posixpath.join(root, fr["depth"]), scale) if fr.get("depth") else None)
+        depths.append(_read_depth(fs, posixpath.join(root, fr["depth"]), scale, max_depth) if fr.get("depth") else None)
     shapes = {d.shape for d in depths if d is not None}
     if not shapes:
         raise SceneError(f"{cams_path}: no frame has a 'depth' file")
