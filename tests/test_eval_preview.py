@@ -70,40 +70,34 @@ def test_select_points_filters_by_confidence_and_caps():
     assert len(select_points(pts, conf, imgs, max_points=7)[0]) == 7
 
 
-class _FakeReader:
-    def __init__(self, arrays):
-        self._arrays = arrays
+def _commit_scene(output_url, scene_id, sc, frame_uris, conf, storage_options=None):
+    """Commit a scene through the project's results store, as a pipeline worker would."""
+    from httm_dist.results import ResultStore, build_frame_table, scene_arrays
 
-    def arrays(self, scene_id):
-        return self._arrays
+    S, H, W = sc.depth.shape
+    arrays = scene_arrays(
+        {
+            "depth": sc.depth,
+            "depth_conf": conf,
+            "world_points": sc.world_points,
+            "world_points_conf": conf,
+            "extrinsic": sc.extrinsic,
+            "intrinsic": sc.intrinsic,
+            "frame_uris": frame_uris,
+        }
+    )
+    table = build_frame_table(scene_id, frame_uris, [(H, W)] * S, (H, W), sc.extrinsic, sc.intrinsic, sc.depth, conf)
+    ResultStore(output_url, storage_options).write_scene(scene_id, table, arrays, {"model_hash": "m", "merge_hash": "g"})
 
 
-def test_write_scene_preview_from_results(tmp_path, monkeypatch):
-    """The scene-level function reads the results arrays and the frames from their URIs
-    (here at the model size, through the project's preprocessing) and writes both files."""
+def test_write_scene_preview_from_results(tmp_path):
+    """The scene-level function reads a committed scene through httm_dist.results and the
+    frames from their URIs (through the project's preprocessing) and writes both files."""
     sc = render_scene(5, 28, 42, seed=0)
     frames = write_scene_folder(sc, str(tmp_path / "in"))
     conf = np.linspace(1, 2, 5 * 28 * 42).reshape(5, 28, 42).astype(np.float32)
-    arrays = {
-        "depth": sc.depth.astype(np.float16),
-        "depth_conf": conf,
-        "world_points": sc.world_points.astype(np.float16),
-        "world_points_conf": conf,
-        "extrinsic": sc.extrinsic,
-        "intrinsic": sc.intrinsic,
-        "frame_uris": np.array([f"{frames}/frame_{i:04d}.png" for i in range(5)]),
-    }
-    import httm_dist.results as results
-
-    seen = {}
-
-    def fake_open(url, storage_options=None):
-        seen["url"] = url
-        return _FakeReader(arrays)
-
-    monkeypatch.setattr(results, "open", fake_open, raising=False)
+    _commit_scene(str(tmp_path / "out"), "s1", sc, [f"{frames}/frame_{i:04d}.png" for i in range(5)], conf)
     out = preview.write_scene_preview(str(tmp_path / "out"), "s1", max_frames=3, max_points=1000, conf_percentile=50)
-    assert seen["url"] == str(tmp_path / "out")
     assert out["png"].endswith("previews/s1.png") and out["ply"].endswith("previews/s1.ply")
     img = Image.open(out["png"])
     assert img.format == "PNG" and img.size == (3 * 42 + 4 * 4, 3 * 28 + 4 * 4)
@@ -118,18 +112,34 @@ def test_write_scene_preview_from_results(tmp_path, monkeypatch):
     dist, idx = cKDTree(wp).query(pts)
     assert dist.max() < 1e-6
     np.testing.assert_array_equal(cols, sc.images.reshape(-1, 3)[idx])
-    assert conf.reshape(-1)[idx].min() >= np.percentile(conf, 50) - 1e-6
+    conf16 = conf.astype(np.float16).astype(np.float32).reshape(-1)  # stored as float16
+    assert conf16[idx].min() >= np.percentile(conf16, 50)
 
 
 @pytest.mark.s3
-def test_write_preview_files_to_s3(s3_bucket):
+def test_previews_on_s3(s3_bucket):
+    """Frames, results and previews all on S3 with storage options; and the in-memory
+    variant with depth-unprojected points."""
     bucket, so = s3_bucket
     import fsspec
 
     sc = render_scene(2, 28, 42, seed=1)
+    frames = write_scene_folder(sc, f"{bucket}/in", storage_options=so)
+    conf = np.ones((2, 28, 42), np.float32)
+    _commit_scene(f"{bucket}/run", "a", sc, [f"{frames}/frame_{i:04d}.png" for i in range(2)], conf, so)
+    out = preview.write_scene_preview(f"{bucket}/run", "a", so, max_points=50)
+    assert out["png"] == f"{bucket}/run/previews/a.png"
+    with fsspec.open(out["png"], "rb", **so) as f:
+        png = np.asarray(Image.open(io.BytesIO(f.read())))
+    assert png.shape == (3 * 28 + 16, 2 * 42 + 12, 3)
+    np.testing.assert_array_equal(png[4:32, 50:92], sc.images[1])  # frames were read from S3
+    with fsspec.open(out["ply"], "rb", **so) as f:
+        assert len(read_ply(f.read())[0]) == 50
+
     arrays = {"depth": sc.depth, "world_points": sc.world_points, "extrinsic": sc.extrinsic, "intrinsic": sc.intrinsic}
-    out = preview.write_preview_files(f"{bucket}/run", "a", arrays, sc.images, so, point_source="depth")
+    out = preview.write_preview_files(f"{bucket}/mem", "b", arrays, sc.images, so, point_source="depth")
     with fsspec.open(out["png"], "rb", **so) as f:
         assert Image.open(io.BytesIO(f.read())).size == (2 * 42 + 12, 2 * 28 + 12)
     with fsspec.open(out["ply"], "rb", **so) as f:
-        assert len(read_ply(f.read())[0]) == 2 * 28 * 42
+        pts, _ = read_ply(f.read())
+    np.testing.assert_allclose(pts, sc.world_points.reshape(-1, 3), atol=1e-4)
