@@ -33,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='JSON list of [name, MergeConfig dict] pairs, e.g. \'[["httm", {"strategy": "httm"}]]\' '
         "(default: dense, uniform 0.5/0.3, httm q0.5/kv0.5 and q0.2/kv0.3)",
     )
+    p.add_argument(
+        "--gt-scene", action="append", default=None, metavar="URL",
+        help="a ground-truth scene folder (docs/evaluation.md) to use instead of synthetic scenes "
+        "(repeatable; its first --frames frames, preprocessed to --width)",
+    )
+    p.add_argument("--storage-options", default=None, help="JSON fsspec options for --gt-scene URLs")
     p.add_argument("--point-source", choices=("world_points", "depth"), default="world_points")
     p.add_argument("--ray", action="store_true", help="run inside a Ray task (a GPU when the cluster has one)")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
@@ -45,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.strategies = [(str(n), dict(c)) for n, c in json.loads(args.strategies)]
         except (ValueError, TypeError) as exc:
             p.error(f"--strategies must be a JSON list of [name, config] pairs: {exc}")
+    if args.storage_options is not None:
+        try:
+            args.storage_options = dict(json.loads(args.storage_options))
+        except (ValueError, TypeError) as exc:
+            p.error(f"--storage-options must be a JSON object: {exc}")
     return args
 
 
@@ -68,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         device=args.device,
         point_source=args.point_source,
+        gt_scenes=args.gt_scene,
+        storage_options=args.storage_options,
     )
     if args.ray:
         import ray
@@ -81,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from httm_dist.eval.fidelity import format_table
 
     weights = args.weights or "preset default (random if the preset ships none)"
-    print(f"\nfidelity: {args.scenes} scenes x {args.frames} frames at {args.width}x{args.height}, preset {args.preset}, weights {weights}\n")
+    source = f"{len(args.gt_scene)} ground-truth scenes" if args.gt_scene else f"{args.scenes} synthetic scenes"
+    print(f"\nfidelity: {source} x {args.frames} frames, width {args.width}, preset {args.preset}, weights {weights}\n")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

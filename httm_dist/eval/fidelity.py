@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
 from .metrics import evaluate_scene, rotation_angle_deg
-from .synthetic import SyntheticScene, render_scene
+from .synthetic import render_scene
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,52 @@ METRIC_KEYS = (
 )
 
 
-def _predict(model: Any, scene: SyntheticScene, device: Any) -> tuple[dict[str, np.ndarray], float]:
+@dataclass
+class EvalScene:
+    """One scene ready for the model: ``images`` float32 [S,3,H,W] in [0,1] and ground truth
+    at that size (``depth`` [S,H,W], 0 = invalid; ``extrinsic`` [S,3,4]; ``intrinsic`` [S,3,3])."""
+
+    name: str
+    images: np.ndarray
+    depth: np.ndarray
+    extrinsic: np.ndarray
+    intrinsic: np.ndarray
+
+    def model_input(self) -> np.ndarray:
+        return self.images
+
+
+def load_eval_scene(
+    url: str,
+    width: int,
+    storage_options: Mapping[str, Any] | None = None,
+    max_frames: int | None = None,
+) -> EvalScene:
+    """A ground-truth scene folder (docs/evaluation.md) prepared as the model sees it: images
+    through the project's ``crop`` preprocessing at ``width`` (a multiple of 14), ground truth
+    resized and cropped alike (:meth:`GroundTruth.resized`). ``max_frames`` keeps the first
+    frames (consecutive, so they overlap as in the video)."""
+    import fsspec
+
+    from httm_dist.model.preprocess import load_and_preprocess_images
+
+    from .gt_loader import GroundTruth, load_gt_scene
+
+    uris, gt = load_gt_scene(url, dict(storage_options or {}))
+    if max_frames is not None:
+        uris = uris[:max_frames]
+        gt = GroundTruth(gt.depth[:max_frames], gt.extrinsic[:max_frames], gt.intrinsic[:max_frames])
+    data = []
+    for uri in uris:  # one read per frame
+        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+            data.append(f.read())
+    images = load_and_preprocess_images(data, mode="crop", target_size=width).numpy()
+    H, W = images.shape[-2:]
+    small = gt.resized(H, W, mode="crop")
+    return EvalScene(str(url).rstrip("/").rsplit("/", 1)[-1], images, small.depth, small.extrinsic, small.intrinsic)
+
+
+def _predict(model: Any, scene: EvalScene, device: Any) -> tuple[dict[str, np.ndarray], float]:
     """One forward pass: numpy predictions (cameras decoded) and its wall time in seconds."""
     import torch
 
@@ -118,12 +164,18 @@ def run_fidelity(
     device: Any = None,
     scene_options: Mapping[str, Any] | None = None,
     point_source: str = "world_points",
+    gt_scenes: Sequence[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every strategy on the same synthetic scenes and weights; one row per strategy.
+    """Run every strategy on the same scenes and weights; one row per strategy.
 
-    ``strategies``: (name, MergeConfig dict or MergeConfig) pairs; a dense baseline is added
-    first when none is given. The model is seeded with ``seed`` before loading so random
-    weights are reproducible; one untimed warm-up pass precedes the timed ones.
+    Scenes: ``num_scenes`` synthetic ones (seeds ``seed, seed+1, ...``; ``scene_options`` go to
+    :func:`render_scene`) or, with ``gt_scenes``, ground-truth scene folders (URLs, read with
+    ``storage_options``; the first ``num_frames`` frames of each, preprocessed to ``width``;
+    ``height`` then follows the images' aspect). ``strategies``: (name, MergeConfig dict or
+    MergeConfig) pairs; a dense baseline is added first when none is given. The model is seeded
+    with ``seed`` before loading so random weights are reproducible; one untimed warm-up pass
+    precedes the timed ones.
     """
     import torch
 
@@ -143,8 +195,18 @@ def run_fidelity(
     torch.manual_seed(seed)
     model = load_vggt(preset, weights=weights, device=device)
     dev = next(model.parameters()).device
-    scenes = [render_scene(num_frames, height, width, seed=seed + i, **dict(scene_options or {})) for i in range(num_scenes)]
-    logger.info("fidelity: %d scenes of %d frames at %dx%d, preset %s, weights %s", num_scenes, num_frames, width, height, preset, weights or "(preset default / random)")
+    if gt_scenes:
+        scenes = [load_eval_scene(url, width, storage_options, max_frames=num_frames) for url in gt_scenes]
+    else:
+        scenes = []
+        for i in range(num_scenes):
+            sc = render_scene(num_frames, height, width, seed=seed + i, **dict(scene_options or {}))
+            scenes.append(EvalScene(f"synthetic-{seed + i}", sc.model_input(), sc.depth, sc.extrinsic, sc.intrinsic))
+    logger.info(
+        "fidelity: %d scenes (%s) of %s frames at %sx%s, preset %s, weights %s",
+        len(scenes), "ground-truth folders" if gt_scenes else "synthetic", [sc.images.shape[0] for sc in scenes],
+        width, scenes[0].images.shape[-2], preset, weights or "(preset default / random)",
+    )
 
     apply_merging(model, specs[0][1])
     _predict(model, scenes[0], dev)  # warm-up: allocator, kernels, caches
