@@ -1,11 +1,13 @@
-"""Merging fidelity benchmark: dense vs uniform vs httm on the same synthetic scenes and weights.
+"""Merging fidelity benchmark: dense vs uniform vs httm on the same scenes and weights.
 
 Locally:    python jobs/eval_merging.py --scenes 2 --frames 8
 On Ray:     ray job submit --working-dir . -- python jobs/eval_merging.py --ray --frames 32
+Real data:  python jobs/eval_merging.py --gt-scene s3://bucket/scene --width 518 --preset vggt-1b --weights ...
 
-Prints a markdown table (see docs/evaluation.md for the columns); ``--json PATH`` also writes
-the rows. With ``--ray`` the benchmark runs inside one Ray task that asks for a GPU when the
-cluster has one, so the timings are the GPU's.
+The options are those of ``httm-dist eval`` plus ``--gt-scene``, ``--storage-options``,
+``--point-source`` and ``--ray``. Prints a markdown table (columns: docs/evaluation.md). With
+``--ray`` the benchmark runs inside one Ray task that asks for a GPU when the cluster has one,
+so the timings are the GPU's.
 """
 
 from __future__ import annotations
@@ -18,21 +20,11 @@ from typing import Any
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from httm_dist.cli import add_eval_arguments, parse_strategy
+    from httm_dist.errors import ConfigError
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenes", type=int, default=2, help="number of synthetic scenes (default 2)")
-    p.add_argument("--frames", type=int, default=8, help="frames per scene (default 8)")
-    p.add_argument("--height", type=int, default=126, help="image height, a multiple of 14 (default 126)")
-    p.add_argument("--width", type=int, default=168, help="image width, a multiple of 14 (default 168)")
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
-    p.add_argument("--weights", default=None, help="weights path/URL (default: the preset's, else random)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--strategies",
-        default=None,
-        help='JSON list of [name, MergeConfig dict] pairs, e.g. \'[["httm", {"strategy": "httm"}]]\' '
-        "(default: dense, uniform 0.5/0.3, httm q0.5/kv0.5 and q0.2/kv0.3)",
-    )
+    add_eval_arguments(p)
     p.add_argument(
         "--gt-scene", action="append", default=None, metavar="URL",
         help="a ground-truth scene folder (docs/evaluation.md) to use instead of synthetic scenes "
@@ -41,16 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage-options", default=None, help="JSON fsspec options for --gt-scene URLs")
     p.add_argument("--point-source", choices=("world_points", "depth"), default="world_points")
     p.add_argument("--ray", action="store_true", help="run inside a Ray task (a GPU when the cluster has one)")
-    p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     args = p.parse_args(argv)
     for name in ("height", "width"):
         if getattr(args, name) % 14:
             p.error(f"--{name} must be a multiple of 14 (the patch size), got {getattr(args, name)}")
-    if args.strategies is not None:
-        try:
-            args.strategies = [(str(n), dict(c)) for n, c in json.loads(args.strategies)]
-        except (ValueError, TypeError) as exc:
-            p.error(f"--strategies must be a JSON list of [name, config] pairs: {exc}")
+    try:
+        args.strategies = [parse_strategy(s) for s in args.strategy] if args.strategy else None
+    except ConfigError as exc:
+        p.error(str(exc))
     if args.storage_options is not None:
         try:
             args.storage_options = dict(json.loads(args.storage_options))
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(rows, f, indent=1, default=str)
     return 0
 
 

@@ -88,14 +88,15 @@ def test_eval_merging_job_prints_table(tmp_path, capsys, one_thread):
 
     job = runpy.run_path(str(Path(__file__).parents[1] / "jobs" / "eval_merging.py"))
     out_json = tmp_path / "rows.json"
-    strategies = json.dumps([["httm", {"strategy": "httm", "q_keep": 0.5, "kv_keep": 0.5}]])
     argv = ["--scenes", "1", "--frames", "2", "--height", "28", "--width", "42", "--device", "cpu"]
-    assert job["main"](argv + ["--strategies", strategies, "--json", str(out_json)]) == 0
+    assert job["main"](argv + ["--strategy", "httm:strategy=httm,q_keep=0.5,kv_keep=0.5", "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
     assert "| dense |" in text and "| httm |" in text
     assert [r["strategy"] for r in json.loads(out_json.read_text())] == ["dense", "httm"]
     with pytest.raises(SystemExit):
         job["parse_args"](["--height", "30"])
+    with pytest.raises(SystemExit):
+        job["parse_args"](["--strategy", "bad:q_keep=7"])
 
 
 def test_ground_truth_folders_feed_the_benchmark(tmp_path, capsys, one_thread):
@@ -121,8 +122,7 @@ def test_ground_truth_folders_feed_the_benchmark(tmp_path, capsys, one_thread):
 
     job = runpy.run_path(str(Path(__file__).parents[1] / "jobs" / "eval_merging.py"))
     out_json = tmp_path / "rows.json"
-    strategies = json.dumps([["uniform", {"strategy": "uniform", "kv_keep": 0.5}]])
-    argv = ["--gt-scene", url, "--frames", "2", "--width", "42", "--device", "cpu", "--strategies", strategies]
+    argv = ["--gt-scene", url, "--frames", "2", "--width", "42", "--device", "cpu", "--strategy", "uniform:strategy=uniform,kv_keep=0.5"]
     assert job["main"](argv + ["--json", str(out_json)]) == 0
     assert "1 ground-truth scenes" in capsys.readouterr().out
     rows = json.loads(out_json.read_text())
