@@ -1,0 +1,87 @@
+"""Driver-side progress: a tqdm bar on a terminal, periodic log lines elsewhere.
+
+Batch jobs mostly run with stderr redirected to a file (``ray job submit``, cron, CI), where
+a redrawn bar becomes megabytes of carriage returns; there the same figures (scenes done and
+failed, frames, frames/s) go to the log every ``interval_s`` seconds instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class JobProgress:
+    """Counts finished scenes and frames for one run and reports them.
+
+    ``enabled=False`` keeps the counters (the summary needs them) but shows nothing.
+    """
+
+    def __init__(self, total_scenes: int, *, enabled: bool = True, interval_s: float = 10.0,
+                 stream: Any = None) -> None:
+        self.total = total_scenes
+        self.done = 0
+        self.failed = 0
+        self.frames = 0
+        self.started = time.monotonic()
+        self.interval_s = interval_s
+        self._last_log = self.started
+        self._bar = None
+        stream = stream if stream is not None else sys.stderr
+        self._log_lines = enabled and not _is_tty(stream)
+        if enabled and not self._log_lines:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_scenes, unit="scene", desc="scenes", file=stream,
+                             dynamic_ncols=True)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.started
+
+    @property
+    def frames_per_s(self) -> float:
+        """Frames of finished scenes per second of wall time, over the whole run."""
+        return self.frames / max(self.elapsed, 1e-9)
+
+    def scene_finished(self, ok: bool, frames: int = 0) -> None:
+        """Counts one scene as done (with its frame count) or failed, and reports."""
+        if ok:
+            self.done += 1
+            self.frames += int(frames)
+        else:
+            self.failed += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(frames=self.frames, fps=f"{self.frames_per_s:.2f}",
+                                  failed=self.failed, refresh=False)
+        self.tick(force=self.done + self.failed == self.total)
+
+    def tick(self, force: bool = False) -> None:
+        """Emits a log line when not on a terminal and ``interval_s`` has passed (or forced)."""
+        if not self._log_lines:
+            return
+        now = time.monotonic()
+        if force or now - self._last_log >= self.interval_s:
+            self._last_log = now
+            log.info("progress: %d/%d scenes done, %d failed, %d frames, %.2f frames/s, %.0f s",
+                     self.done, self.total, self.failed, self.frames, self.frames_per_s,
+                     self.elapsed)
+
+    def close(self) -> None:
+        """Closes the bar (if any)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
