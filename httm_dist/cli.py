@@ -1,0 +1,285 @@
+"""The ``httm-dist`` command: ``run``, ``demo``, ``eval`` and ``preview``.
+
+Thin on purpose: it parses arguments, sets up logging, calls the package, and turns the
+outcome into an exit status:
+
+- 0: every scene is done;
+- 1: the job ran but some scenes failed (their errors are in the summary and the records);
+- 2: the configuration (or a storage URL it names) is wrong; one clear line on stderr, no
+  traceback, and nothing was processed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from httm_dist.errors import ConfigError, StorageError
+
+log = logging.getLogger("httm_dist.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from httm_dist.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    return _run_and_report(cfg, progress=args.progress)
+
+
+def _run_and_report(cfg: Any, progress: bool) -> int:
+    """Run the job on Ray and print its summary; exit status 0 all done, 1 some failed."""
+    import httm_dist.cluster.driver as driver
+
+    summary = driver.run_job(cfg, progress=progress)
+    print(
+        f"run {summary.get('run_id')}: {summary.get('done', 0)} done, {summary.get('failed', 0)} "
+        f"failed, {summary.get('skipped', 0)} already committed; {summary.get('frames', 0)} "
+        f"frames in {summary.get('seconds', 0):.1f} s"
+    )
+    for failure in summary.get("failures", []):
+        print(f"  failed: {failure.get('scene_id')}: {failure.get('error')}")
+    if summary.get("summary_url"):
+        print(f"summary: {summary['summary_url']}")
+    return EXIT_OK if not summary.get("failed") else EXIT_FAILED
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from httm_dist.config import demo_config
+    from httm_dist.eval.synthetic import make_synthetic_dataset
+    from httm_dist.model.config import preset_weights
+
+    root = Path(args.root).resolve()
+    cfg = demo_config(root, args.set)
+    if not (cfg.model.weights or preset_weights(cfg.model.preset)):
+        log.warning(
+            "DEMO WITH UNTRAINED WEIGHTS: preset '%s' ships no trained weights, so the model is "
+            "randomly initialised and its cameras, depth and points are MEANINGLESS. The demo "
+            "shows the pipeline (discovery, Ray workers, merging, outputs), not reconstruction "
+            "quality. For real geometry use trained weights (--set model.weights=... or "
+            "configs/vggt1b-httm-gpu.yaml).",
+            cfg.model.preset,
+        )
+    log.info(
+        "demo: writing %d synthetic scenes of %d frames (%dx%d) under %s",
+        args.scenes, args.frames, args.width, args.height, cfg.input,
+    )
+    make_synthetic_dataset(
+        cfg.input, num_scenes=args.scenes, num_frames=args.frames, height=args.height,
+        width=args.width, seed=args.seed,
+    )
+    status = _run_and_report(cfg, progress=args.progress)
+    first = "scene_000"
+    print(
+        f"\noutputs: {cfg.output}\n"
+        f"  frames/   per-frame Parquet (one table across scenes)\n"
+        f"  arrays/   per-scene NPZ: depth, depth_conf, world_points, world_points_conf, "
+        f"extrinsic, intrinsic, frame_uris\n"
+        f"  scenes/   per-scene records (done/failed, timings, config hashes)\n"
+        f"  runs/     run summaries\n"
+        f"read them:\n"
+        f"  python -c \"import httm_dist.results as r; res = r.open('{cfg.output}'); "
+        f"print(res.frames().select(['scene_id', 'frame_index', 'depth_median'])); "
+        f"print(res.arrays('{first}')['depth'].shape)\"\n"
+        f"  httm-dist preview {cfg.output} {first}    # PNG contact sheet + PLY point cloud"
+    )
+    return status
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``httm-dist eval`` (merging fidelity on synthetic scenes)."""
+    p.add_argument("--scenes", type=int, default=2, help="synthetic scenes (default 2)")
+    p.add_argument("--frames", type=int, default=8, help="frames per scene (default 8)")
+    p.add_argument("--height", type=int, default=126, help="image height, multiple of 14")
+    p.add_argument("--width", type=int, default=168, help="image width, multiple of 14")
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--weights", default=None, help="weights path/URL (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--strategy", action="append", default=None, metavar="NAME:KEY=VALUE,...",
+        help="a merge config to compare, e.g. 'httm q0.3:strategy=httm,q_keep=0.3,kv_keep=0.3' "
+        "(repeatable; dense is always included; default: dense, uniform and httm at two ratios)",
+    )
+    p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+
+
+def parse_strategy(text: str) -> tuple[str, dict]:
+    """``"name:strategy=httm,q_keep=0.3"`` -> ``("name", {"strategy": "httm", "q_keep": 0.3})``."""
+    name, sep, body = text.partition(":")
+    if not sep or not name.strip():
+        raise ConfigError(f"--strategy '{text}' must look like NAME:strategy=httm,q_keep=0.3")
+    fields: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in body.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--strategy '{text}': '{item}' must be KEY=VALUE")
+        fields[key.strip()] = yaml.safe_load(value)
+    from httm_dist.merging import MergeConfig
+
+    try:
+        MergeConfig.from_dict(fields)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--strategy '{text}': {exc}") from None
+    return name.strip(), fields
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from httm_dist.eval.fidelity import format_table, run_fidelity
+
+    for name in ("height", "width"):
+        if getattr(args, name) % 14:
+            raise ConfigError(f"--{name} must be a multiple of 14, got {getattr(args, name)}")
+    strategies = [parse_strategy(s) for s in args.strategy] if args.strategy else None
+    rows = run_fidelity(
+        num_scenes=args.scenes, num_frames=args.frames, height=args.height, width=args.width,
+        preset=args.preset, weights=args.weights, strategies=strategies, seed=args.seed,
+        device=args.device,
+    )
+    print(
+        f"fidelity: {args.scenes} scenes x {args.frames} frames at {args.width}x{args.height}, "
+        f"preset {args.preset}, weights {args.weights or 'preset default (random if none)'}\n"
+    )
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    return EXIT_OK
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from httm_dist.eval.preview import write_scene_preview
+
+    options: dict = {}
+    if args.config:
+        from httm_dist.config import load_config
+
+        options = load_config(args.config).storage_options
+    if args.storage_options:
+        try:
+            extra = yaml.safe_load(args.storage_options)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--storage-options is not valid YAML/JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise ConfigError("--storage-options must be a mapping, e.g. '{anon: true}'")
+        options = {**options, **extra}
+    try:
+        paths = write_scene_preview(args.output_url, args.scene, options)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0] if exc.args else exc)) from None
+    for kind, url in paths.items():
+        print(f"{kind}: {url}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _add_logging(p: argparse.ArgumentParser, top: bool) -> None:
+    default = 0 if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="count", default=default, help="more logging (DEBUG)")
+    p.add_argument("-q", "--quiet", action="count", default=default, help="less logging (WARNING)")
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false",
+        help="no progress bar (log lines only)",
+    )
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, dotted, value parsed as YAML (repeatable), e.g. "
+        "--set merging.q_keep=0.4 --set workers=2",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="httm-dist",
+        description="Batch 3D reconstruction with VGGT + HTTM token merging on Ray.",
+    )
+    _add_logging(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run (or resume) a job from a YAML config")
+    p.add_argument("config", help="job config YAML (see configs/)")
+    _add_set(p)
+    _add_progress(p)
+    _add_logging(p, top=False)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="make a small synthetic dataset and run the whole pipeline")
+    p.add_argument("--root", default="httm-demo", help="demo folder (default ./httm-demo)")
+    p.add_argument("--scenes", type=int, default=3, help="synthetic scenes (default 3)")
+    p.add_argument("--frames", type=int, default=8, help="frames per scene (default 8)")
+    p.add_argument("--height", type=int, default=126, help="image height (default 126)")
+    p.add_argument("--width", type=int, default=168, help="image width (default 168)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    _add_set(p)
+    _add_progress(p)
+    _add_logging(p, top=False)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("eval", help="merging fidelity: dense vs uniform vs httm on synthetic scenes")
+    add_eval_arguments(p)
+    _add_logging(p, top=False)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("preview", help="PNG contact sheet + PLY point cloud of a finished scene")
+    p.add_argument("output_url", help="the job's output URL/path")
+    p.add_argument("scene", help="scene id")
+    p.add_argument("--config", default=None, help="take storage_options from this job config")
+    p.add_argument("--storage-options", default=None, help="fsspec options as YAML/JSON")
+    _add_logging(p, top=False)
+    p.set_defaults(func=_cmd_preview)
+    return parser
+
+
+def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
+    """INFO by default; ``-v`` DEBUG; ``-q`` WARNING (``-qq`` ERROR)."""
+    level = logging.INFO + 10 * (min(quiet, 2) - min(verbose, 1))
+    root = logging.getLogger()
+    if root.handlers:  # embedded (tests, notebooks): keep their handlers, set the level only
+        root.setLevel(level)
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``httm-dist``; returns the exit status (see the module doc)."""
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"httm-dist: configuration error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StorageError as exc:
+        print(f"httm-dist: storage error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("httm-dist: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    from httm_dist.storage import redact
+
+    return " ".join(redact(str(exc)).split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The ``httm-dist`` command and ``jobs/reconstruct.py``: exit statuses, messages, the demo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import httm_dist.cluster.driver as driver
+from httm_dist.cli import main, parse_strategy
+from httm_dist.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def job(tmp_path) -> Path:
+    """A valid config file whose input exists."""
+    (tmp_path / "scenes" / "s0").mkdir(parents=True)
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "input": str(tmp_path / "scenes"),
+                "output": str(tmp_path / "out"),
+                "model": {"preset": "tiny", "device": "cpu"},
+                "gpus_per_worker": 0,
+            }
+        )
+    )
+    return path
+
+
+def _one_clear_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("httm-dist: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--set", "wokers=2"], ["'wokers'", "did you mean 'workers'"]),
+        (["--set", "image.size=500"], ["'image.size'", "multiple of 14"]),
+        (["--set", "merging.q_keep=3"], ["merging", "q_keep"]),
+        (["--set", "nonsense"], ["override 'nonsense'", "key=value"]),
+        (["--set", "input=/definitely/not/here"], ["/definitely/not/here", "does not exist"]),
+        (["--set", "model.weights=/no/such/weights.safetensors"], ["'model.weights'", "does not exist"]),
+    ],
+)
+def test_bad_config_exits_2_with_one_clear_line(job, capsys, extra, needles):
+    assert main(["run", str(job), *extra]) == 2
+    _one_clear_line(capsys.readouterr().err, *needles)
+    out = job.parent / "out"  # rejected before any work: no records, no run summary
+    assert not (out / "scenes").exists() and not (out / "runs").exists()
+
+
+def test_missing_or_broken_config_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    _one_clear_line(capsys.readouterr().err, "nope.yaml", "not found")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: /x\nunknown_section:\n  a: 1\n")
+    assert main(["run", str(bad)]) == 2
+    _one_clear_line(capsys.readouterr().err, "'unknown_section'")
+
+
+@pytest.mark.parametrize("failed, status", [(0, 0), (2, 1)])
+def test_run_exit_status_follows_the_summary(job, capsys, monkeypatch, failed, status):
+    seen = {}
+
+    def fake_run_job(cfg, progress=True):
+        seen["cfg"], seen["progress"] = cfg, progress
+        failures = [{"scene_id": f"s{i}", "error": "corrupt image x.png"} for i in range(failed)]
+        return {"run_id": "r1", "done": 3, "failed": failed, "skipped": 1, "frames": 24,
+                "seconds": 2.0, "failures": failures, "summary_url": "/out/runs/r1.json"}
+
+    monkeypatch.setattr(driver, "run_job", fake_run_job)
+    rc = main(["run", str(job), "--set", "merging.q_keep=0.4", "--set", "workers=2", "--no-progress"])
+    assert rc == status
+    assert seen["cfg"].workers == 2 and seen["cfg"].merging.q_keep == pytest.approx(0.4)
+    assert seen["progress"] is False
+    out = capsys.readouterr().out
+    assert f"3 done, {failed} failed, 1 already committed" in out and "/out/runs/r1.json" in out
+    assert out.count("corrupt image x.png") == failed
+
+
+def test_job_entry_point_in_a_subprocess(job, tmp_path):
+    """``jobs/reconstruct.py`` (what ``ray job submit`` runs) reports config errors the same way."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "reconstruct.py"), "--config", str(job),
+         "--set", "chunk.overlap=0"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    _one_clear_line(proc.stderr, "'chunk.overlap'")
+
+
+def test_eval_and_preview_argument_errors(capsys, tmp_path):
+    assert main(["eval", "--height", "100"]) == 2
+    _one_clear_line(capsys.readouterr().err, "--height", "multiple of 14")
+    assert main(["eval", "--strategy", "h:strategy=magic"]) == 2
+    _one_clear_line(capsys.readouterr().err, "magic")
+    assert parse_strategy("h q.3:strategy=httm, q_keep=0.3,kv_keep=0.5") == (
+        "h q.3", {"strategy": "httm", "q_keep": 0.3, "kv_keep": 0.5}
+    )
+    for bad in ("no-colon", ":strategy=httm", "h:q_keep"):
+        with pytest.raises(ConfigError):
+            parse_strategy(bad)
+    (tmp_path / "out").mkdir()
+    assert main(["preview", str(tmp_path / "out"), "missing"]) == 2
+    _one_clear_line(capsys.readouterr().err, "'missing'", "not committed")
+
+
+def test_eval_prints_a_table(capsys):
+    rc = main(["-q", "eval", "--scenes", "1", "--frames", "2", "--height", "42", "--width", "56",
+               "--strategy", "h5:strategy=httm,q_keep=0.5,kv_keep=0.5"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    assert len(table) == 4  # header, rule, dense, h5
+    assert table[2].split("|")[1].strip() == "dense" and table[3].split("|")[1].strip() == "h5"
+
+
+@pytest.mark.ray
+def test_demo_runs_the_whole_pipeline(ray_session, tmp_path, capsys, caplog):
+    caplog.set_level(logging.WARNING)
+    root = tmp_path / "demo"
+    rc = main(["demo", "--root", str(root), "--scenes", "2", "--frames", "3", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "2 done, 0 failed" in out and str(root / "output") in out and "httm-dist preview" in out
+
+    from httm_dist.model.config import preset_weights
+    from httm_dist.config import demo_preset
+    import httm_dist.results as results
+
+    if preset_weights(demo_preset()) is None:
+        assert "MEANINGLESS" in caplog.text
+    res = results.open(str(root / "output"))
+    assert res.scene_ids == ["scene_000", "scene_001"]
+    assert res.frames().num_rows == 6
+    assert res.arrays("scene_000")["depth"].shape[0] == 3
+
+    # Rerun: nothing left to do, still success.
+    assert main(["demo", "--root", str(root), "--scenes", "2", "--frames", "3", "--no-progress"]) == 0
+    assert "2 already committed" in capsys.readouterr().out
+
+    assert main(["preview", str(root / "output"), "scene_000"]) == 0
+    printed = capsys.readouterr().out
+    assert "png:" in printed and "ply:" in printed
+    assert (root / "output" / "previews" / "scene_000.png").stat().st_size > 0
