@@ -96,8 +96,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return status
 
 
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``httm-dist eval`` (merging fidelity on synthetic scenes)."""
+def add_eval_arguments(p: argparse.ArgumentParser, ground_truth: bool = False) -> None:
+    """The options of ``httm-dist eval`` (merging fidelity on synthetic scenes); with
+    ``ground_truth`` also ``--gt-scene``, ``--storage-options`` and ``--point-source``."""
     p.add_argument("--scenes", type=int, default=2, help="synthetic scenes (default 2)")
     p.add_argument("--frames", type=int, default=8, help="frames per scene (default 8)")
     p.add_argument("--height", type=int, default=126, help="image height, multiple of 14")
@@ -112,6 +113,16 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         "(repeatable; dense is always included; default: dense, uniform and httm at two ratios)",
     )
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    if ground_truth:
+        p.add_argument(
+            "--gt-scene", action="append", default=None, metavar="URL",
+            help="a ground-truth scene folder (docs/evaluation.md) instead of synthetic scenes "
+            "(repeatable; its first --frames frames, preprocessed to --width)",
+        )
+        p.add_argument("--storage-options", default=None,
+                       help="fsspec options (YAML/JSON) for --gt-scene URLs")
+        p.add_argument("--point-source", choices=("world_points", "depth"), default="world_points",
+                       help="points evaluated: the point head's, or depth unprojected")
 
 
 def parse_strategy(text: str) -> tuple[str, dict]:
@@ -144,11 +155,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     rows = run_fidelity(
         num_scenes=args.scenes, num_frames=args.frames, height=args.height, width=args.width,
         preset=args.preset, weights=args.weights, strategies=strategies, seed=args.seed,
-        device=args.device,
+        device=args.device, point_source=args.point_source, gt_scenes=args.gt_scene,
+        storage_options=_storage_options(args.storage_options),
     )
+    source = (f"{len(args.gt_scene)} ground-truth scenes" if args.gt_scene
+              else f"{args.scenes} synthetic scenes at {args.width}x{args.height}")
     print(
-        f"fidelity: {args.scenes} scenes x {args.frames} frames at {args.width}x{args.height}, "
-        f"preset {args.preset}, weights {args.weights or 'preset default (random if none)'}\n"
+        f"fidelity: {source} x {args.frames} frames, preset {args.preset}, "
+        f"weights {args.weights or 'preset default (random if none)'}\n"
     )
     print(format_table(rows))
     if args.json:
@@ -164,14 +178,7 @@ def _cmd_preview(args: argparse.Namespace) -> int:
         from httm_dist.config import load_config
 
         options = load_config(args.config).storage_options
-    if args.storage_options:
-        try:
-            extra = yaml.safe_load(args.storage_options)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--storage-options is not valid YAML/JSON: {exc}") from None
-        if not isinstance(extra, dict):
-            raise ConfigError("--storage-options must be a mapping, e.g. '{anon: true}'")
-        options = {**options, **extra}
+    options = {**options, **_storage_options(args.storage_options)}
     try:
         paths = write_scene_preview(args.output_url, args.scene, options)
     except KeyError as exc:
@@ -179,6 +186,19 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     for kind, url in paths.items():
         print(f"{kind}: {url}")
     return EXIT_OK
+
+
+def _storage_options(text: Optional[str]) -> dict:
+    """``--storage-options`` (YAML or JSON mapping) -> dict; empty when not given."""
+    if not text:
+        return {}
+    try:
+        options = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--storage-options is not valid YAML/JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise ConfigError("--storage-options must be a mapping, e.g. '{anon: true}'")
+    return options
 
 
 # --------------------------------------------------------------------------- parsing
@@ -233,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("eval", help="merging fidelity: dense vs uniform vs httm on synthetic scenes")
-    add_eval_arguments(p)
+    add_eval_arguments(p, ground_truth=True)
     _add_logging(p, top=False)
     p.set_defaults(func=_cmd_eval)
 

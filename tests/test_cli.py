@@ -115,6 +115,8 @@ def test_eval_and_preview_argument_errors(capsys, tmp_path):
         with pytest.raises(ConfigError):
             parse_strategy(bad)
     (tmp_path / "out").mkdir()
+    assert main(["eval", "--storage-options", "[1, 2]"]) == 2
+    _one_clear_line(capsys.readouterr().err, "--storage-options must be a mapping")
     assert main(["preview", str(tmp_path / "out"), "missing"]) == 2
     _one_clear_line(capsys.readouterr().err, "'missing'", "not committed")
 
