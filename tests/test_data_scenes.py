@@ -11,7 +11,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_storage import s3_bucket  # noqa: F401 - working bucket fixture (see its docstring)
 
 from httm_dist.data import discover_scenes, natural_key, read_scene_frames
 from httm_dist.data import scenes as scenes_mod

@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import pytest
-from test_storage import s3_bucket  # noqa: F401 - working bucket fixture (conftest's sends a bad LocationConstraint)
 from PIL import Image
 
 from httm_dist.eval import preview

@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-from test_storage import s3_bucket  # noqa: F401 - working bucket fixture (conftest's sends a bad LocationConstraint)
 
 from httm_dist.errors import SceneError
 from httm_dist.eval.gt_loader import load_gt_scene

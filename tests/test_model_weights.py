@@ -14,25 +14,6 @@ from safetensors.torch import load_file, save_file
 from httm_dist.model import PRESETS, WeightsMismatchError, load_vggt, register_preset
 
 
-@pytest.fixture
-def s3_bucket(s3_server):
-    """A fresh bucket on the loopback S3 server: (bucket_url, storage_options).
-
-    Shadows conftest's ``s3_bucket``, whose ``fs.mkdir`` sends LocationConstraint=us-east-1,
-    which S3 (and moto) reject; drop this once conftest creates buckets without it.
-    """
-    import uuid
-
-    import boto3
-
-    name = f"model-{uuid.uuid4().hex[:12]}"
-    kw = s3_server["client_kwargs"]
-    boto3.client("s3", endpoint_url=kw["endpoint_url"], region_name=kw["region_name"],
-                 aws_access_key_id=s3_server["key"],
-                 aws_secret_access_key=s3_server["secret"]).create_bucket(Bucket=name)
-    return f"s3://{name}", s3_server
-
-
 @pytest.fixture(scope="module")
 def reference(fixtures_dir) -> dict[str, torch.Tensor]:
     return load_file(fixtures_dir / "vggt_tiny" / "weights.safetensors")

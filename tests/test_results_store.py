@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 from test_results_frames import random_prediction, table_of
-from test_storage import s3_bucket  # noqa: F401 - working bucket fixture (see its docstring)
 
 import httm_dist.results as results
 from httm_dist.errors import ConfigError

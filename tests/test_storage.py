@@ -186,19 +186,6 @@ def test_get_fs_chained_url_passes_options_to_the_inner_protocol(tmp_path):
     assert fs.cat_file(path) == b"hello"
 
 
-@pytest.fixture
-def s3_bucket(s3_server):
-    """Override of the conftest fixture: s3fs's ``mkdir`` sends ``LocationConstraint=us-east-1``,
-    which moto (like AWS) rejects, so create the bucket with a plain CreateBucket call."""
-    import uuid
-
-    import s3fs
-
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(skip_instance_cache=True, **s3_server).call_s3("create_bucket", Bucket=name)
-    yield f"s3://{name}", s3_server
-
-
 @pytest.mark.s3
 def test_unreachable_endpoint_is_a_storage_error_without_secrets():
     opts = {
