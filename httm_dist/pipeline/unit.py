@@ -267,7 +267,10 @@ class UnitRunner:
         """Write the unit's results and return its record.
 
         A scene unit writes its frame table, its arrays and (last) its record, which commits
-        it. A chunk unit stores its arrays and metadata until the scene is assembled.
+        it. A chunk unit stores its arrays and metadata until the scene is assembled. The
+        record's ``seconds`` is load + run (+ assemble): it is written before the commit ends.
+        ``record_extra`` (from the worker: ``attempt``, ``worker`` {host, ...}, run id...) is
+        merged into the record.
         """
         t0 = time.perf_counter()
         scene_id = unit.scene_id
