@@ -275,3 +275,12 @@ def test_resolve_device():
     else:
         with pytest.raises(ConfigError, match="sees no CUDA device"):
             resolve_device("cuda")
+
+
+def test_corrupt_archive_reports_the_archive_not_an_empty_scene(runner, tmp_path):
+    (tmp_path / "broken.tar").write_bytes(b"not a tar archive at all" * 40)
+    (scene,) = discover_scenes(str(tmp_path))
+    assert scene.frames == () and scene.error
+    with pytest.raises(SceneError) as err:
+        runner.load(plan_units(scene, runner.cfg)[0])
+    assert "broken" in str(err.value) and "empty" not in str(err.value), str(err.value)

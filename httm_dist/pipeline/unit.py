@@ -187,6 +187,8 @@ class UnitRunner:
         t0 = time.perf_counter()
         scene = unit.scene
         n_scene = len(scene.frames)
+        if scene.error:  # discovery already found it unreadable (e.g. a corrupt archive)
+            raise SceneError(scene.error)
         if n_scene == 0:
             raise SceneError(f"scene '{scene.scene_id}' is empty: no image frames found at {scene.source}")
         if n_scene < self.cfg.min_frames:
