@@ -93,10 +93,11 @@ def test_eval_merging_job_prints_table(tmp_path, capsys, one_thread):
     text = capsys.readouterr().out
     assert "| dense |" in text and "| httm |" in text
     assert [r["strategy"] for r in json.loads(out_json.read_text())] == ["dense", "httm"]
-    with pytest.raises(SystemExit):
-        job["parse_args"](["--height", "30"])
-    with pytest.raises(SystemExit):
-        job["parse_args"](["--strategy", "bad:q_keep=7"])
+    # Bad options are the CLI's config errors: exit status 2, one line naming the option.
+    assert job["main"](["--height", "30"]) == 2
+    assert job["main"](["--strategy", "bad:q_keep=7"]) == 2
+    err = capsys.readouterr().err
+    assert "--height" in err and "q_keep" in err, err
 
 
 def test_ground_truth_folders_feed_the_benchmark(tmp_path, capsys, one_thread):
