@@ -318,13 +318,12 @@ def test_bad_config_fails_before_any_work(dataset, tmp_path):
     assert not out.exists() or not any(out.rglob("*.json"))
 
 
-def _driver_subprocess(cfg_path: Path, env: dict) -> subprocess.Popen:
-    code = ("import sys, logging; logging.basicConfig(level=logging.INFO);"
-            "from httm_dist.config import load_config;"
-            "from httm_dist.cluster.driver import run_job;"
-            "run_job(load_config(sys.argv[1]), progress=False)")
-    return subprocess.Popen([sys.executable, "-c", code, str(cfg_path)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def _driver_subprocess(cfg_path: Path, env: dict, log_path: Path) -> subprocess.Popen:
+    """``httm-dist run CONFIG`` in its own process (the command users run), logging to a file
+    (a pipe nobody reads could fill up and stall it)."""
+    cmd = [sys.executable, "-m", "httm_dist.cli", "run", str(cfg_path), "--no-progress"]
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
 def test_killed_driver_resumes_scenes_and_chunks_without_recomputing(
@@ -336,12 +335,13 @@ def test_killed_driver_resumes_scenes_and_chunks_without_recomputing(
     include = ["a", "b", LONG]
     out = tmp_path / "out"
     cfg = _cfg_dict(root, out, chunk=CHUNK, include=include)
-    cfg_path = tmp_path / "job.json"
+    cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(json.dumps(cfg))  # JSON is YAML
 
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
     env[DELAY_ENV] = "1.0"
-    proc = _driver_subprocess(cfg_path, env)
+    log_path = tmp_path / "driver.log"
+    proc = _driver_subprocess(cfg_path, env, log_path)
     store = ResultStore(str(out), {})
     deadline = time.monotonic() + 90
     try:
@@ -350,7 +350,7 @@ def test_killed_driver_resumes_scenes_and_chunks_without_recomputing(
             if store.committed() and store.done_chunks(LONG):
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert proc.poll() is None, log_path.read_text()[-3000:]
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -381,3 +381,41 @@ def test_killed_driver_resumes_scenes_and_chunks_without_recomputing(
     assert len(rows) == LONG_FRAMES + 2 * FRAMES
     assert not store.done_chunks(LONG)  # chunk results cleaned up after the commit
     assert _open(out).arrays(LONG)["depth"].shape == (LONG_FRAMES, H, W)
+
+
+def test_config_change_is_refused_or_reprocessed_per_policy(dataset, tmp_path):
+    from httm_dist.cluster.driver import _plan_work, run_job
+    from httm_dist.results import ResultStore
+
+    out = tmp_path / "out"
+    (out / "scenes").mkdir(parents=True)
+    old = {"scene_id": "a", "status": "done", "model_hash": "an-older-model", "merge_hash": "x"}
+    (out / "scenes" / "a.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"1 committed scene.*on_config_change: reprocess"):
+        run_job(_job(dataset["root"], out, include=list(GOOD)), progress=False)
+    assert not (out / "runs").exists()  # refused before any work
+
+    cfg = _job(dataset["root"], out, include=list(GOOD), on_config_change="reprocess")
+    plan = _plan_work(cfg, ResultStore(str(out), {}), "run-x")
+    assert sorted(u.scene_id for u in plan.queue) == sorted(GOOD) and not plan.skipped
+    same = dict(old, model_hash=cfg.model_hash(), merge_hash=cfg.merge_hash())
+    (out / "scenes" / "a.json").write_text(json.dumps(same))
+    plan = _plan_work(cfg, ResultStore(str(out), {}), "run-y")
+    assert sorted(u.scene_id for u in plan.queue) == ["b", "c"] and plan.skipped == ["a"]
+
+
+def test_progress_logs_lines_when_not_on_a_terminal(caplog):
+    from httm_dist.cluster.progress import JobProgress
+
+    stream = io.StringIO()  # not a TTY: no bar, log lines
+    bar = JobProgress(3, interval_s=3600, stream=stream)
+    with caplog.at_level("INFO", logger="httm_dist.cluster.progress"):
+        bar.scene_finished(True, frames=5)
+        bar.scene_finished(False)
+        assert not caplog.records  # the interval has not passed
+        bar.scene_finished(True, frames=7)  # the last scene forces a line
+    bar.close()
+    assert stream.getvalue() == ""
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "2/3 scenes done, 1 failed, 12 frames" in line
+    assert (bar.done, bar.failed, bar.frames) == (2, 1, 12)
