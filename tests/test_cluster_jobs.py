@@ -231,6 +231,9 @@ def test_local_job_end_to_end_with_bad_scenes_on_two_parallel_workers(
     assert sum(per_worker) == NUM_CHUNKS and min(per_worker) >= 1, summary["worker_units"]
     assert summary["units_run"] == 5 + NUM_CHUNKS + 1
 
+    # I/O overlapped compute: units queued behind a running one had their images prefetched.
+    assert any(r["prefetched"] for r in done), done
+
     # Two workers, on different logical GPUs, had units in flight at the same time.
     assert summary["workers"] == 2
     pids = {r["worker"]["pid"] for r in done}
@@ -316,6 +319,18 @@ def test_bad_config_fails_before_any_work(dataset, tmp_path):
     with pytest.raises(ConfigError, match="input"):
         run_job(_job(tmp_path / "nowhere", out))
     assert not out.exists() or not any(out.rglob("*.json"))
+
+
+def test_worker_that_cannot_start_stops_the_job_with_its_error(ray_session, dataset, tmp_path):
+    from httm_dist.cluster.driver import run_job
+
+    # Torch here is CPU-only, so a worker asked for CUDA fails in __init__: the driver stops
+    # with that error instead of replacing workers forever.
+    cfg = _job(dataset["root"], tmp_path / "out", include=["a"],
+               model={"preset": "tiny", "weights": str(WEIGHTS), "device": "cuda"})
+    with pytest.raises(ConfigError, match="workers cannot start: 'model.device' is 'cuda'"):
+        run_job(cfg, progress=False)
+    assert not (tmp_path / "out" / "scenes").exists()
 
 
 def _driver_subprocess(cfg_path: Path, env: dict, log_path: Path) -> subprocess.Popen:

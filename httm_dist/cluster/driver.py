@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
     records: dict[str, dict] = {}
     worker_info: list[dict] = []
     units_run = workers_lost = 0
+    startup_s = None
     if plan.queue:
         started_ray = _connect(cfg)
         try:
@@ -119,6 +121,8 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
             records = dispatcher.run()
             worker_info, units_run = dispatcher.worker_info, dispatcher.units_run
             workers_lost = dispatcher.workers_lost
+            if dispatcher.first_up is not None:
+                startup_s = round(dispatcher.first_up - bar.started, 3)
         finally:
             bar.close()
             if started_ray:
@@ -137,6 +141,7 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
         "started_at": started_wall.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "seconds": round(seconds, 3),
+        "startup_seconds": startup_s,  # until the first worker had its model loaded
         "scenes": total + len(plan.skipped) + len(plan.kept_failed),
         "skipped": len(plan.skipped),
         "not_retried": len(plan.kept_failed),
@@ -321,6 +326,7 @@ class _Dispatcher:
         self.records: dict[str, dict] = {}
         self.units_run = 0
         self.workers_lost = 0
+        self.first_up: float | None = None  # time.monotonic() when the first worker was up
         self.worker_info: list[dict] = []
         self.hooks = test_hooks_from_env()
         self.init_failures = 0
@@ -375,6 +381,7 @@ class _Dispatcher:
             self._replace(slot, exc)
             return
         self.init_failures = 0
+        self.first_up = self.first_up or time.monotonic()
         slot.ready = True
         slot.info = dict(info, units={})
         self.worker_info.append(slot.info)
@@ -487,10 +494,14 @@ class _Dispatcher:
 
         if not slot.ready:  # died before its model was up
             self.init_failures += 1
-            log.warning("a worker failed to start: %s", redact(_first_line(exc)))
+            cause = _init_error(exc)
+            log.warning("a worker failed to start: %s", cause)
+            config_error = re.search(r"httm_dist\.errors\.ConfigError: (.*)", cause)
+            if config_error:  # the same config fails the same way on every worker
+                raise ConfigError(f"workers cannot start: {config_error.group(1)}")
             if self.init_failures >= max(2, self.cfg.max_attempts):
                 raise HttmDistError(f"workers fail to start ({self.init_failures} times in a "
-                                    f"row); last error: {redact(str(exc))}")
+                                    f"row); last error: {cause}")
         if slot.reserved is not None:
             self.queue.appendleft(slot.reserved[0])
             slot.reserved = None
@@ -519,6 +530,18 @@ def _frame_count(record: dict, scene: Any) -> int:
         if isinstance(value, (list, tuple)):
             return len(value)
     return len(getattr(scene, "frames", ()) or ())
+
+
+def _init_error(exc: BaseException) -> str:
+    """The exception line of a worker's failed ``__init__`` (Ray only passes its text), or
+    the first line of the error when the worker died some other way."""
+    from httm_dist.storage import redact
+
+    text = str(exc)
+    if getattr(exc, "actor_init_failed", False):
+        lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+        return redact(lines[-1]) if lines else type(exc).__name__
+    return redact(_first_line(exc))
 
 
 def _first_line(exc: BaseException) -> str:

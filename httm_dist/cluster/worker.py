@@ -127,12 +127,19 @@ class ReconstructionWorker:
             while len(self._prefetched) > 2:
                 self._prefetched.pop(next(iter(self._prefetched))).cancel()
 
-    def _take_loaded(self, unit: Any) -> Any:
+    def _take_loaded(self, unit: Any, extra: dict) -> Any:
+        """The unit's loaded images: from its prefetch when there was one, else loaded now.
+        Notes in ``extra`` whether it was prefetched and how long the model waited for I/O."""
+        t0 = time.monotonic()
         with self._lock:
             future = self._prefetched.pop(unit_key(unit), None)
-        if future is not None and not future.cancelled():
-            return future.result()  # re-raises the load's SceneError, if any
-        return self.runner.load(unit)
+        prefetched = future is not None and not future.cancelled()
+        try:
+            # future.result() re-raises the load's SceneError, if any
+            return future.result() if prefetched else self.runner.load(unit)
+        finally:
+            extra["prefetched"] = prefetched
+            extra["load_wait_s"] = round(time.monotonic() - t0, 4)
 
     def process(self, unit: Any, attempt: int = 1, next_unit: Any = None) -> dict:
         """Runs one unit and writes its results; returns its (small) record.
@@ -149,7 +156,7 @@ class ReconstructionWorker:
                 self._test_hook(unit, attempt)
                 record = self.runner.assemble(unit, self.store, extra)
             else:
-                loaded = self._take_loaded(unit)
+                loaded = self._take_loaded(unit, extra)
                 preds = self.runner.run(loaded)
                 self._test_hook(unit, attempt)
                 extra["finished_at"] = time.time()
