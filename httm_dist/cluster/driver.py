@@ -112,7 +112,7 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
         bar.scene_finished(False)
     records: dict[str, dict] = {}
     worker_info: list[dict] = []
-    units_run = workers_lost = 0
+    units_run = workers_lost = max_parallel = 0
     startup_s = None
     if plan.queue:
         started_ray = _connect(cfg)
@@ -121,6 +121,7 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
             records = dispatcher.run()
             worker_info, units_run = dispatcher.worker_info, dispatcher.units_run
             workers_lost = dispatcher.workers_lost
+            max_parallel = max_overlap(dispatcher.spans)
             if dispatcher.first_up is not None:
                 startup_s = round(dispatcher.first_up - bar.started, 3)
         finally:
@@ -154,6 +155,7 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
         "reused_chunks": plan.reused_chunks,
         "workers": len(worker_info),
         "workers_lost": workers_lost,
+        "max_parallel_units": max_parallel,  # most units running at once (worker clocks)
         "worker_hosts": sorted({w.get("host", "?") for w in worker_info}),
         "worker_units": worker_info,
         "model_hash": cfg.model_hash(),
@@ -327,6 +329,7 @@ class _Dispatcher:
         self.units_run = 0
         self.workers_lost = 0
         self.first_up: float | None = None  # time.monotonic() when the first worker was up
+        self.spans: list[tuple[float, float]] = []  # (started_at, finished_at) of each unit
         self.worker_info: list[dict] = []
         self.hooks = test_hooks_from_env()
         self.init_failures = 0
@@ -442,6 +445,8 @@ class _Dispatcher:
                       "attempts": attempt}
         units = slot.info["units"]
         units[unit.kind] = units.get(unit.kind, 0) + 1
+        if isinstance(record.get("started_at"), float) and isinstance(record.get("finished_at"), float):
+            self.spans.append((record["started_at"], record["finished_at"]))
         self._unit_finished(unit, record)
 
     def _unit_finished(self, unit: Any, record: dict) -> None:
@@ -520,6 +525,17 @@ class _Dispatcher:
                 ray.kill(slot.actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    """The largest number of ``(start, end)`` intervals open at one instant (intervals that
+    merely touch do not overlap)."""
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    best = running = 0
+    for _, step in events:  # at equal times the end (-1) sorts before the start (+1)
+        running += step
+        best = max(best, running)
+    return best
 
 
 def _frame_count(record: dict, scene: Any) -> int:
