@@ -88,7 +88,7 @@ def test_plan_partitions_tokens_into_kept_and_src(S, grid, psi, bs, bf, frac, an
         assert set(range(P)) <= set(kept)  # frame 0 is kept entirely
     # every src's block offers dst in the same tile: same in-frame offset set
     src_idx, sel = plan.src_idx.numpy(), plan.src_sel.numpy()
-    dst_idx, valid = plan.dst_idx.numpy(), np.isfinite(plan.dst_bias.numpy())
+    dst_idx, valid = plan.dst_idx.numpy(), plan.dst_valid.numpy()
     blk_of_src = sel // src_idx.shape[1]
     for b in np.unique(blk_of_src):
         d = dst_idx[b][valid[b]]

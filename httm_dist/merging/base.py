@@ -42,6 +42,8 @@ class Assignment:
     q_kept: torch.Tensor
     kv_assign: torch.Tensor
     kv_slots: int
+    q_means: Optional[torch.Tensor] = None
+    """The merged queries of the layer that planned, when planning computed them already."""
 
     def fits(self, q: torch.Tensor) -> bool:
         B, H, N, _ = q.shape
@@ -129,12 +131,11 @@ class MergedAttention:
             self.shared.last = a
         with timer("aggregate"):
             if a.kv_assign is a.q_assign:
-                means, kv_sizes = aggregate(torch.cat([q, k, v], dim=-1), a.q_assign, a.q_slots)
-                qm, km, vm = means.to(q.dtype).split(d, dim=-1)
+                (qm, km, vm), kv_sizes = aggregate([q, k, v], a.q_assign, a.q_slots)
             else:
-                qm = aggregate(q, a.q_assign, a.q_slots)[0].to(q.dtype)
-                kvm, kv_sizes = aggregate(torch.cat([k, v], dim=-1), a.kv_assign, a.kv_slots)
-                km, vm = kvm.to(q.dtype).split(d, dim=-1)
+                qm = a.q_means if a.q_means is not None and not reused else aggregate([q], a.q_assign, a.q_slots)[0][0]
+                (km, vm), kv_sizes = aggregate([k, v], a.kv_assign, a.kv_slots)
+            qm, km, vm = qm.to(q.dtype), km.to(q.dtype), vm.to(q.dtype)
         with timer("attention"):
             bias = None
             if self.cfg.proportional_attention:

@@ -14,7 +14,14 @@ from __future__ import annotations
 import torch
 
 from httm_dist.merging.base import Assignment, MergedAttention, PhaseTimer
-from httm_dist.merging.matching import aggregate, assignment, match, restore_outliers, select_outliers
+from httm_dist.merging.matching import (
+    aggregate_sums,
+    assignment,
+    match,
+    restore_outliers,
+    select_outliers,
+    split_outliers,
+)
 from httm_dist.model.hooks import AttentionContext
 
 
@@ -33,9 +40,13 @@ class HttmAttention(MergedAttention):
             k_src = match(k, plan_kv)
         with timer("aggregate"):
             outliers = torch.zeros(q_src.shape, dtype=torch.bool, device=q.device)
+            q_means = None
             if cfg.outlier_frac > 0 and plan_q.num_src:
-                means, _ = aggregate(q, assignment(plan_q, q_src), plan_q.num_kept)
+                (sums,), sizes = aggregate_sums([q], assignment(plan_q, q_src), plan_q.num_kept)
+                means = sums.view(*q.shape[:2], plan_q.num_kept, -1) / sizes.clamp_min(1).view(*q.shape[:2], -1, 1)
                 outliers = select_outliers(q, means, plan_q, q_src, cfg.outlier_frac)
             q_assign, q_slots, q_kept = restore_outliers(plan_q, q_src, outliers)
+            if cfg.outlier_frac > 0 and plan_q.num_src:
+                q_means = split_outliers(q, sums, sizes, plan_q, q_src, outliers, q_slots)
             kv_assign = assignment(plan_kv, k_src)
-        return Assignment(q_assign, q_slots, q_kept, kv_assign, plan_kv.num_kept)
+        return Assignment(q_assign, q_slots, q_kept, kv_assign, plan_kv.num_kept, q_means)

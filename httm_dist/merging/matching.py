@@ -8,10 +8,10 @@ over batch, heads and blocks (ToMe-style, with index ops only):
 - :func:`match`: cosine similarity of every src to the dst of its block, argmax -> the slot of
   the reduced sequence each src folds into;
 - :func:`assignment`: the full token -> slot map (dst and protected tokens map to their own);
-- :func:`aggregate`: slot sums and sizes by ``index_add_`` / ``bincount`` (a merged token is the
+- :func:`aggregate`: slot means and sizes by ``index_add_`` / ``bincount`` (a merged token is the
   mean of its dst and every src that chose it, even across blocks, e.g. anchor frame 0);
 - :func:`select_outliers`: the top fraction of query distances to their merged token across
-  all heads;
+  all heads; :func:`restore_outliers` / :func:`split_outliers` give them slots of their own;
 - :func:`unmerge`: every original position takes the output row of its slot (a gather, which
   also undoes the temporal reordering since the map is indexed in the original order).
 
@@ -24,6 +24,7 @@ are extra dst of every later block of that tile.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,10 +32,12 @@ import torch.nn.functional as F
 
 from httm_dist.merging.reorder import BlockLayout, round_half_up
 
-MATCH_CHUNK_ELEMENTS = 1 << 25
-"""Largest similarity tensor (elements) built at once; matching is chunked over (batch, head,
-block) rows and, for one huge block (``uniform``), over its sources, so that memory stays
-bounded. A bound on memory, not a loop over tokens: the chunk count is total / budget."""
+MATCH_CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 27}
+"""Largest similarity tensor (elements) built at once, per device type (others use "cuda").
+Matching is chunked over (batch, head, block) rows and, for one huge block (``uniform``), over
+its sources, into one reused buffer: memory stays bounded and, on CPU, the similarity chunk
+stays in cache (a fresh 100 MB tensor per call costs more in page faults than the matmul).
+A bound on memory, not a loop over tokens: the chunk count is total elements / budget."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,10 @@ class MergePlan:
     - ``kept``: sorted global indices of the tokens that stay (dst and protected); slot ``i`` of
       the reduced sequence is seeded by token ``kept[i]``.
     - ``slot_of``: ``[N]`` slot of each kept token, -1 for src tokens.
-    - ``src_idx`` ``[nblk, Smax]`` / ``dst_idx`` ``[nblk, Dmax]``: global indices (pad 0) of each
-      block's src and dst; ``dst_bias`` is 0 for real dst and -inf for padding; ``dst_slot`` the
-      slot of each dst.
+    - ``src_idx`` ``[nblk, Smax]`` / ``dst_idx`` ``[nblk, Dmax]``: global indices of each block's
+      src and dst, ``dst_valid`` marks the real dst; ``dst_slot`` is the slot of each dst. Src
+      padding is token 0 (its result is dropped); dst padding repeats the block's first dst, so
+      it can never win the argmax over the real one (ties go to the first) and has its slot.
     - ``src_sel``: positions of the real src in ``src_idx.flatten()``; ``src_tokens`` their global
       indices (every src token exactly once).
     """
@@ -58,7 +62,7 @@ class MergePlan:
     src_sel: torch.Tensor
     src_tokens: torch.Tensor
     dst_idx: torch.Tensor
-    dst_bias: torch.Tensor
+    dst_valid: torch.Tensor
     dst_slot: torch.Tensor
 
     @property
@@ -110,13 +114,13 @@ def build_plan(layout: BlockLayout, frac: float, anchor_first_frame: bool, devic
     slot_of = np.full(layout.num_tokens, -1, dtype=np.int64)
     slot_of[kept] = np.arange(kept.size)
 
-    src_idx = _pad_rows0(srcs)
-    dst_idx = _pad_rows0(dsts)
+    src_idx = _pad_rows(srcs, first=False)
+    dst_idx = _pad_rows(dsts, first=True)
     src_valid = _valid(srcs, src_idx.shape[1])
     dst_valid = _valid(dsts, dst_idx.shape[1])
     src_sel = np.flatnonzero(src_valid.ravel())
-    dst_slot = np.where(dst_valid, slot_of[dst_idx], 0)
-    if (dst_slot[dst_valid] < 0).any():  # pragma: no cover - construction invariant
+    dst_slot = slot_of[dst_idx]
+    if (dst_slot < 0).any():  # pragma: no cover - construction invariant
         raise AssertionError("a destination token has no slot")
 
     def t(a: np.ndarray) -> torch.Tensor:
@@ -130,15 +134,18 @@ def build_plan(layout: BlockLayout, frac: float, anchor_first_frame: bool, devic
         src_sel=t(src_sel),
         src_tokens=t(src_idx.ravel()[src_sel]),
         dst_idx=t(dst_idx),
-        dst_bias=t(np.where(dst_valid, 0.0, -np.inf).astype(np.float32)),
+        dst_valid=t(dst_valid),
         dst_slot=t(dst_slot),
     )
 
 
-def _pad_rows0(rows: list[np.ndarray]) -> np.ndarray:
+def _pad_rows(rows: list[np.ndarray], first: bool) -> np.ndarray:
+    """Rows padded to one width with token 0, or with the row's first entry if ``first``."""
     out = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
+        if first and len(r):
+            out[i, len(r) :] = r[0]
     return out
 
 
@@ -146,22 +153,25 @@ def _valid(rows: list[np.ndarray], width: int) -> np.ndarray:
     return np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
 
 
-def _chunked_argmax(xs: torch.Tensor, xd: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``argmax_j (xs[g, i] . xd[g, j] + bias[g, j])`` for ``xs [G,S,d]``, ``xd [G,D,d]``, in chunks."""
+def _chunked_argmax(xs: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
+    """``argmax_j xs[g, i] . xd[g, j]`` for ``xs [G,S,d]``, ``xd [G,D,d]``: ``[G, S]``, chunked."""
     G, S, _ = xs.shape
     D = xd.shape[1]
     xdt = xd.transpose(1, 2)
-    bias = bias.unsqueeze(1)
-    if G * S * D <= MATCH_CHUNK_ELEMENTS:
-        return torch.baddbmm(bias, xs, xdt).argmax(-1)
+    budget = MATCH_CHUNK_ELEMENTS.get(xs.device.type, MATCH_CHUNK_ELEMENTS["cuda"])
+    if G * S * D <= budget:
+        return torch.bmm(xs, xdt).argmax(-1)
     out = torch.empty(G, S, dtype=torch.long, device=xs.device)
-    g_step = max(1, MATCH_CHUNK_ELEMENTS // max(1, S * D))
-    s_step = S if g_step > 1 else max(1, MATCH_CHUNK_ELEMENTS // max(1, D))
+    g_step = max(1, budget // max(1, S * D))
+    s_step = S if g_step > 1 else max(1, budget // max(1, D))
+    buf = xs.new_empty(min(g_step, G) * min(s_step, S) * D)
     for g0 in range(0, G, g_step):
-        g1 = g0 + g_step
+        g1 = min(g0 + g_step, G)
         for s0 in range(0, S, s_step):
-            sim = torch.baddbmm(bias[g0:g1], xs[g0:g1, s0 : s0 + s_step], xdt[g0:g1])
-            out[g0:g1, s0 : s0 + s_step] = sim.argmax(-1)
+            s1 = min(s0 + s_step, S)
+            sim = buf[: (g1 - g0) * (s1 - s0) * D].view(g1 - g0, s1 - s0, D)
+            torch.bmm(xs[g0:g1, s0:s1], xdt[g0:g1], out=sim)
+            out[g0:g1, s0:s1] = sim.argmax(-1)
     return out
 
 
@@ -179,8 +189,7 @@ def match(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     xn = F.normalize(x, dim=-1)
     xs = xn.index_select(2, plan.src_idx.flatten()).reshape(B * H * nblk, S, d)
     xd = xn.index_select(2, plan.dst_idx.flatten()).reshape(B * H * nblk, D, d)
-    bias = plan.dst_bias.to(x.dtype).repeat(B * H, 1)
-    best = _chunked_argmax(xs, xd, bias).view(B, H, nblk, S)
+    best = _chunked_argmax(xs, xd).view(B, H, nblk, S)
     slots = torch.gather(plan.dst_slot.expand(B, H, nblk, D), 3, best)
     return slots.flatten(2).index_select(2, plan.src_sel)
 
@@ -203,21 +212,40 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def aggregate(x: torch.Tensor, assign: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Means and sizes of the merged tokens: ``([B, H, M, d], [B, H, M])`` for ``x [B, H, N, d]``.
+def aggregate_sums(
+    xs: Sequence[torch.Tensor], assign: torch.Tensor, num_slots: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Slot sums ``[B*H*M, d]`` of each ``x [B, H, N, d]`` in ``xs`` and slot sizes ``[B*H*M]``.
 
-    ``assign`` may have a head dimension of 1 (one plan for all heads). Empty slots (padding)
-    get a zero mean and size 0. Sums accumulate in fp32 for fp16/bf16 inputs.
+    All tensors share the map ``assign`` (``[B, H or 1, N]``; 1: one plan for all heads) and one
+    flat index, so sharing a plan costs one index computation. Sums accumulate in fp32 for
+    fp16/bf16 inputs.
     """
-    B, H, N, d = x.shape
-    assign = assign.expand(B, H, N)
-    idx = _flat(assign, num_slots)
-    acc = acc_dtype(x.dtype)
-    sums = torch.zeros(B * H * num_slots, d, dtype=acc, device=x.device)
-    sums.index_add_(0, idx, x.reshape(-1, d).to(acc))
-    sizes = torch.bincount(idx, minlength=B * H * num_slots).view(B, H, num_slots)
-    means = sums.view(B, H, num_slots, d) / sizes.clamp_min(1).unsqueeze(-1).to(acc)
-    return means, sizes
+    B, H, N, d = xs[0].shape
+    idx = _flat(assign.expand(B, H, N), num_slots)
+    acc = acc_dtype(xs[0].dtype)
+    sums = []
+    for x in xs:  # q, k, v: at most three tensors
+        s = torch.zeros(B * H * num_slots, x.shape[-1], dtype=acc, device=x.device)
+        sums.append(s.index_add_(0, idx, x.reshape(-1, x.shape[-1]).to(acc)))
+    return sums, torch.bincount(idx, minlength=B * H * num_slots)
+
+
+def _means(sums: torch.Tensor, sizes: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    return (sums / sizes.clamp_min(1).unsqueeze(-1).to(sums.dtype)).view(*shape, sums.shape[-1])
+
+
+def aggregate(
+    xs: Sequence[torch.Tensor], assign: torch.Tensor, num_slots: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Means ``[B, H, M, d]`` of the merged tokens of each tensor in ``xs``, and sizes ``[B, H, M]``.
+
+    A merged token is the mean of the tokens mapped to its slot; empty slots (padding) get a
+    zero mean and size 0.
+    """
+    B, H = xs[0].shape[:2]
+    sums, sizes = aggregate_sums(xs, assign, num_slots)
+    return [_means(s, sizes, (B, H, num_slots)) for s in sums], sizes.view(B, H, num_slots)
 
 
 def select_outliers(
@@ -255,6 +283,39 @@ def restore_outliers(
     slots = torch.where(outliers, plan.num_kept + rank, src_slots)
     num_slots = plan.num_kept + int(n_out.max()) if n_out.numel() else plan.num_kept
     return assignment(plan, slots), num_slots, plan.num_kept + n_out
+
+
+def split_outliers(
+    q: torch.Tensor,
+    sums: torch.Tensor,
+    sizes: torch.Tensor,
+    plan: MergePlan,
+    src_slots: torch.Tensor,
+    outliers: torch.Tensor,
+    num_slots: int,
+) -> torch.Tensor:
+    """Query means ``[B, H, num_slots, d]`` after taking the outliers out of their merged tokens.
+
+    ``sums`` / ``sizes`` are the first aggregation (``plan.num_kept`` slots per head): each
+    outlier's contribution is subtracted there and it becomes the slot after the shared ones
+    (in token order), as :func:`restore_outliers` numbers them. Cheaper than aggregating again.
+    """
+    B, H, N, d = q.shape
+    M, n_src = plan.num_kept, plan.num_src
+    sel = outliers.flatten().nonzero().squeeze(1)
+    bh, j = sel // n_src, sel % n_src
+    rows = q.reshape(B * H, N, d)[bh, plan.src_tokens[j]].to(sums.dtype)
+    old = bh * M + src_slots.flatten()[sel]
+    sums = sums.index_add(0, old, rows, alpha=-1).view(B * H, M, d)
+    sizes = sizes.index_add(0, old, torch.ones_like(old), alpha=-1).view(B * H, M)
+    new = M + (outliers.cumsum(-1) - 1).flatten()[sel]
+    out_sums = sums.new_zeros(B * H, num_slots, d)
+    out_sizes = sizes.new_zeros(B * H, num_slots)
+    out_sums[:, :M] = sums
+    out_sizes[:, :M] = sizes
+    out_sums[bh, new] = rows
+    out_sizes[bh, new] = 1
+    return _means(out_sums.view(-1, d), out_sizes.flatten(), (B, H, num_slots))
 
 
 def unmerge(out: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
