@@ -437,3 +437,43 @@ def test_progress_logs_lines_when_not_on_a_terminal(caplog):
     (line,) = [r.getMessage() for r in caplog.records]
     assert "2/3 scenes done, 1 failed, 12 frames" in line
     assert (bar.done, bar.failed, bar.frames) == (2, 1, 12)
+
+
+def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeypatch):
+    """In-process (no Ray): a scene's own error becomes a failed record (and a failure record
+    in the store); out of memory raises WorkerFault so the driver replaces the worker."""
+    import torch
+
+    from httm_dist.cluster.worker import ReconstructionWorker, WorkerFault
+    from httm_dist.data import discover_scenes
+    from httm_dist.pipeline.unit import plan_units
+    from httm_dist.results import ResultStore
+
+    out = tmp_path / "out"
+    cfg = _job(dataset["root"], out)
+    scenes = {s.scene_id: s for s in discover_scenes(str(dataset["root"]))}
+    worker = ReconstructionWorker.__ray_actor_class__(cfg, "run-w")
+    unit_a, unit_b = (plan_units(scenes[s], cfg)[0] for s in ("a", "b"))
+
+    worker.prefetch(unit_b)  # decoded in the background while a runs
+    assert worker.process(unit_a, 1)["status"] == "done"
+    rec_b = worker.process(unit_b, 1)
+    assert rec_b["status"] == "done" and rec_b["prefetched"] is True
+
+    bad = worker.process(plan_units(scenes["d_corrupt"], cfg)[0], 1)
+    assert bad["status"] == "failed" and "frame_01.png" in bad["error"]
+    assert ResultStore(str(out), {}).record("d_corrupt")["status"] == "failed"
+
+    def boom(loaded):
+        raise ValueError("a bug in the model")
+
+    monkeypatch.setattr(worker.runner, "run", boom)
+    rec = worker.process(unit_a, 2)
+    assert rec["status"] == "failed" and rec["error"] == "ValueError: a bug in the model"
+
+    def oom(loaded):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(worker.runner, "run", oom)
+    with pytest.raises(WorkerFault, match="out of memory on scene 'a'"):
+        worker.process(unit_a, 3)
