@@ -477,3 +477,33 @@ def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeyp
     monkeypatch.setattr(worker.runner, "run", oom)
     with pytest.raises(WorkerFault, match="out of memory on scene 'a'"):
         worker.process(unit_a, 3)
+
+
+@pytest.mark.parametrize(
+    "resources, overrides, n_units, expected",
+    [
+        ({"GPU": 2, "CPU": 2}, {}, 10, (2, 1.0)),  # default: one worker per GPU
+        ({"CPU": 8}, {}, 10, (1, 0.0)),  # no GPU: one CPU worker
+        ({"GPU": 2, "CPU": 8}, {"workers": 5}, 10, (2, 1.0)),  # capped at what fits
+        ({"GPU": 2, "CPU": 8}, {"gpus_per_worker": 0.5}, 10, (4, 0.5)),  # fractional GPUs
+        ({"GPU": 2, "CPU": 8}, {}, 1, (1, 1.0)),  # never more workers than units
+        ({"GPU": 8, "CPU": 4}, {"cpus_per_worker": 2}, 10, (2, 1.0)),  # CPUs limit too
+    ],
+)
+def test_worker_count_follows_config_and_cluster(monkeypatch, tmp_path, resources, overrides,
+                                                 n_units, expected):
+    import httm_dist.cluster.driver as driver
+
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: dict(resources))
+    cfg = _job(tmp_path, tmp_path / "out", **overrides)
+    assert driver._worker_count(cfg, n_units) == expected
+
+
+def test_worker_count_refuses_workers_the_cluster_cannot_place(monkeypatch, tmp_path):
+    import httm_dist.cluster.driver as driver
+
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"GPU": 1, "CPU": 2})
+    with pytest.raises(ConfigError, match="cpus_per_worker"):
+        driver._worker_count(_job(tmp_path, tmp_path / "o", cpus_per_worker=4), 3)
+    with pytest.raises(ConfigError, match="gpus_per_worker"):
+        driver._worker_count(_job(tmp_path, tmp_path / "o", gpus_per_worker=2), 3)

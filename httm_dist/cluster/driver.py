@@ -299,6 +299,9 @@ def _worker_count(cfg: Any, n_units: int) -> tuple[int, float]:
     if gpw > gpus:
         raise ConfigError(f"'gpus_per_worker' is {cfg.gpus_per_worker} but the Ray cluster has "
                           f"{gpus:g} GPUs: lower gpus_per_worker or add GPUs")
+    if cfg.cpus_per_worker > cpus:
+        raise ConfigError(f"'cpus_per_worker' is {cfg.cpus_per_worker} but the Ray cluster has "
+                          f"{cpus:g} CPUs: lower cpus_per_worker or add CPUs")
     fits = []
     if gpw > 0:
         fits.append(int(gpus // gpw + 1e-9))
