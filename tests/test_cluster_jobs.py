@@ -507,3 +507,20 @@ def test_worker_count_refuses_workers_the_cluster_cannot_place(monkeypatch, tmp_
         driver._worker_count(_job(tmp_path, tmp_path / "o", cpus_per_worker=4), 3)
     with pytest.raises(ConfigError, match="gpus_per_worker"):
         driver._worker_count(_job(tmp_path, tmp_path / "o", gpus_per_worker=2), 3)
+
+
+def test_progress_draws_a_bar_on_a_terminal(caplog):
+    from httm_dist.cluster.progress import JobProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    bar = JobProgress(2, stream=stream)
+    with caplog.at_level("INFO", logger="httm_dist.cluster.progress"):
+        bar.scene_finished(True, frames=4)
+        bar.scene_finished(True, frames=4)
+    bar.close()
+    assert "2/2" in stream.getvalue() and "frames=8" in stream.getvalue()
+    assert not caplog.records  # the bar replaces the log lines
