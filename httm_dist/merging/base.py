@@ -128,12 +128,16 @@ class MergedAttention:
             a = last
         else:
             a = self.plan(q, k, v, ctx, timer)
-            self.shared.last = a
+            # kept only for the layers that reuse it: at 1000 frames it holds ~2 [B, H, N] maps
+            self.shared.last = a if self.cfg.plan_reuse > 1 else None
         with timer("aggregate"):
             if a.kv_assign is a.q_assign:
                 (qm, km, vm), kv_sizes = aggregate([q, k, v], a.q_assign, a.q_slots)
             else:
-                qm = a.q_means if a.q_means is not None and not reused else aggregate([q], a.q_assign, a.q_slots)[0][0]
+                if a.q_means is not None and not reused:
+                    qm = a.q_means
+                else:
+                    qm = aggregate([q], a.q_assign, a.q_slots)[0][0]
                 (km, vm), kv_sizes = aggregate([k, v], a.kv_assign, a.kv_slots)
             qm, km, vm = qm.to(q.dtype), km.to(q.dtype), vm.to(q.dtype)
         with timer("attention"):
@@ -143,6 +147,7 @@ class MergedAttention:
             out = F.scaled_dot_product_attention(qm, km, vm, attn_mask=bias)
         with timer("aggregate"):
             out = unmerge(out, a.q_assign)
+        a.q_means = None  # only valid for the tensors it was computed from
         self.last_stats = {
             "layer": self.layer_idx,
             "strategy": self.name,

@@ -20,6 +20,7 @@ from httm_dist.merging.matching import (
     match,
     restore_outliers,
     select_outliers,
+    slot_means,
     split_outliers,
 )
 from httm_dist.model.hooks import AttentionContext
@@ -43,7 +44,7 @@ class HttmAttention(MergedAttention):
             q_means = None
             if cfg.outlier_frac > 0 and plan_q.num_src:
                 (sums,), sizes = aggregate_sums([q], assignment(plan_q, q_src), plan_q.num_kept)
-                means = sums.view(*q.shape[:2], plan_q.num_kept, -1) / sizes.clamp_min(1).view(*q.shape[:2], -1, 1)
+                means = slot_means(sums, sizes, (q.shape[0], q.shape[1], plan_q.num_kept))
                 outliers = select_outliers(q, means, plan_q, q_src, cfg.outlier_frac)
             q_assign, q_slots, q_kept = restore_outliers(plan_q, q_src, outliers)
             if cfg.outlier_frac > 0 and plan_q.num_src:

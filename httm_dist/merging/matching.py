@@ -186,9 +186,10 @@ def match(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     D = plan.dst_idx.shape[1]
     if plan.num_src == 0:
         return torch.empty(B, H, 0, dtype=torch.long, device=x.device)
-    xn = F.normalize(x, dim=-1)
-    xs = xn.index_select(2, plan.src_idx.flatten()).reshape(B * H * nblk, S, d)
-    xd = xn.index_select(2, plan.dst_idx.flatten()).reshape(B * H * nblk, D, d)
+    # argmax_j cos(s, d_j) = argmax_j s . (d_j / |d_j|): only the dst need normalising
+    xs = x.index_select(2, plan.src_idx.flatten()).reshape(B * H * nblk, S, d)
+    xd = F.normalize(x.index_select(2, plan.dst_idx.flatten()), dim=-1).to(x.dtype)  # autocast: fp32
+    xd = xd.reshape(B * H * nblk, D, d)
     best = _chunked_argmax(xs, xd).view(B, H, nblk, S)
     slots = torch.gather(plan.dst_slot.expand(B, H, nblk, D), 3, best)
     return slots.flatten(2).index_select(2, plan.src_sel)
@@ -231,7 +232,8 @@ def aggregate_sums(
     return sums, torch.bincount(idx, minlength=B * H * num_slots)
 
 
-def _means(sums: torch.Tensor, sizes: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+def slot_means(sums: torch.Tensor, sizes: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``[B, H, M, d]`` means from the flat sums and sizes of :func:`aggregate_sums`."""
     return (sums / sizes.clamp_min(1).unsqueeze(-1).to(sums.dtype)).view(*shape, sums.shape[-1])
 
 
@@ -245,7 +247,7 @@ def aggregate(
     """
     B, H = xs[0].shape[:2]
     sums, sizes = aggregate_sums(xs, assign, num_slots)
-    return [_means(s, sizes, (B, H, num_slots)) for s in sums], sizes.view(B, H, num_slots)
+    return [slot_means(s, sizes, (B, H, num_slots)) for s in sums], sizes.view(B, H, num_slots)
 
 
 def select_outliers(
@@ -315,7 +317,7 @@ def split_outliers(
     out_sizes[:, :M] = sizes
     out_sums[bh, new] = rows
     out_sizes[bh, new] = 1
-    return _means(out_sums.view(-1, d), out_sizes.flatten(), (B, H, num_slots))
+    return slot_means(out_sums.view(-1, d), out_sizes.flatten(), (B, H, num_slots))
 
 
 def unmerge(out: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
