@@ -171,7 +171,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
-    from httm_dist.eval.preview import write_scene_preview
+    from httm_dist.pipeline.preview import write_scene_preview
 
     options: dict = {}
     if args.config:

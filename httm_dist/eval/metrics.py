@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from httm_dist.model.geometry import unproject_depth_map_to_point_map
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -41,20 +43,13 @@ __all__ = [
 
 
 def unproject_depth(depth: np.ndarray, extrinsic: np.ndarray, intrinsic: np.ndarray) -> np.ndarray:
-    """World points [S,H,W,3] of z-depth maps [S,H,W] seen by cameras [S,3,4] / [S,3,3]:
-    camera point ((u-cx)d/fx, (v-cy)d/fy, d), then X = R^T (x_cam - t)."""
-    depth = np.asarray(depth, dtype=np.float64)
-    if depth.ndim == 4 and depth.shape[-1] == 1:
-        depth = depth[..., 0]
-    S, H, W = depth.shape
-    E = np.asarray(extrinsic, dtype=np.float64).reshape(S, 3, 4)
-    K = np.asarray(intrinsic, dtype=np.float64).reshape(S, 3, 3)
-    v, u = np.meshgrid(np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64), indexing="ij")
-    fx, fy = K[:, 0, 0, None, None], K[:, 1, 1, None, None]
-    cx, cy = K[:, 0, 2, None, None], K[:, 1, 2, None, None]
-    cam = np.stack([(u - cx) * depth / fx, (v - cy) * depth / fy, depth], axis=-1)
-    R, t = E[:, :, :3], E[:, :, 3]
-    return np.einsum("sji,shwj->shwi", R, cam - t[:, None, None, :])
+    """World points [S,H,W,3] (float64) of z-depth maps [S,H,W] seen by cameras [S,3,4] /
+    [S,3,3]; the model's own unprojection, so metrics and outputs share one convention."""
+    return unproject_depth_map_to_point_map(
+        np.asarray(depth, dtype=np.float64),
+        np.asarray(extrinsic, dtype=np.float64),
+        np.asarray(intrinsic, dtype=np.float64),
+    )
 
 
 def camera_centers(extrinsic: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 - ``unit``: units of work (:class:`WorkUnit`, :func:`plan_units`) and :class:`UnitRunner`
   (load -> run -> commit, and the assembly of chunked scenes);
-- ``chunks`` / ``align``: long scenes as overlapping chunks aligned by robust Sim(3).
+- ``chunks`` / ``align``: long scenes as overlapping chunks aligned by robust Sim(3);
+- ``preview``: a finished scene's PNG contact sheet and PLY point cloud.
 """
 
 from httm_dist.pipeline.unit import (

@@ -450,7 +450,7 @@ class UnitRunner:
 
     def _write_preview(self, scene_id: str) -> None:
         """PNG contact sheet + PLY next to the NPZ; a preview failure never fails the scene."""
-        from httm_dist.eval.preview import write_scene_preview
+        from httm_dist.pipeline.preview import write_scene_preview
         from httm_dist.storage import redact
 
         try:

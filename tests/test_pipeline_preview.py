@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from httm_dist.eval import preview
-from httm_dist.eval.preview import contact_sheet, read_ply, select_points, write_ply
+from httm_dist.pipeline import preview
+from httm_dist.pipeline.preview import contact_sheet, read_ply, select_points, write_ply
 from httm_dist.eval.synthetic import render_scene, write_scene_folder
 
 

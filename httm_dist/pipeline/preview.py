@@ -19,9 +19,10 @@ import logging
 import posixpath
 from typing import Any, BinaryIO, Mapping, Sequence
 
-import fsspec
 import numpy as np
 from PIL import Image
+
+from httm_dist.storage import read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ def write_ply(
     verts["red"], verts["green"], verts["blue"] = c[:, 0], c[:, 1], c[:, 2]
     data = header + verts.tobytes()
     if isinstance(path_or_file, str):
-        with fsspec.open(path_or_file, "wb", **(storage_options or {})) as f:
-            f.write(data)
+        write_bytes_atomic(path_or_file, data, storage_options)
     else:
         path_or_file.write(data)
     return len(data)
@@ -176,8 +176,7 @@ def _load_frames(uris: Sequence[str], height: int, width: int, storage_options: 
     out = np.full((len(uris), height, width, 3), 128, dtype=np.uint8)
     for i, uri in enumerate(uris):  # one decode per frame
         try:
-            with fsspec.open(str(uri), "rb", **(storage_options or {})) as f:
-                data = f.read()
+            data = read_bytes(str(uri), storage_options)
             tensor = None
             for mode, target in (("crop", width), ("pad", max(height, width))):
                 if target % 14:
@@ -211,7 +210,7 @@ def write_preview_files(
     (the keys of the results NPZ). ``images`` uint8 [S,H,W,3] or float [0,1] in the model's
     input size; when None they are read from ``arrays["frame_uris"]``. ``point_source``:
     ``world_points`` (the point head) or ``depth`` (depth unprojected with the cameras)."""
-    from .metrics import unproject_depth
+    from httm_dist.model.geometry import unproject_depth_map_to_point_map
 
     if point_source not in ("world_points", "depth"):
         raise ValueError(f"point_source must be 'world_points' or 'depth', got {point_source!r}")
@@ -229,20 +228,19 @@ def write_preview_files(
     idx = np.unique(np.linspace(0, S - 1, min(S, max(int(max_frames), 1))).round().astype(int))
     sheet = contact_sheet(images[idx], depth[idx], None if depth_conf is None else np.asarray(depth_conf, np.float32)[idx])
     if point_source == "depth":
-        points, conf = unproject_depth(depth, arrays["extrinsic"], arrays["intrinsic"]), depth_conf
+        points = unproject_depth_map_to_point_map(depth, arrays["extrinsic"], arrays["intrinsic"])
+        conf = depth_conf
     else:
         points, conf = arrays["world_points"], arrays.get("world_points_conf")
     pts, cols = select_points(points, conf, images, max_points, conf_percentile)
     root = posixpath.join(str(output_url).rstrip("/"), PREVIEW_DIR)
-    fs, root_path = fsspec.core.url_to_fs(root, **(storage_options or {}))
-    fs.makedirs(root_path, exist_ok=True)
     png_url, ply_url = posixpath.join(root, f"{scene_id}.png"), posixpath.join(root, f"{scene_id}.ply")
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
-    fs.pipe_file(posixpath.join(root_path, f"{scene_id}.png"), buf.getvalue())
+    write_bytes_atomic(png_url, buf.getvalue(), storage_options)
     buf = io.BytesIO()
     write_ply(buf, pts, cols)
-    fs.pipe_file(posixpath.join(root_path, f"{scene_id}.ply"), buf.getvalue())
+    write_bytes_atomic(ply_url, buf.getvalue(), storage_options)
     logger.info("preview of %s: %s (%dx%d), %s (%d points)", scene_id, png_url, sheet.width, sheet.height, ply_url, len(pts))
     return {"png": png_url, "ply": ply_url}
 
