@@ -68,20 +68,19 @@ def test_effective_lengths_meet_the_ratios():
 
 
 def _reference_slots(x, plan):
-    """Slow reference of match(): per head, per block, loops."""
+    """Slow reference of match(): per head, per block, per src, loops."""
     B, H, N, d = x.shape
     out = torch.full((B, H, N), -1, dtype=torch.long)
-    slot_of = plan.slot_of
-    src_idx, dst_idx = plan.src_idx.numpy(), plan.dst_idx.numpy()
-    valid_d = plan.dst_valid.numpy()
-    for b in range(B):
-        for h in range(H):
-            for blk in range(src_idx.shape[0]):
-                srcs = plan.src_tokens.numpy()[np.isin(plan.src_tokens.numpy(), src_idx[blk])]
-                dsts = dst_idx[blk][valid_d[blk]]
-                for s in srcs:
-                    sims = [float(F.cosine_similarity(x[b, h, s], x[b, h, t], dim=0)) for t in dsts]
-                    out[b, h, s] = slot_of[dsts[int(np.argmax(sims))]]
+    for g in plan.groups:
+        valid_s = np.zeros(g.src_idx.numel(), bool)
+        valid_s[g.src_sel.numpy()] = True
+        valid_s = valid_s.reshape(g.src_idx.shape)
+        for srow, vs, drow, vd in zip(g.src_idx.numpy(), valid_s, g.dst_idx.numpy(), g.dst_valid.numpy()):
+            for b in range(B):
+                for h in range(H):
+                    for s in srow[vs]:
+                        sims = [float(F.cosine_similarity(x[b, h, s], x[b, h, t], dim=0)) for t in drow[vd]]
+                        out[b, h, s] = plan.slot_of[drow[vd][int(np.argmax(sims))]]
     return out
 
 
@@ -89,6 +88,7 @@ def test_matching_agrees_with_a_loop_reference_and_chunking():
     q, _, _, ctx = make(S=5, grid=(3, 5), H=2, B=2)
     lay = build_layout(5, ctx.tokens_per_frame, (3, 5), 5, 6, 2)
     plan = build_plan(lay, 0.3, True, torch.device("cpu"))
+    assert len(plan.groups) == 2  # runs of 2 frames and the last run of 1
     slots = match(q, plan)
     ref = _reference_slots(q, plan)
     assert torch.equal(slots, ref[:, :, plan.src_tokens])

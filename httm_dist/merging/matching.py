@@ -41,29 +41,41 @@ A bound on memory, not a loop over tokens: the chunk count is total elements / b
 
 
 @dataclass(frozen=True)
+class BlockGroup:
+    """Merging blocks of one shape, padded to one size and matched in one batched call.
+
+    - ``src_idx`` ``[nblk, Smax]`` / ``dst_idx`` ``[nblk, Dmax]``: global indices of each block's
+      src and dst, ``dst_valid`` marks the real dst; ``dst_slot`` is the slot of each dst. Src
+      padding is token 0 (its result is dropped); dst padding repeats the block's first dst, so
+      it can never win the argmax over the real one (ties go to the first) and has its slot.
+    - ``src_sel``: positions of the real src in ``src_idx.flatten()``.
+    """
+
+    src_idx: torch.Tensor
+    src_sel: torch.Tensor
+    dst_idx: torch.Tensor
+    dst_valid: torch.Tensor
+    dst_slot: torch.Tensor
+
+
+@dataclass(frozen=True)
 class MergePlan:
     """Static merge structure of one sequence shape for one keep fraction (tensors on a device).
 
     - ``kept``: sorted global indices of the tokens that stay (dst and protected); slot ``i`` of
       the reduced sequence is seeded by token ``kept[i]``.
     - ``slot_of``: ``[N]`` slot of each kept token, -1 for src tokens.
-    - ``src_idx`` ``[nblk, Smax]`` / ``dst_idx`` ``[nblk, Dmax]``: global indices of each block's
-      src and dst, ``dst_valid`` marks the real dst; ``dst_slot`` is the slot of each dst. Src
-      padding is token 0 (its result is dropped); dst padding repeats the block's first dst, so
-      it can never win the argmax over the real one (ties go to the first) and has its slot.
-    - ``src_sel``: positions of the real src in ``src_idx.flatten()``; ``src_tokens`` their global
-      indices (every src token exactly once).
+    - ``groups``: the blocks, grouped by run length (the full runs, and the last, shorter run:
+      at most two groups) so that a short run is not padded to the size of a full one.
+    - ``src_tokens``: global index of every src token exactly once, in group then block order,
+      the order in which :func:`match` returns their slots.
     """
 
     num_tokens: int
     kept: torch.Tensor
     slot_of: torch.Tensor
-    src_idx: torch.Tensor
-    src_sel: torch.Tensor
     src_tokens: torch.Tensor
-    dst_idx: torch.Tensor
-    dst_valid: torch.Tensor
-    dst_slot: torch.Tensor
+    groups: tuple[BlockGroup, ...]
 
     @property
     def num_kept(self) -> int:
@@ -97,7 +109,7 @@ def _block_dst_mask(frames: np.ndarray, n_tile: int, frac: float, anchor: bool) 
 def build_plan(layout: BlockLayout, frac: float, anchor_first_frame: bool, device: torch.device) -> MergePlan:
     """The :class:`MergePlan` keeping about ``frac`` of every block as dst (plan time, cached)."""
     P = layout.tokens_per_frame
-    srcs, dsts = [], []
+    by_length: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for b in range(layout.blocks.shape[0]):
         run, tile = divmod(b, layout.num_tiles)
         frames = layout.run_frames[run][layout.run_frames[run] >= 0]
@@ -107,35 +119,34 @@ def build_plan(layout: BlockLayout, frac: float, anchor_first_frame: bool, devic
         dst = tokens[mask]
         if anchor_first_frame and frames[0] != 0:
             dst = np.concatenate([dst, offsets])  # frame 0's tokens of this tile
+        srcs, dsts = by_length.setdefault(frames.size, ([], []))
         srcs.append(tokens[~mask])
         dsts.append(dst)
-    own_dst = np.concatenate([d for d in dsts] + [layout.protected])
-    kept = np.unique(own_dst)
+    all_dst = [d for _, dsts in by_length.values() for d in dsts]
+    kept = np.unique(np.concatenate([*all_dst, layout.protected]))  # a dst of several blocks once
     slot_of = np.full(layout.num_tokens, -1, dtype=np.int64)
     slot_of[kept] = np.arange(kept.size)
-
-    src_idx = _pad_rows(srcs, first=False)
-    dst_idx = _pad_rows(dsts, first=True)
-    src_valid = _valid(srcs, src_idx.shape[1])
-    dst_valid = _valid(dsts, dst_idx.shape[1])
-    src_sel = np.flatnonzero(src_valid.ravel())
-    dst_slot = slot_of[dst_idx]
-    if (dst_slot < 0).any():  # pragma: no cover - construction invariant
-        raise AssertionError("a destination token has no slot")
 
     def t(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a, device=device)
 
+    groups, src_tokens = [], []
+    for srcs, dsts in by_length.values():
+        src_idx = _pad_rows(srcs, first=False)
+        dst_idx = _pad_rows(dsts, first=True)
+        src_sel = np.flatnonzero(_valid(srcs, src_idx.shape[1]).ravel())
+        dst_slot = slot_of[dst_idx]
+        if (dst_slot < 0).any():  # pragma: no cover - construction invariant
+            raise AssertionError("a destination token has no slot")
+        if src_sel.size:
+            groups.append(BlockGroup(t(src_idx), t(src_sel), t(dst_idx), t(_valid(dsts, dst_idx.shape[1])), t(dst_slot)))
+            src_tokens.append(src_idx.ravel()[src_sel])
     return MergePlan(
         num_tokens=layout.num_tokens,
         kept=t(kept),
         slot_of=t(slot_of),
-        src_idx=t(src_idx),
-        src_sel=t(src_sel),
-        src_tokens=t(src_idx.ravel()[src_sel]),
-        dst_idx=t(dst_idx),
-        dst_valid=t(dst_valid),
-        dst_slot=t(dst_slot),
+        src_tokens=t(np.concatenate(src_tokens) if src_tokens else np.zeros(0, dtype=np.int64)),
+        groups=tuple(groups),
     )
 
 
@@ -179,20 +190,21 @@ def match(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     """Slot (in the reduced sequence) of every src token: ``[B, H, n_src]``.
 
     ``x`` is ``[B, H, N, d]``; each head matches independently, each src to its most
-    cosine-similar dst of its own block (ties to the first dst, deterministically).
+    cosine-similar dst of its own block (ties to the first dst, deterministically). All blocks
+    of a group in one batched matmul; at most two groups (full runs, last run).
     """
     B, H, N, d = x.shape
-    nblk, S = plan.src_idx.shape
-    D = plan.dst_idx.shape[1]
-    if plan.num_src == 0:
-        return torch.empty(B, H, 0, dtype=torch.long, device=x.device)
-    # argmax_j cos(s, d_j) = argmax_j s . (d_j / |d_j|): only the dst need normalising
-    xs = x.index_select(2, plan.src_idx.flatten()).reshape(B * H * nblk, S, d)
-    xd = F.normalize(x.index_select(2, plan.dst_idx.flatten()), dim=-1).to(x.dtype)  # autocast: fp32
-    xd = xd.reshape(B * H * nblk, D, d)
-    best = _chunked_argmax(xs, xd).view(B, H, nblk, S)
-    slots = torch.gather(plan.dst_slot.expand(B, H, nblk, D), 3, best)
-    return slots.flatten(2).index_select(2, plan.src_sel)
+    out = [torch.empty(B, H, 0, dtype=torch.long, device=x.device)]
+    for g in plan.groups:
+        nblk, S = g.src_idx.shape
+        D = g.dst_idx.shape[1]
+        # argmax_j cos(s, d_j) = argmax_j s . (d_j / |d_j|): only the dst need normalising
+        xs = x.index_select(2, g.src_idx.flatten()).reshape(B * H * nblk, S, d)
+        xd = F.normalize(x.index_select(2, g.dst_idx.flatten()), dim=-1).to(x.dtype)  # autocast: fp32
+        best = _chunked_argmax(xs, xd.reshape(B * H * nblk, D, d)).view(B, H, nblk, S)
+        slots = torch.gather(g.dst_slot.expand(B, H, nblk, D), 3, best)
+        out.append(slots.flatten(2).index_select(2, g.src_sel))
+    return torch.cat(out, dim=2) if len(out) > 2 else out[-1]
 
 
 def assignment(plan: MergePlan, src_slots: torch.Tensor) -> torch.Tensor:

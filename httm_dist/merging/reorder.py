@@ -5,9 +5,9 @@ HTTM matches tokens inside *merging blocks*: one spatial tile of the patch grid 
 ``block_spatial`` patches, shaped like the grid) taken from one run of up to ``block_frames``
 consecutive frames, so that a token sits next to its counterparts in neighbouring frames.
 
-DECISIONS (docs/HTTM.md): tiles are 2-D; the grid is cut into ``round(rows / tile_rows)`` x
-``round(cols / tile_cols)`` tiles of ``ceil`` size (edge tiles smaller, never dropped, and the
-edge waste kept small); frames are cut into runs of ``block_frames`` (the last run shorter).
+DECISIONS (docs/HTTM.md): tiles are 2-D, about ``block_spatial`` patches shaped like the grid
+(edge tiles smaller, never dropped, see ``tile_slices``); frames are cut into runs of
+``block_frames`` (the last run shorter).
 Protected special tokens (camera, registers) belong to no block; unprotected ones form one
 extra "tile" of ``patch_start_idx`` tokens per frame.
 
@@ -35,18 +35,18 @@ def round_half_up(x: float) -> int:
 def tile_slices(rows: int, cols: int, block_spatial: int) -> list[tuple[int, int, int, int]]:
     """Cut a ``rows x cols`` patch grid into 2-D tiles of about ``block_spatial`` patches.
 
-    The target tile has the grid's aspect ratio; its side lengths are then evened out over the
-    grid (``ceil(rows / round(rows / target_rows))``) so that the smaller edge tiles waste little.
-    Returns ``(row_start, row_stop, col_start, col_stop)`` per tile, row-major; every patch is in
+    ``round(rows * cols / block_spatial)`` tiles (at least 1), laid out ``n_r x n_c`` with the
+    grid's aspect ratio; tile sides are ``ceil(rows / n_r) x ceil(cols / n_c)``, so edge tiles
+    are smaller and waste little (21 x 37 at 128 -> 2 x 3 tiles of up to 11 x 13). Returns
+    ``(row_start, row_stop, col_start, col_stop)`` per tile, row-major; every patch is in
     exactly one tile.
     """
     if rows < 1 or cols < 1:
         raise ValueError(f"patch_grid: {(rows, cols)} must have at least one row and one column")
-    th = min(max(math.sqrt(block_spatial * rows / cols), 1.0), float(rows))
-    tw = min(max(block_spatial / th, 1.0), float(cols))
-    th = min(max(block_spatial / tw, 1.0), float(rows))  # rebalance when the columns clipped
-    tile_rows = math.ceil(rows / max(1, round_half_up(rows / th)))
-    tile_cols = math.ceil(cols / max(1, round_half_up(cols / tw)))
+    n_tiles = max(1, round_half_up(rows * cols / block_spatial))
+    n_r = min(rows, n_tiles, max(1, round_half_up(math.sqrt(n_tiles * rows / cols))))
+    n_c = min(cols, max(1, round_half_up(n_tiles / n_r)))
+    tile_rows, tile_cols = math.ceil(rows / n_r), math.ceil(cols / n_c)
     return [
         (r, min(r + tile_rows, rows), c, min(c + tile_cols, cols))
         for r in range(0, rows, tile_rows)
