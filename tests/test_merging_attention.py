@@ -97,6 +97,9 @@ def test_matching_agrees_with_a_loop_reference_and_chunking():
         for budget in (7, 200):  # chunks of rows of one block, and of several blocks
             matching.MATCH_CHUNK_ELEMENTS = {"cpu": budget, "cuda": budget}
             assert torch.equal(match(q, plan), slots)
+        xs, xd = torch.randn(3, 100, 4), torch.randn(3, 7, 4)
+        full = torch.bmm(xs, xd.transpose(1, 2)).argmax(-1)
+        assert torch.equal(matching._chunked_argmax(xs, xd), full)  # 8-row chunks of 100
     finally:
         matching.MATCH_CHUNK_ELEMENTS = old
 
