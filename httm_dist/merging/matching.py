@@ -165,9 +165,21 @@ def _valid(rows: list[np.ndarray], width: int) -> np.ndarray:
     return np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
 
 
-def _chunked_argmax(xs: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
-    """``argmax_j xs[g, i] . xd[g, j]`` for ``xs [G,S,d]``, ``xd [G,D,d]``: ``[G, S]``, chunked."""
-    G, S, d = xs.shape
+def _chunked_argmax(xs: torch.Tensor, xd: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``argmax_j xs[g, i] . xd[g, j]`` for ``xs [G,S,d]``, ``xd [G,D,d]``: ``[G, S]``, chunked.
+
+    With ``rows`` (``[G, S]`` indices), ``xs`` is a ``[R, d]`` table and source ``i`` of row
+    ``g`` is ``xs[rows[g, i]]``: each chunk gathers its own sources into a reused, cache-sized
+    buffer right before its matmul, instead of one gather of all sources up front (on CPU a
+    fresh tensor that large costs about as much in page faults as the copy itself, and the
+    chunk's sources are then still in cache for the matmul).
+    """
+    if rows is None:
+        d = xs.shape[-1]
+        G, S = xs.shape[:2]
+    else:
+        d = xs.shape[-1]
+        G, S = rows.shape
     D = xd.shape[1]
     xdt = xd.transpose(1, 2)
     if xs.device.type == "cpu":
@@ -175,19 +187,29 @@ def _chunked_argmax(xs: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
     else:
         budget = MATCH_CHUNK_ELEMENTS.get(xs.device.type, MATCH_CHUNK_ELEMENTS["cuda"])
     if G * S * D <= budget:
-        return torch.bmm(xs, xdt).argmax(-1)
+        src = xs if rows is None else xs.index_select(0, rows.flatten()).view(G, S, d)
+        return torch.bmm(src, xdt).argmax(-1)
     out = torch.empty(G, S, dtype=torch.long, device=xs.device)
     g_step = max(1, budget // max(1, S * D))
     # rows of one block per chunk: each chunk re-reads the block's [D, d] dst, so take at least
     # 2d rows (uniform: d = 1024, one block of all dst) to keep that re-reading cheap
     s_step = S if g_step > 1 else max(2 * d, budget // max(1, D))
-    buf = xs.new_empty(min(g_step, G) * min(s_step, S) * D)
+    n_g, n_s = min(g_step, G), min(s_step, S)
+    buf = xs.new_empty(n_g * n_s * D)
+    src_buf = None if rows is None else xs.new_empty(n_g * n_s * d)
     for g0 in range(0, G, g_step):
         g1 = min(g0 + g_step, G)
         for s0 in range(0, S, s_step):
             s1 = min(s0 + s_step, S)
-            sim = buf[: (g1 - g0) * (s1 - s0) * D].view(g1 - g0, s1 - s0, D)
-            torch.bmm(xs[g0:g1, s0:s1], xdt[g0:g1], out=sim)
+            n = (g1 - g0) * (s1 - s0)
+            if rows is None:
+                src = xs[g0:g1, s0:s1]
+            else:
+                src = src_buf[: n * d].view(n, d)
+                torch.index_select(xs, 0, rows[g0:g1, s0:s1].reshape(-1), out=src)
+                src = src.view(g1 - g0, s1 - s0, d)
+            sim = buf[: n * D].view(g1 - g0, s1 - s0, D)
+            torch.bmm(src, xdt[g0:g1], out=sim)
             out[g0:g1, s0:s1] = sim.argmax(-1)
     return out
 
@@ -197,17 +219,20 @@ def match(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
 
     ``x`` is ``[B, H, N, d]``; each head matches independently, each src to its most
     cosine-similar dst of its own block (ties to the first dst, deterministically). All blocks
-    of a group in one batched matmul; at most two groups (full runs, last run).
+    of a group in one batched matmul; at most two groups (full runs, last run). The sources are
+    gathered chunk by chunk inside :func:`_chunked_argmax` from the rows of ``x``.
     """
     B, H, N, d = x.shape
+    x_rows = x.reshape(B * H * N, d)  # a view when x is contiguous
+    head_base = torch.arange(B * H, device=x.device).view(B * H, 1, 1) * N
     out = [torch.empty(B, H, 0, dtype=torch.long, device=x.device)]
     for g in plan.groups:
         nblk, S = g.src_idx.shape
         D = g.dst_idx.shape[1]
+        rows = (head_base + g.src_idx.unsqueeze(0)).view(B * H * nblk, S)
         # argmax_j cos(s, d_j) = argmax_j s . (d_j / |d_j|): only the dst need normalising
-        xs = x.index_select(2, g.src_idx.flatten()).reshape(B * H * nblk, S, d)
         xd = F.normalize(x.index_select(2, g.dst_idx.flatten()), dim=-1).to(x.dtype)  # autocast: fp32
-        best = _chunked_argmax(xs, xd.reshape(B * H * nblk, D, d)).view(B, H, nblk, S)
+        best = _chunked_argmax(x_rows, xd.reshape(B * H * nblk, D, d), rows).view(B, H, nblk, S)
         slots = torch.gather(g.dst_slot.expand(B, H, nblk, D), 3, best)
         out.append(slots.flatten(2).index_select(2, g.src_sel))
     return torch.cat(out, dim=2) if len(out) > 2 else out[-1]
