@@ -165,6 +165,13 @@ def _valid(rows: list[np.ndarray], width: int) -> np.ndarray:
     return np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
 
 
+def _chunk_budget(device: torch.device) -> int:
+    """Elements of one chunk buffer on ``device`` (see ``MATCH_CHUNK_ELEMENTS``)."""
+    if device.type == "cpu":
+        return MATCH_CHUNK_ELEMENTS["cpu"] * torch.get_num_threads()
+    return MATCH_CHUNK_ELEMENTS.get(device.type, MATCH_CHUNK_ELEMENTS["cuda"])
+
+
 def _chunked_argmax(xs: torch.Tensor, xd: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """``argmax_j xs[g, i] . xd[g, j]`` for ``xs [G,S,d]``, ``xd [G,D,d]``: ``[G, S]``, chunked.
 
@@ -182,10 +189,7 @@ def _chunked_argmax(xs: torch.Tensor, xd: torch.Tensor, rows: torch.Tensor | Non
         G, S = rows.shape
     D = xd.shape[1]
     xdt = xd.transpose(1, 2)
-    if xs.device.type == "cpu":
-        budget = MATCH_CHUNK_ELEMENTS["cpu"] * torch.get_num_threads()
-    else:
-        budget = MATCH_CHUNK_ELEMENTS.get(xs.device.type, MATCH_CHUNK_ELEMENTS["cuda"])
+    budget = _chunk_budget(xs.device)
     if G * S * D <= budget:
         src = xs if rows is None else xs.index_select(0, rows.flatten()).view(G, S, d)
         return torch.bmm(src, xdt).argmax(-1)
@@ -293,6 +297,35 @@ def aggregate(
     return [slot_means(s, sizes, (B, H, num_slots)) for s in sums], sizes.view(B, H, num_slots)
 
 
+def _src_distances(q: torch.Tensor, means: torch.Tensor, plan: MergePlan, src_slots: torch.Tensor) -> torch.Tensor:
+    """L2 distance ``[B*H*n_src]`` of every src query to its merged token, in chunks.
+
+    Each chunk gathers its queries and their means into two reused cache-sized buffers
+    (``MATCH_CHUNK_ELEMENTS`` each), subtracts in place and takes the norm: no ``[B, H, n_src,
+    d]`` gathers (on CPU a fresh tensor that large costs about as much in page faults as the
+    copy). A bound on memory, not a loop over tokens: the chunk count is total / budget.
+    """
+    B, H, N, d = q.shape
+    n_src = plan.num_src
+    q_rows = q.reshape(B * H * N, d)
+    q_idx = (torch.arange(B * H, device=q.device).view(B * H, 1) * N + plan.src_tokens).flatten()
+    m_idx = _flat(src_slots, means.shape[2])
+    m_rows = means.reshape(-1, d)
+    total = B * H * n_src
+    budget = _chunk_budget(q.device)
+    step = max(1, min(total, budget // d))
+    q_buf = q.new_empty(step, d)
+    m_buf = means.new_empty(step, d)
+    dist = means.new_empty(total)
+    for r0 in range(0, total, step):
+        r1 = min(r0 + step, total)
+        qc = torch.index_select(q_rows, 0, q_idx[r0:r1], out=q_buf[: r1 - r0])
+        mc = torch.index_select(m_rows, 0, m_idx[r0:r1], out=m_buf[: r1 - r0])
+        # |m - q| = |q - m| exactly; in place in the means dtype (fp32 for low-precision q)
+        torch.linalg.vector_norm(mc.sub_(qc), dim=-1, out=dist[r0:r1])
+    return dist
+
+
 def select_outliers(
     q: torch.Tensor, means: torch.Tensor, plan: MergePlan, src_slots: torch.Tensor, frac: float
 ) -> torch.Tensor:
@@ -308,9 +341,7 @@ def select_outliers(
     mask = torch.zeros(B, H * n_src, dtype=torch.bool, device=q.device)
     if count == 0:
         return mask.view(B, H, n_src)
-    qs = q.index_select(2, plan.src_tokens).to(means.dtype)
-    ms = means.reshape(-1, d).index_select(0, _flat(src_slots, means.shape[2])).view(B, H, n_src, d)
-    dist = (qs - ms).norm(dim=-1).flatten(1)
+    dist = _src_distances(q, means, plan, src_slots).view(B, H * n_src)
     mask.scatter_(1, dist.topk(count, dim=1).indices, True)
     return mask.view(B, H, n_src)
 
