@@ -324,3 +324,24 @@ register_preset(
     },
     description="tiny architecture of the parity fixtures (tests, demo)",
 )
+
+
+def _register_shipped_presets() -> None:
+    """Presets whose trained weights ship inside the package (httm_dist/weights/)."""
+    import json
+    from importlib.resources import files
+
+    folder = files("httm_dist") / "weights"
+    meta_file = folder / "tiny_synthetic.json"
+    if not meta_file.is_file():  # a build without the packaged checkpoint
+        return
+    meta = json.loads(meta_file.read_text())
+    register_preset(
+        "tiny-synthetic",
+        meta["config"],
+        weights=str(folder / "tiny_synthetic.safetensors"),
+        description="small VGGT trained by the project on its synthetic rooms (docs/training.md)",
+    )
+
+
+_register_shipped_presets()

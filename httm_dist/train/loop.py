@@ -64,6 +64,8 @@ def _tiny_model_config(height: int) -> dict[str, Any]:
 class TrainConfig:
     """Everything that determines a training run (saved next to the checkpoint).
 
+    The defaults are the run that produced the shipped ``tiny-synthetic`` weights.
+
     Each step draws a frame count in ``min_frames..max_frames`` and as many samples as fit in
     ``frames_per_batch`` frames, so a step costs about the same whatever the frame count.
     """
@@ -71,7 +73,7 @@ class TrainConfig:
     height: int = 98
     width: int = 126
     model: dict[str, Any] = field(default_factory=dict)
-    steps: int = 2000
+    steps: int = 3500
     max_minutes: float | None = None
     frames_per_batch: int = 8
     min_frames: int = 2
@@ -83,11 +85,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     pool_size: int = 64
     frames_per_scene: int = 8
-    refresh_every: int = 8
+    refresh_every: int = 1
     eval_every: int = 100
-    eval_scenes: int = 4
+    eval_scenes: int = 6
     eval_frames: int = 4
-    ckpt_every: int = 200
+    ckpt_every: int = 100
     seed: int = 0
     threads: int | None = None
     loss: LossWeights = field(default_factory=LossWeights)
