@@ -279,9 +279,17 @@ def aggregate_sums(
     return sums, torch.bincount(idx, minlength=B * H * num_slots)
 
 
-def slot_means(sums: torch.Tensor, sizes: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """``[B, H, M, d]`` means from the flat sums and sizes of :func:`aggregate_sums`."""
-    return (sums / sizes.clamp_min(1).unsqueeze(-1).to(sums.dtype)).view(*shape, sums.shape[-1])
+def slot_means(
+    sums: torch.Tensor, sizes: torch.Tensor, shape: tuple[int, int, int], inplace: bool = False
+) -> torch.Tensor:
+    """``[B, H, M, d]`` means from the flat sums and sizes of :func:`aggregate_sums`.
+
+    ``inplace`` divides ``sums`` itself (for callers that own it and no longer need the sums:
+    on CPU a fresh tensor of that size costs about as much in page faults as the division).
+    """
+    div = sizes.clamp_min(1).unsqueeze(-1).to(sums.dtype)
+    means = sums.div_(div) if inplace else sums / div
+    return means.view(*shape, sums.shape[-1])
 
 
 def aggregate(
@@ -294,7 +302,7 @@ def aggregate(
     """
     B, H = xs[0].shape[:2]
     sums, sizes = aggregate_sums(xs, assign, num_slots)
-    return [slot_means(s, sizes, (B, H, num_slots)) for s in sums], sizes.view(B, H, num_slots)
+    return [slot_means(s, sizes, (B, H, num_slots), inplace=True) for s in sums], sizes.view(B, H, num_slots)
 
 
 def _src_distances(q: torch.Tensor, means: torch.Tensor, plan: MergePlan, src_slots: torch.Tensor) -> torch.Tensor:
@@ -381,17 +389,20 @@ def split_outliers(
     sel = outliers.flatten().nonzero().squeeze(1)
     bh, j = sel // n_src, sel % n_src
     rows = q.reshape(B * H, N, d)[bh, plan.src_tokens[j]].to(sums.dtype)
-    old = bh * M + src_slots.flatten()[sel]
-    sums = sums.index_add(0, old, rows, alpha=-1).view(B * H, M, d)
-    sizes = sizes.index_add(0, old, torch.ones_like(old), alpha=-1).view(B * H, M)
     new = M + (outliers.cumsum(-1) - 1).flatten()[sel]
-    out_sums = sums.new_zeros(B * H, num_slots, d)
-    out_sizes = sizes.new_zeros(B * H, num_slots)
-    out_sums[:, :M] = sums
-    out_sizes[:, :M] = sizes
+    # one fresh buffer: the shared slots copied in, outliers subtracted there in place
+    out_sums = sums.new_empty(B * H, num_slots, d)
+    out_sizes = sizes.new_empty(B * H, num_slots)
+    out_sums[:, :M] = sums.view(B * H, M, d)
+    out_sums[:, M:] = 0
+    out_sizes[:, :M] = sizes.view(B * H, M)
+    out_sizes[:, M:] = 0
+    old = bh * num_slots + src_slots.flatten()[sel]
+    out_sums.view(-1, d).index_add_(0, old, rows, alpha=-1)
+    out_sizes.view(-1).index_add_(0, old, torch.ones_like(old), alpha=-1)
     out_sums[bh, new] = rows
     out_sizes[bh, new] = 1
-    return slot_means(out_sums.view(-1, d), out_sizes.flatten(), (B, H, num_slots))
+    return slot_means(out_sums.view(-1, d), out_sizes.flatten(), (B, H, num_slots), inplace=True)
 
 
 def unmerge(out: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
