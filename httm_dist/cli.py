@@ -101,9 +101,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, ground_truth: bool = False) -
     ``ground_truth`` also ``--gt-scene``, ``--storage-options`` and ``--point-source``."""
     p.add_argument("--scenes", type=int, default=2, help="synthetic scenes (default 2)")
     p.add_argument("--frames", type=int, default=8, help="frames per scene (default 8)")
-    p.add_argument("--height", type=int, default=126, help="image height, multiple of 14")
-    p.add_argument("--width", type=int, default=168, help="image width, multiple of 14")
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--height", type=int, default=98, help="image height, multiple of 14 (default 98)")
+    p.add_argument("--width", type=int, default=126, help="image width, multiple of 14 (default 126: tiny-synthetic was trained at 98x126)")
+    p.add_argument("--preset", default="tiny-synthetic", help="model preset (default tiny-synthetic, the shipped trained model)")
     p.add_argument("--weights", default=None, help="weights path/URL (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")

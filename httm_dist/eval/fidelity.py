@@ -155,9 +155,9 @@ def _measured_ratios(model: Any) -> dict[str, float]:
 def run_fidelity(
     num_scenes: int = 2,
     num_frames: int = 8,
-    height: int = 126,
-    width: int = 168,
-    preset: str = "tiny",
+    height: int = 98,
+    width: int = 126,
+    preset: str = "tiny-synthetic",
     weights: str | None = None,
     strategies: Sequence[StrategySpec] | None = None,
     seed: int = 0,
