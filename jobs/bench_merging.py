@@ -304,7 +304,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer-frames", default="1,2,4,8,16,21,42", help="frames of 782 tokens, part 1")
-    ap.add_argument("--agg-frames", default="2,4,8,16", help="frames, part 2")
+    ap.add_argument("--agg-frames", default="2,4,8,16", help="frames, part 2 (empty: skip)")
     ap.add_argument("--memory-frames", type=int, default=21, help="frames for part 3 (0: skip)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -343,13 +343,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{'met' if eff >= 0.8 else 'NOT met'}); httm merge time / uniform merge time = {ratio:.2f} "
               f"(target <= 0.25: {'met' if ratio <= 0.25 else 'NOT met'})\n")
 
-    rows = aggregator_part([int(s) for s in args.agg_frames.split(",")], args.reps, device)
-    print("## Whole aggregator, tiny preset (width 128, 2 heads, 4 frame + 4 global blocks), fp32\n")
-    print(table(rows, [
-        ("S", "frames", "d"), ("N", "tokens", "d"), ("strategy", "strategy", "s"), ("time", "time s", ".3f"),
-        ("speedup", "speedup", ".2f"), ("pred", "FLOP pred", ".2f"), ("share", "merge share", ".0%"),
-        ("err", "rel. err vs dense", ".3f"), ("cam_err", "camera-token err", ".3f"),
-    ]))
+    if args.agg_frames:
+        rows = aggregator_part([int(s) for s in args.agg_frames.split(",")], args.reps, device)
+        print("## Whole aggregator, tiny preset (width 128, 2 heads, 4 frame + 4 global blocks), fp32\n")
+        print(table(rows, [
+            ("S", "frames", "d"), ("N", "tokens", "d"), ("strategy", "strategy", "s"), ("time", "time s", ".3f"),
+            ("speedup", "speedup", ".2f"), ("pred", "FLOP pred", ".2f"), ("share", "merge share", ".0%"),
+            ("err", "rel. err vs dense", ".3f"), ("cam_err", "camera-token err", ".3f"),
+        ]))
     if args.memory_frames:
         rows = memory_part(args.memory_frames, device)
         print(f"\n## Peak memory of one layer (N={args.memory_frames * P}, width 1024, fp32)\n")
