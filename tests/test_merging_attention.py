@@ -104,6 +104,34 @@ def test_matching_agrees_with_a_loop_reference_and_chunking():
         matching.MATCH_CHUNK_ELEMENTS = old
 
 
+def test_chunked_source_gathers_agree_with_gathering_everything_first():
+    # sources gathered chunk by chunk (match) and outlier distances computed chunk by chunk
+    # must equal the unchunked computation, for chunks inside one block and across blocks
+    g = torch.Generator().manual_seed(3)
+    table, xd = torch.randn(50, 4, generator=g), torch.randn(3, 7, 4, generator=g)
+    rows = torch.randint(0, 50, (3, 100), generator=g)
+    full = torch.bmm(table[rows], xd.transpose(1, 2)).argmax(-1)
+    q, _, _, ctx = make(S=5, grid=(3, 5), H=2, B=2, dtype=torch.bfloat16)
+    lay = build_layout(5, ctx.tokens_per_frame, (3, 5), 5, 6, 2)
+    plan = build_plan(lay, 0.3, True, torch.device("cpu"))
+    slots = match(q, plan)
+    (sums,), sizes = matching.aggregate_sums([q], matching.assignment(plan, slots), plan.num_kept)
+    means = matching.slot_means(sums, sizes, (2, 2, plan.num_kept))
+    ms = means.reshape(-1, means.shape[-1])[matching._flat(slots, plan.num_kept)]
+    ref = (q[:, :, plan.src_tokens].float().reshape(-1, q.shape[-1]) - ms).norm(dim=-1)
+    mask = matching.select_outliers(q, means, plan, slots, 0.2)
+    assert 0 < int(mask.sum()) < mask.numel()
+    old = matching.MATCH_CHUNK_ELEMENTS
+    try:
+        for budget in (7, 40, 200, 1500):  # 1500: two blocks of 100 x 7 per chunk
+            matching.MATCH_CHUNK_ELEMENTS = {"cpu": budget, "cuda": budget}
+            assert torch.equal(matching._chunked_argmax(table, xd, rows), full)
+            assert torch.allclose(matching._src_distances(q, means, plan, slots), ref, rtol=1e-6, atol=1e-6)
+            assert torch.equal(matching.select_outliers(q, means, plan, slots, 0.2), mask)
+    finally:
+        matching.MATCH_CHUNK_ELEMENTS = old
+
+
 def test_outlier_filtering_restores_the_top_deviations_and_recomputes_means():
     q, k, v, ctx = make(S=6, grid=(4, 4), H=4, B=2)
     cfg = MergeConfig(block_spatial=8, block_frames=3, q_keep=0.3, outlier_frac=0.15)
