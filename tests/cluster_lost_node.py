@@ -198,6 +198,7 @@ def main(workdir: Path) -> int:
             committed_on={s: (r.get("worker") or {}).get("node_id") for s, r in
                           sorted(records.items())},
             worker_nodes=[w.get("node_id") for w in summary["worker_units"]],
+            replacement_node=replacement.node_id,
             replacement_used=replacement.node_id in {
                 (r.get("worker") or {}).get("node_id") for r in records.values()},
             losses=[m for _, m in losses.losses],

@@ -34,8 +34,10 @@ def test_lost_node_mid_scene_requeues_it_and_every_scene_commits_once(tmp_path):
     assert proc.returncode == 0 and result["ok"], (result, proc.stderr[-4000:])
     assert result["problems"] == []
 
-    # Both workers came up, one per GPU node, and the removed node hosted one of them.
-    assert len(set(result["worker_nodes"])) == 2
+    # Both workers came up, one per GPU node, and the removed node hosted one of them (a third
+    # node appears when the replacement worker, on the added node, got work before the end).
+    nodes = set(result["worker_nodes"])
+    assert len(nodes) == 2 or (len(nodes) == 3 and result["replacement_node"] in nodes), result
     assert result["removed_node"] in result["worker_nodes"]
 
     # The job finished: all scenes done once, the lost unit counted as a lost worker and rerun.
