@@ -181,12 +181,8 @@ def _chunked_argmax(xs: torch.Tensor, xd: torch.Tensor, rows: torch.Tensor | Non
     fresh tensor that large costs about as much in page faults as the copy itself, and the
     chunk's sources are then still in cache for the matmul).
     """
-    if rows is None:
-        d = xs.shape[-1]
-        G, S = xs.shape[:2]
-    else:
-        d = xs.shape[-1]
-        G, S = rows.shape
+    d = xs.shape[-1]
+    G, S = xs.shape[:2] if rows is None else rows.shape
     D = xd.shape[1]
     xdt = xd.transpose(1, 2)
     budget = _chunk_budget(xs.device)
