@@ -70,6 +70,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "configs/vggt1b-httm-gpu.yaml).",
             cfg.model.preset,
         )
+    else:
+        from httm_dist.model.config import PRESETS
+
+        preset = PRESETS.get(cfg.model.preset)
+        log.info("demo: model '%s'%s", cfg.model.preset,
+                 f" ({preset.description})" if preset and preset.description else "")
     log.info(
         "demo: writing %d synthetic scenes of %d frames (%dx%d) under %s",
         args.scenes, args.frames, args.width, args.height, cfg.input,
