@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from httm_dist.results.frames import FRAME_SCHEMA
-from httm_dist.results.store import ResultStore
+from httm_dist.results.store import DONE, ResultStore
 from httm_dist.storage import redact
 
 
@@ -30,7 +30,7 @@ class ResultsReader:
     def refresh(self) -> None:
         """Re-list the records (the job may still be writing)."""
         self._records = self.store.records()
-        self._committed = {s: r for s, r in self._records.items() if r.get("status") == "done"}
+        self._committed = self.records(DONE)
 
     @property
     def scene_ids(self) -> list[str]:
