@@ -47,8 +47,9 @@ class ResultsReader:
         Built with ``pyarrow.dataset`` over exactly the Parquet objects the records name,
         filtered to those scene ids. Rows are ordered by scene id, then frame order.
         """
-        ids = self.scene_ids if scene_ids is None else [s for s in self.scene_ids if s in set(scene_ids)]
-        if scene_ids is not None and (missing := sorted(set(scene_ids) - set(ids))):
+        wanted = None if scene_ids is None else set(scene_ids)
+        ids = self.scene_ids if wanted is None else [s for s in self.scene_ids if s in wanted]
+        if wanted is not None and (missing := sorted(wanted - set(ids))):
             raise KeyError(f"scene(s) {missing} are not committed in {redact(self.store.url)}")
         schema = FRAME_SCHEMA if columns is None else pa.schema([FRAME_SCHEMA.field(c) for c in columns])
         if not ids:
