@@ -52,13 +52,6 @@ class SceneBatch:
         return int(self.images.shape[-2]), int(self.images.shape[-1])
 
 
-def _to_homogeneous(extrinsic: torch.Tensor) -> torch.Tensor:
-    """[..., 3, 4] -> [..., 4, 4] with a ``[0, 0, 0, 1]`` last row."""
-    bottom = torch.zeros(*extrinsic.shape[:-2], 1, 4, dtype=extrinsic.dtype, device=extrinsic.device)
-    bottom[..., 0, 3] = 1.0
-    return torch.cat([extrinsic, bottom], dim=-2)
-
-
 def normalize_to_first_camera(
     depth: torch.Tensor,
     world_points: torch.Tensor,
@@ -80,6 +73,8 @@ def normalize_to_first_camera(
             f"extrinsic [B,S,3,4]; got {tuple(depth.shape)}, {tuple(world_points.shape)}, "
             f"{tuple(extrinsic.shape)}"
         )
+    from httm_dist.model.geometry import closed_form_inverse_se3
+
     valid = torch.isfinite(depth) & (depth > 0) & torch.isfinite(world_points).all(dim=-1)
     first = extrinsic[:, 0]  # [B,3,4]
     rot0, t0 = first[..., :3], first[..., 3]
@@ -89,8 +84,7 @@ def normalize_to_first_camera(
     count = valid.flatten(1).sum(dim=1).clamp(min=1)
     scale = (dist.flatten(1).sum(dim=1) / count).clamp(min=eps)  # [B]
 
-    rel = _to_homogeneous(extrinsic) @ torch.linalg.inv(_to_homogeneous(first))[:, None]
-    rel = rel[..., :3, :].clone()
+    rel = extrinsic @ closed_form_inverse_se3(first)[:, None]  # [B,S,3,4] @ [B,1,4,4]
     rel[..., 3] = rel[..., 3] / scale[:, None, None]
     out_depth = torch.where(valid, depth, torch.zeros_like(depth)) / scale[:, None, None, None]
     out_pts = pts / scale[:, None, None, None, None]
