@@ -446,15 +446,17 @@ class UnitRunner:
         arrays["frame_indices"] = np.asarray(frame_indices, dtype=np.int64)
         store.write_scene(scene_id, table, arrays, record)
         if self.cfg.preview:
-            self._write_preview(scene_id)
+            self._write_preview(scene_id, arrays)
 
-    def _write_preview(self, scene_id: str) -> None:
-        """PNG contact sheet + PLY next to the NPZ; a preview failure never fails the scene."""
-        from httm_dist.pipeline.preview import write_scene_preview
+    def _write_preview(self, scene_id: str, arrays: dict[str, np.ndarray]) -> None:
+        """PNG contact sheet + PLY next to the NPZ, from the ``arrays`` just written (reading
+        them back would list every record of the output); a preview failure never fails the
+        scene."""
+        from httm_dist.pipeline.preview import write_preview_files
         from httm_dist.storage import redact
 
         try:
-            write_scene_preview(self.cfg.output, scene_id, self.cfg.storage_options)
+            write_preview_files(self.cfg.output, scene_id, arrays, None, self.cfg.storage_options)
         except Exception as exc:  # noqa: BLE001 - the scene is committed; the preview is extra
             log.warning("scene '%s': preview not written: %s", scene_id, redact(str(exc)))
 
