@@ -78,9 +78,8 @@ def load_eval_scene(
     through the project's ``crop`` preprocessing at ``width`` (a multiple of 14), ground truth
     resized and cropped alike (:meth:`GroundTruth.resized`). ``max_frames`` keeps the first
     frames (consecutive, so they overlap as in the video)."""
-    import fsspec
-
     from httm_dist.model.preprocess import load_and_preprocess_images
+    from httm_dist.storage import read_bytes
 
     from .gt_loader import GroundTruth, load_gt_scene
 
@@ -90,8 +89,7 @@ def load_eval_scene(
         gt = GroundTruth(gt.depth[:max_frames], gt.extrinsic[:max_frames], gt.intrinsic[:max_frames])
     data = []
     for uri in uris:  # one read per frame
-        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
-            data.append(f.read())
+        data.append(read_bytes(uri, storage_options))
     images = load_and_preprocess_images(data, mode="crop", target_size=width).numpy()
     H, W = images.shape[-2:]
     small = gt.resized(H, W, mode="crop")

@@ -28,6 +28,7 @@ import fsspec
 import numpy as np
 
 from httm_dist.errors import SceneError
+from httm_dist.storage import get_fs, write_bytes_fs
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def write_gt_scene(
         raise ValueError(
             f"shapes disagree: images {images.shape}, depth {depth.shape}, extrinsic {extrinsic.shape}, intrinsic {intrinsic.shape}"
         )
-    fs, root = fsspec.core.url_to_fs(str(path_or_url), **(storage_options or {}))
+    fs, root = get_fs(str(path_or_url), storage_options)
     root = root.rstrip("/")
     fs.makedirs(posixpath.join(root, "depth"), exist_ok=True)
     frames = []
@@ -209,11 +210,11 @@ def write_gt_scene(
         name = f"frame_{i:04d}.{fmt}"
         buf = io.BytesIO()
         Image.fromarray(images[i]).save(buf, format=pil_fmt)
-        fs.pipe_file(posixpath.join(root, name), buf.getvalue())
+        write_bytes_fs(fs, posixpath.join(root, name), buf.getvalue())
         dname = f"depth/frame_{i:04d}.npy"
         buf = io.BytesIO()
         np.save(buf, np.asarray(depth[i], dtype=np.float32))
-        fs.pipe_file(posixpath.join(root, dname), buf.getvalue())
+        write_bytes_fs(fs, posixpath.join(root, dname), buf.getvalue())
         frames.append(
             {
                 "image": name,
@@ -223,5 +224,5 @@ def write_gt_scene(
             }
         )
     meta = {"format": GT_FORMAT, "version": GT_VERSION, "depth_scale": 1.0, **(extra or {}), "frames": frames}
-    fs.pipe_file(posixpath.join(root, CAMERAS_FILE), json.dumps(meta, indent=1).encode())
+    write_bytes_fs(fs, posixpath.join(root, CAMERAS_FILE), json.dumps(meta, indent=1).encode())
     return str(path_or_url).rstrip("/")
