@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from httm_dist.merging.reorder import BlockLayout, round_half_up
+from httm_dist.merging.reorder import BlockLayout, pad_rows, round_half_up
 
 MATCH_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
 """Largest similarity tensor (elements) built at once, per device type (others use "cuda");
@@ -133,14 +133,16 @@ def build_plan(layout: BlockLayout, frac: float, anchor_first_frame: bool, devic
 
     groups, src_tokens = [], []
     for srcs, dsts in by_length.values():
-        src_idx = _pad_rows(srcs, first=False)
-        dst_idx = _pad_rows(dsts, first=True)
-        src_sel = np.flatnonzero(_valid(srcs, src_idx.shape[1]).ravel())
+        src_idx, dst_idx = pad_rows(srcs), pad_rows(dsts)
+        src_sel = np.flatnonzero(src_idx.ravel() >= 0)
+        dst_valid = dst_idx >= 0
+        src_idx[src_idx < 0] = 0  # src padding: token 0, its result is dropped
+        dst_idx = np.where(dst_valid, dst_idx, dst_idx[:, :1])  # dst padding: the first dst
         dst_slot = slot_of[dst_idx]
         if (dst_slot < 0).any():  # pragma: no cover - construction invariant
             raise AssertionError("a destination token has no slot")
         if src_sel.size:
-            groups.append(BlockGroup(t(src_idx), t(src_sel), t(dst_idx), t(_valid(dsts, dst_idx.shape[1])), t(dst_slot)))
+            groups.append(BlockGroup(t(src_idx), t(src_sel), t(dst_idx), t(dst_valid), t(dst_slot)))
             src_tokens.append(src_idx.ravel()[src_sel])
     return MergePlan(
         num_tokens=layout.num_tokens,
@@ -149,20 +151,6 @@ def build_plan(layout: BlockLayout, frac: float, anchor_first_frame: bool, devic
         src_tokens=t(np.concatenate(src_tokens) if src_tokens else np.zeros(0, dtype=np.int64)),
         groups=tuple(groups),
     )
-
-
-def _pad_rows(rows: list[np.ndarray], first: bool) -> np.ndarray:
-    """Rows padded to one width with token 0, or with the row's first entry if ``first``."""
-    out = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-        if first and len(r):
-            out[i, len(r) :] = r[0]
-    return out
-
-
-def _valid(rows: list[np.ndarray], width: int) -> np.ndarray:
-    return np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
 
 
 def _chunk_budget(device: torch.device) -> int:

@@ -59,7 +59,8 @@ def frame_runs(num_frames: int, block_frames: int) -> list[tuple[int, int]]:
     return [(s, min(s + block_frames, num_frames)) for s in range(0, num_frames, block_frames)]
 
 
-def _pad_rows(rows: list[np.ndarray]) -> np.ndarray:
+def pad_rows(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows stacked into one ``int64`` array, padded to the longest with -1."""
     width = max(len(r) for r in rows)
     out = np.full((len(rows), width), -1, dtype=np.int64)
     for i, r in enumerate(rows):
@@ -134,8 +135,8 @@ def build_layout(
     else:
         tiles.insert(0, special)
         protected = np.zeros(0, dtype=np.int64)
-    tile_offsets = _pad_rows(tiles)
-    run_frames = _pad_rows([frames[a:b] for a, b in frame_runs(num_frames, block_frames)])
+    tile_offsets = pad_rows(tiles)
+    run_frames = pad_rows([frames[a:b] for a, b in frame_runs(num_frames, block_frames)])
 
     blocks = run_frames[:, None, :, None] * tokens_per_frame + tile_offsets[None, :, None, :]
     pad = (run_frames[:, None, :, None] < 0) | (tile_offsets[None, :, None, :] < 0)
