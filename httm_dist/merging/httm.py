@@ -40,14 +40,15 @@ class HttmAttention(MergedAttention):
             q_src = match(q, plan_q)
             k_src = match(k, plan_kv)
         with timer("aggregate"):
+            filtering = cfg.outlier_frac > 0 and plan_q.num_src > 0
             outliers = torch.zeros(q_src.shape, dtype=torch.bool, device=q.device)
             q_means = None
-            if cfg.outlier_frac > 0 and plan_q.num_src:
+            if filtering:
                 (sums,), sizes = aggregate_sums([q], assignment(plan_q, q_src), plan_q.num_kept)
                 means = slot_means(sums, sizes, (q.shape[0], q.shape[1], plan_q.num_kept))
                 outliers = select_outliers(q, means, plan_q, q_src, cfg.outlier_frac)
             q_assign, q_slots, q_kept = restore_outliers(plan_q, q_src, outliers)
-            if cfg.outlier_frac > 0 and plan_q.num_src:
+            if filtering:
                 q_means = split_outliers(q, sums, sizes, plan_q, q_src, outliers, q_slots)
             kv_assign = assignment(plan_kv, k_src)
         return Assignment(q_assign, q_slots, q_kept, kv_assign, plan_kv.num_kept, q_means)
