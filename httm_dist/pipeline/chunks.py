@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 PointsSource = Literal["depth", "point_head"]
 POINTS_SOURCES = ("depth", "point_head")
 
+#: Per-frame prediction arrays of a chunk or scene (leading axis = frame), besides frame metadata.
+PRED_KEYS = ("depth", "depth_conf", "world_points", "world_points_conf", "extrinsic", "intrinsic")
+
 
 def plan_chunks(num_frames: int, max_frames: int, overlap: int) -> list[tuple[int, int]]:
     """Split ``num_frames`` frames into chunks ``(start, end)`` (end exclusive).
@@ -97,7 +100,7 @@ class ChunkPrediction:
     intrinsic: np.ndarray
 
     def __post_init__(self) -> None:
-        for name in ("depth", "depth_conf", "world_points", "world_points_conf", "extrinsic", "intrinsic"):
+        for name in PRED_KEYS:
             setattr(self, name, _numpy(getattr(self, name)))
         if self.depth.ndim == 4 and self.depth.shape[-1] == 1:
             self.depth = self.depth[..., 0]

@@ -31,20 +31,11 @@ import torch
 from httm_dist.config import JobConfig
 from httm_dist.data import SceneSpec, read_scene_frames
 from httm_dist.errors import ConfigError, SceneError
+from httm_dist.pipeline.chunks import PRED_KEYS, ChunkPrediction, assemble_chunks, plan_chunks
 
 log = logging.getLogger(__name__)
 
 UnitKind = Literal["scene", "chunk", "assemble"]
-
-#: Per-frame prediction arrays a unit produces (leading axis = frame), besides frame metadata.
-PRED_KEYS = (
-    "depth",
-    "depth_conf",
-    "world_points",
-    "world_points_conf",
-    "extrinsic",
-    "intrinsic",
-)
 
 
 @dataclass(frozen=True)
@@ -88,8 +79,6 @@ def plan_units(scene: SceneSpec, cfg: JobConfig) -> list[WorkUnit]:
     """The units that process ``scene``: one ``scene`` unit, or, when ``chunk.max_frames`` is
     set and the scene is longer, one ``chunk`` unit per overlapping chunk (run them anywhere,
     then :func:`assemble_unit`)."""
-    from httm_dist.pipeline.chunks import plan_chunks
-
     n = len(scene.frames)
     max_frames = cfg.chunk.max_frames
     if max_frames is None or n <= max_frames:
@@ -322,8 +311,6 @@ class UnitRunner:
         Raises RuntimeError if a chunk is missing (the driver must only assemble a scene whose
         chunks are all done) and SceneError if the chunks cannot be aligned.
         """
-        from httm_dist.pipeline.chunks import ChunkPrediction, assemble_chunks
-
         t0 = time.perf_counter()
         scene_id = unit.scene_id
         done = store.done_chunks(scene_id)
