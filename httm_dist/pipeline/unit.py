@@ -191,7 +191,7 @@ class UnitRunner:
                 f"scene '{scene.scene_id}': chunk {unit.chunk_index} range {unit.frame_range} "
                 f"selects no frames of the scene's {n_scene}"
             )
-        sub = scene if unit.frame_range is None else _with_frames(scene, frames)
+        sub = scene if unit.frame_range is None else dataclasses.replace(scene, frames=frames)
         blobs = read_scene_frames(sub, self.cfg.storage_options)
         if len(blobs) != len(frames):
             raise SceneError(
@@ -473,9 +473,3 @@ def failure_record(
         "alignment": [],
     }
 
-
-def _with_frames(scene: SceneSpec, frames: tuple) -> SceneSpec:
-    """``scene`` restricted to ``frames`` (a chunk's slice)."""
-    if dataclasses.is_dataclass(scene):
-        return dataclasses.replace(scene, frames=tuple(frames))
-    return SceneSpec(scene.scene_id, scene.source, scene.kind, tuple(frames))
