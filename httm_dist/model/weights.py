@@ -19,11 +19,11 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from httm_dist.errors import HttmDistError
 from httm_dist.model.config import VGGTConfig, preset_weights
 from httm_dist.model.vggt import VGGT
+from httm_dist.storage import is_local
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def _open_checkpoint(source: str, storage_options: Mapping[str, Any]) -> _Checkp
     try:
         if suffix == ".safetensors":
             return _SafetensorsStream(fs.open(path, "rb"), source)
-        if isinstance(fs, LocalFileSystem):
+        if is_local(fs):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
