@@ -284,3 +284,21 @@ def test_corrupt_archive_reports_the_archive_not_an_empty_scene(runner, tmp_path
     with pytest.raises(SceneError) as err:
         runner.load(plan_units(scene, runner.cfg)[0])
     assert "broken" in str(err.value) and "empty" not in str(err.value), str(err.value)
+
+
+def test_preview_option_writes_previews_of_each_committed_scene(runner, scenes, tmp_path):
+    from httm_dist.pipeline.preview import read_ply
+
+    out = str(tmp_path / "out")
+    cfg = load_config(runner.cfg.to_dict(), [f"output={out}", "preview=true"])
+    previewing = UnitRunner(cfg, model=runner.model)
+    store = ResultStore(out)
+    (unit,) = plan_units(scenes["alpha"], cfg)
+    assert previewing.process(unit, store)["status"] == "done"
+    arrays = open_results(out).arrays("alpha")
+    S, H, W = arrays["depth"].shape[:3]
+    with Image.open(tmp_path / "out" / "previews" / "alpha.png") as png:
+        png.load()
+        assert png.width >= W * min(S, 8) and png.height >= 3 * H  # frames, depth, confidence
+    points, colours = read_ply((tmp_path / "out" / "previews" / "alpha.ply").read_bytes())
+    assert len(points) > 0 and len(points) == len(colours) and np.isfinite(points).all()
