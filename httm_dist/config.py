@@ -468,7 +468,7 @@ def validate_resources(cfg: JobConfig) -> None:
 
 
 def _check_weights(url: str, storage_options: dict, redact: Any) -> None:
-    import fsspec
+    from httm_dist.storage import get_fs
 
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol == "hf":
@@ -482,7 +482,7 @@ def _check_weights(url: str, storage_options: dict, redact: Any) -> None:
             ) from None
     options = {} if protocol in ("file", "local", "hf") else dict(storage_options)
     try:
-        fs, path = fsspec.core.url_to_fs(url, **options)
+        fs, path = get_fs(url, options)
         exists = fs.exists(path) and not fs.isdir(path)
     except Exception as exc:  # noqa: BLE001 - any backend error means "cannot reach it"
         raise StorageError(

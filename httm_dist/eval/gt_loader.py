@@ -133,7 +133,7 @@ def load_gt_scene(path_or_url: str, storage_options: dict[str, Any] | None = Non
     Frames without a ``depth`` entry get an all-invalid (zero) depth map of the first depth's
     size; at least one frame must have depth. Errors name the file and the field at fault.
     """
-    fs, root = fsspec.core.url_to_fs(str(path_or_url), **(storage_options or {}))
+    fs, root = get_fs(str(path_or_url), storage_options)
     root = root.rstrip("/")
     cams_path = posixpath.join(root, CAMERAS_FILE)
     try:

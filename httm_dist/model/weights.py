@@ -17,13 +17,12 @@ import logging
 import os
 from typing import Any, Iterator, Mapping, Optional, Union
 
-import fsspec
 import torch
 
 from httm_dist.errors import HttmDistError
 from httm_dist.model.config import VGGTConfig, preset_weights
 from httm_dist.model.vggt import VGGT
-from httm_dist.storage import is_local
+from httm_dist.storage import get_fs, is_local
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ class _TorchStateDict(_Checkpoint):
 def _open_checkpoint(source: str, storage_options: Mapping[str, Any]) -> _Checkpoint:
     if source.startswith("hf://"):
         source = _hf_download(source)
-    fs, path = fsspec.core.url_to_fs(source, **storage_options)
+    fs, path = get_fs(source, dict(storage_options))
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in (".safetensors", ".pt", ".pth"):
         raise ValueError(f"weights {source}: unknown format {suffix!r}; use .safetensors, .pt or .pth")
