@@ -178,3 +178,30 @@ def test_bad_scene_ids_and_tables(tmp_path):
     with pytest.raises(ValueError, match="other"):
         store.write_scene("x", table_of(pred, "other"), {}, {})
     assert results.open(str(tmp_path)).frames().num_rows == 0
+
+
+def test_record_read_retries_a_path_the_batched_read_failed(tmp_path, monkeypatch):
+    """A transient error on one record in the batched read is retried for that path alone,
+    so a flaky object store does not make a committed scene look missing on resume."""
+    store = ResultStore(str(tmp_path / "out"))
+    commit(store, "a")
+    commit(store, "b", seed=1)
+    fs = store.fs
+    real_cat_file = fs.cat_file
+    failures = {"left": 2}
+
+    def flaky_cat(paths, on_error="raise", **kw):
+        return {p: (ConnectionError("reset by peer") if p.endswith("b.json") else real_cat_file(p)) for p in paths}
+
+    def flaky_cat_file(path, *a, **kw):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("reset by peer")
+        return real_cat_file(path, *a, **kw)
+
+    monkeypatch.setattr(fs, "cat", flaky_cat)
+    monkeypatch.setattr(fs, "cat_file", flaky_cat_file)
+    monkeypatch.setattr("httm_dist.storage.time.sleep", lambda s: None)
+    records = store.records()
+    assert sorted(records) == ["a", "b"] and records["b"]["status"] == "done"
+    assert failures["left"] == 0

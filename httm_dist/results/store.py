@@ -122,8 +122,8 @@ class ResultStore:
             data = raw.get(path)
             if isinstance(data, FileNotFoundError):
                 continue  # removed between list and read (a scene being rewritten)
-            if isinstance(data, BaseException) or data is None:
-                data = self.fs.cat_file(path)
+            if isinstance(data, BaseException) or data is None:  # one path failed: retry it alone
+                data = retry(lambda p=path: self.fs.cat_file(p), what=f"read {redact(full_url(self.fs, path))}")
             try:
                 out[path] = json.loads(data)
             except ValueError:
