@@ -2,7 +2,7 @@
 
 Reproduces the shipped weights (see docs/training.md for the exact command and machine):
 
-    nice -n 10 .venv/bin/python jobs/train_tiny.py --out runs/tiny --steps 1500
+    OMP_WAIT_POLICY=PASSIVE nice -n 5 .venv/bin/python jobs/train_tiny.py --out runs/tiny --minutes 115
 
 writes ``tiny_synthetic.safetensors`` (float16), ``tiny_synthetic.json`` (model config, training
 config, metrics) and ``curve.csv``/``curve.json`` into ``--out``. ``--minutes`` caps the wall
@@ -18,7 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from httm_dist.train.loop import TrainConfig, train
+from httm_dist.train.loop import TRAIN_RENDER_OPTIONS, TrainConfig, train
+from httm_dist.train.losses import LossWeights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup_steps)
     p.add_argument("--pool-size", type=int, default=TrainConfig.pool_size)
+    p.add_argument("--max-stride", type=int, default=TrainConfig.max_stride, help="largest frame stride of a sample")
+    p.add_argument("--render-options", default=None, help="JSON dict of synthetic-scene options for training scenes")
+    p.add_argument("--camera-weight", type=float, default=LossWeights.camera)
+    p.add_argument("--camera-loss", choices=("l1", "huber"), default=LossWeights.camera_kind)
     p.add_argument("--refresh-every", type=int, default=TrainConfig.refresh_every)
     p.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
     p.add_argument("--eval-scenes", type=int, default=TrainConfig.eval_scenes)
@@ -54,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         frames_per_batch=args.frames_per_batch, min_frames=args.min_frames, max_frames=args.max_frames, lr=args.lr,
         warmup_steps=args.warmup, pool_size=args.pool_size, refresh_every=args.refresh_every,
         eval_every=args.eval_every, eval_scenes=args.eval_scenes, ckpt_every=args.ckpt_every,
-        seed=args.seed, threads=args.threads,
+        seed=args.seed, threads=args.threads, max_stride=args.max_stride,
+        render_options=json.loads(args.render_options) if args.render_options else dict(TRAIN_RENDER_OPTIONS),
+        loss=LossWeights(camera=args.camera_weight, camera_kind=args.camera_loss),
     )
     summary = train(config, args.out, progress=not args.no_progress)
     print(json.dumps(summary, indent=1))

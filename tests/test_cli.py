@@ -154,7 +154,7 @@ def test_demo_runs_the_whole_pipeline(ray_session, tmp_path, capsys, caplog):
     assert res.arrays("scene_000")["depth"].shape[0] == 8
     # ...and its depth follows the renderer's ground truth. Over the demo's scenes: the mean
     # rank correlation, and the mean AbsRel (median-scaled) against a constant-depth
-    # prediction's. Measured: trained Spearman 0.42/0.73/0.84, AbsRel 0.43 vs constant 0.63;
+    # prediction's. Measured: trained Spearman 0.46/0.84/0.88, AbsRel 0.37 vs constant 0.63;
     # random weights Spearman -0.09/0.36/0.13 with AbsRel equal to the constant's.
     from scipy.stats import spearmanr
 
@@ -168,8 +168,8 @@ def test_demo_runs_the_whole_pipeline(ray_session, tmp_path, capsys, caplog):
         rank_corr.append(spearmanr(pred.ravel(), gt_depth.ravel())[0])
         abs_rel.append(depth_metrics(pred, gt_depth)["abs_rel"])
         constant.append(depth_metrics(np.ones_like(gt_depth), gt_depth)["abs_rel"])
-    assert np.mean(rank_corr) > 0.4, rank_corr
-    assert np.mean(abs_rel) < 0.85 * np.mean(constant), (abs_rel, constant)
+    assert np.mean(rank_corr) > 0.6, rank_corr
+    assert np.mean(abs_rel) < 0.7 * np.mean(constant), (abs_rel, constant)
 
     # Rerun: nothing left to do, still success.
     assert main(["demo", "--root", str(root), "--no-progress"]) == 0

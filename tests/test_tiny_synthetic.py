@@ -61,12 +61,13 @@ def test_trained_model_beats_untrained_on_held_out_scenes(trained, metadata, sce
     untrained = build_model(metadata["config"], seed=0).eval()
     got = evaluate(trained, scenes)
     base = evaluate(untrained, scenes)
-    # Margins (measured when shipped: AbsRel 0.317 vs 0.500, delta<1.25 0.539 vs 0.333, rotation
-    # error 9.7 vs 47.4 degrees): depth AbsRel at most 3/4 of the untrained model's, delta<1.25
-    # at least 0.12 higher, relative rotation error at most half. (The rotation error only
-    # matches "every camera = the first": see docs/training.md, Limitations.)
-    assert got["abs_rel"] <= 0.75 * base["abs_rel"], (got, base)
-    assert got["delta_1.25"] >= base["delta_1.25"] + 0.12, (got, base)
+    # Margins (measured when shipped: AbsRel 0.285 vs 0.500, delta<1.25 0.587 vs 0.333, rotation
+    # error 9.5 vs 47.4 degrees): depth AbsRel at most 0.62 of the untrained model's, delta<1.25
+    # at least 0.2 higher, relative rotation error at most half. (On 8 held-out scenes the AbsRel
+    # ratio is 0.46 to 0.59, docs/training.md. The rotation error only matches "every camera =
+    # the first": see docs/training.md, Limitations.)
+    assert got["abs_rel"] <= 0.62 * base["abs_rel"], (got, base)
+    assert got["delta_1.25"] >= base["delta_1.25"] + 0.2, (got, base)
     assert got["rot_err_deg"] <= 0.5 * base["rot_err_deg"], (got, base)
 
 
@@ -77,5 +78,5 @@ def test_trained_depth_correlates_with_ground_truth(trained, scenes):
             depth = trained(batch.images)["depth"][0, ..., 0]
         valid = batch.valid[0]
         corrs.append(np.corrcoef(depth[valid].numpy(), batch.depth[0][valid].numpy())[0, 1])
-    # Measured when shipped: 0.44 and 0.95 (Pearson, per scene over valid pixels).
-    assert min(corrs) > 0.3 and np.mean(corrs) > 0.55, corrs
+    # Measured when shipped: 0.60 and 0.93 (Pearson, per scene over valid pixels).
+    assert min(corrs) > 0.45 and np.mean(corrs) > 0.65, corrs

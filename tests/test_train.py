@@ -90,12 +90,32 @@ def test_camera_loss_weights_later_iterations_more():
     gt = torch.zeros(1, 2, 9)
     off = torch.full((1, 2, 9), 0.05)  # inside the Huber quadratic zone: 0.5 * 0.05^2 per part
     part = 3 * 0.5 * 0.05**2
+    ones = (1.0, 1.0, 1.0)
     assert float(camera_loss([gt, gt], gt)) == 0.0
     # weights gamma^(n-1-i) normalised: for n=2, gamma=0.5 -> [1/3, 2/3]
-    assert float(camera_loss([off, gt], gt, gamma=0.5)) == pytest.approx(part / 3, rel=1e-5)
-    assert float(camera_loss([gt, off], gt, gamma=0.5)) == pytest.approx(2 * part / 3, rel=1e-5)
+    assert float(camera_loss([off, gt], gt, gamma=0.5, kind="huber", part_weights=ones)) == pytest.approx(part / 3, rel=1e-5)
+    assert float(camera_loss([gt, off], gt, gamma=0.5, kind="huber", part_weights=ones)) == pytest.approx(2 * part / 3, rel=1e-5)
     with pytest.raises(ConfigError):
         camera_loss([], gt)
+    with pytest.raises(ConfigError, match="kind"):
+        camera_loss([gt], gt, kind="l2")
+
+
+def test_camera_l1_loss_keeps_its_gradient_on_small_rotations():
+    """Why L1 is the default: at a few degrees of relative rotation (quaternion parts ~0.03)
+    Huber(0.1) is quadratic and its gradient is ~0.03/0.1 of L1's, so the camera head can ignore
+    rotations; L1's gradient is the same at any error size."""
+    gen = torch.Generator().manual_seed(3)
+    gt = torch.randn(2, 4, 9, generator=gen)
+    pred = (gt + 0.03 * torch.randn(2, 4, 9, generator=gen).sign()).requires_grad_(True)
+    l1 = camera_loss([pred], gt, kind="l1", part_weights=(1.0, 2.0, 0.5))
+    # Per-part means with the part weights: |error| is exactly 0.03 everywhere.
+    assert float(l1) == pytest.approx(0.03 * (1.0 + 2.0 + 0.5), rel=1e-4)
+    (g_l1,) = torch.autograd.grad(l1, pred)
+    (g_huber,) = torch.autograd.grad(camera_loss([pred], gt, kind="huber", part_weights=(1.0, 2.0, 0.5)), pred)
+    quat = slice(3, 7)
+    assert torch.allclose(g_l1[..., quat].abs(), torch.full_like(g_l1[..., quat], 2.0 / (2 * 4 * 4)))
+    assert float(g_huber[..., quat].abs().max()) < 0.31 * float(g_l1[..., quat].abs().min())
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -127,3 +147,58 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch(tiny_config):
     assert all(np.isfinite(s["loss"]) for s in losses)
     assert losses[-1]["loss"] < 0.8 * losses[0]["loss"], [round(s["loss"], 4) for s in losses]
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_train_writes_a_loadable_checkpoint_curve_and_metadata(tiny_config, tmp_path):
+    """A whole (tiny) run: the checkpoint loads strictly into the config it records, the curve
+    has the untrained row plus one per evaluation, and the metadata records the training
+    scenes' options; a run stopped by the time cap still checkpoints."""
+    from httm_dist.model.weights import load_vggt
+    from httm_dist.train.loop import train
+
+    options = {"step_deg": [2.0, 10.0]}
+    config = TrainConfig(
+        height=28, width=42, model=tiny_config, steps=3, frames_per_batch=4, min_frames=2, max_frames=3,
+        pool_size=2, frames_per_scene=4, max_stride=3, render_options=options, eval_every=2, eval_scenes=1,
+        eval_frames=2, ckpt_every=2, warmup_steps=1, threads=1,
+    )
+    summary = train(config, tmp_path / "run", progress=False)
+    assert summary["steps"] == 3
+    meta = json.loads((tmp_path / "run" / "tiny_synthetic.json").read_text())
+    assert meta["steps_done"] == 3 and meta["training"]["render_options"] == options
+    assert meta["training"]["loss"]["camera_kind"] == "l1" and meta["training"]["max_stride"] == 3
+    model = load_vggt(meta["config"], str(tmp_path / "run" / "tiny_synthetic.safetensors"), device="cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    curve = json.loads((tmp_path / "run" / "curve.json").read_text())
+    assert [row["step"] for row in curve] == [0, 2, 3]
+    assert all(np.isfinite(row["abs_rel"]) for row in curve)
+
+    capped = TrainConfig(**{**config.__dict__, "loss": config.loss, "max_minutes": 0.0})
+    assert train(capped, tmp_path / "capped", progress=False)["steps"] == 1
+    assert json.loads((tmp_path / "capped" / "tiny_synthetic.json").read_text())["steps_done"] == 1
+    with pytest.raises(ConfigError, match="max_stride"):
+        TrainConfig(max_stride=0)
+
+
+def test_camera_probe_recovers_exact_poses_from_ground_truth_outputs():
+    """jobs/camera_probe.py (the cameras analysis in docs/training.md): a model that outputs the
+    ground truth gets zero error from its camera head and from its point maps, while the
+    identity-pose baseline gets the scene's real relative rotations."""
+    import runpy
+    from pathlib import Path
+
+    from httm_dist.train.data import held_out_scenes
+
+    probe = runpy.run_path(str(Path(__file__).parents[1] / "jobs" / "camera_probe.py"))["probe"]
+    batch = held_out_scenes(1, 4, 42, 56, first_seed_offset=300)[0]
+
+    class Oracle(torch.nn.Module):
+        def aggregator(self, images):
+            return [torch.randn(1, 4, 5, 8, generator=torch.Generator().manual_seed(0))], 0
+
+        def forward(self, images):
+            return {"pose_enc": batch.pose_enc, "depth": batch.depth[..., None], "world_points": batch.world_points}
+
+    got = probe(Oracle(), batch)
+    assert got["head_rot"] < 1e-3 and got["points_rot"] < 1e-3, got
+    assert got["identity_rot"] > 1.0 and got["token_var"] > 0.1, got

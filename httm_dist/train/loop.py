@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "tiny_synthetic"
 
+TRAIN_RENDER_OPTIONS: dict[str, Any] = {"step_deg": [2.0, 10.0], "step_m": [0.05, 0.25]}
+"""Training scenes move the camera up to ~2x further between frames than the evaluation
+defaults (2-6 degrees, 0.05-0.15 m), so that frames differ by more than a 14-pixel patch and
+relative pose is visible at the tiny model's 7x9 token grid."""
+
 
 def _tiny_model_config(height: int) -> dict[str, Any]:
     """The default small VGGT: width 128, head dim 64, 4 aggregator and 2 DINO layers, one
@@ -73,7 +78,7 @@ class TrainConfig:
     height: int = 98
     width: int = 126
     model: dict[str, Any] = field(default_factory=dict)
-    steps: int = 3500
+    steps: int = 11000
     max_minutes: float | None = None
     frames_per_batch: int = 8
     min_frames: int = 2
@@ -86,6 +91,8 @@ class TrainConfig:
     pool_size: int = 64
     frames_per_scene: int = 8
     refresh_every: int = 1
+    max_stride: int = 2
+    render_options: dict[str, Any] = field(default_factory=lambda: dict(TRAIN_RENDER_OPTIONS))
     eval_every: int = 100
     eval_scenes: int = 6
     eval_frames: int = 4
@@ -104,6 +111,10 @@ class TrainConfig:
                 "TrainConfig: need 1 <= min_frames <= max_frames <= frames_per_scene, got "
                 f"{self.min_frames}, {self.max_frames}, {self.frames_per_scene}"
             )
+        if self.max_minutes is not None and self.max_minutes < 0:
+            raise ConfigError(f"TrainConfig: max_minutes must be >= 0 (or None: no cap), got {self.max_minutes}")
+        if self.max_stride < 1:
+            raise ConfigError(f"TrainConfig: max_stride must be >= 1, got {self.max_stride}")
         if self.steps < 1 or self.frames_per_batch < self.max_frames:
             raise ConfigError(
                 "TrainConfig: need steps >= 1 and frames_per_batch >= max_frames, got "
@@ -224,7 +235,10 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
     t0 = time.perf_counter()
-    pool = ScenePool(config.pool_size, config.frames_per_scene, config.height, config.width, seed=config.seed)
+    pool = ScenePool(
+        config.pool_size, config.frames_per_scene, config.height, config.width, seed=config.seed,
+        render_options=config.render_options,
+    )
     held = held_out_scenes(config.eval_scenes, config.eval_frames, config.height, config.width)
     log.info("rendered pool and held-out scenes in %.1fs", time.perf_counter() - t0)
 
@@ -249,7 +263,7 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
     }
 
     start = time.perf_counter()
-    deadline = start + 60.0 * config.max_minutes if config.max_minutes else None
+    deadline = start + 60.0 * config.max_minutes if config.max_minutes is not None else None
     window: list[float] = []
     step = 0
     bar = tqdm(total=config.steps, disable=not progress, desc="train", dynamic_ncols=True)
@@ -259,7 +273,7 @@ def train(config: TrainConfig, out_dir: str | Path, progress: bool = True) -> di
         for group in optimizer.param_groups:
             group["lr"] = config.lr * factor
         frames = int(rng.integers(config.min_frames, config.max_frames + 1))
-        batch = pool.sample(rng, config.frames_per_batch // frames, frames)
+        batch = pool.sample(rng, config.frames_per_batch // frames, frames, config.max_stride)
         stats = train_step(model, batch, optimizer, config.loss, config.grad_clip)
         window.append(stats["loss"])
         bar.update(1)
