@@ -7,6 +7,7 @@ secrets are kept out of logs and outputs.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import random
@@ -92,6 +93,7 @@ _PERMANENT_OS_ERRORS = (
     IsADirectoryError,
     NotADirectoryError,
     FileExistsError,
+    gzip.BadGzipFile,  # corrupt data: reading it again gives the same bytes
 )
 
 

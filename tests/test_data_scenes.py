@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import gzip
 import tarfile
 import zipfile
 
@@ -73,6 +74,7 @@ def put(fs, path: str, files: dict[str, bytes]) -> None:
 def make_dataset(fs, path: str) -> None:
     put(fs, path, FOLDER_FILES)
     put(fs, path, {"b.tar": tar_bytes(MEMBERS), "c.zip": zip_bytes(MEMBERS), "stray.txt": b"x"})
+    put(fs, path, {"d.tar.gz": gzip.compress(tar_bytes(MEMBERS)), "e.tgz": gzip.compress(tar_bytes(MEMBERS))})
 
 
 def test_natural_key_orders_numbers_by_value():
@@ -80,16 +82,19 @@ def test_natural_key_orders_numbers_by_value():
     assert sorted(names, key=natural_key) == ["a/f3.jpg", "F0.jpg", "f1.jpg", "f2.jpg", "f10.jpg"]
 
 
-def test_discover_and_read_folders_and_archives(root):
+def test_discover_and_read_folders_and_archives(root, caplog):
     url, opts, fs, path = root
     make_dataset(fs, path)
-    scenes = discover_scenes(url, opts)
-    assert [(s.scene_id, s.kind) for s in scenes] == [("a", "folder"), ("b", "tar"), ("c", "zip")]
-    a, b, c = scenes
+    with caplog.at_level("WARNING", logger="httm_dist.data.scenes"):
+        scenes = discover_scenes(url, opts)
+    assert "e.tgz: rename it to .tar.gz" in caplog.text
+    # .tgz is skipped with a warning (fsspec's chained URLs only know gzip by ".gz")
+    assert [(s.scene_id, s.kind) for s in scenes] == [("a", "folder"), ("b", "tar"), ("c", "zip"), ("d", "tar")]
+    a, b, c, d = scenes
     assert [f.name for f in a.frames] == ORDER_A
     assert [f.frame_index for f in a.frames] == list(range(5))
     assert read_scene_frames(a, opts) == [FOLDER_FILES[f"a/{n}"] for n in ORDER_A]
-    for archive in (b, c):
+    for archive in (b, c, d):  # plain tar, zip, gzipped tar
         assert [f.name for f in archive.frames] == ORDER_ARCHIVE
         assert read_scene_frames(archive, opts) == [MEMBERS[n] for n in ORDER_ARCHIVE]
         # the frame URI is a chained URL fsspec can open on its own
@@ -151,11 +156,12 @@ def test_empty_scene_is_listed_and_fails_clearly(root):
 
 def test_corrupt_and_missing_archives(root):
     url, opts, fs, path = root
-    put(fs, path, {"bad.tar": b"this is not a tar archive" * 40, "bad2.zip": b"nope", "ok.tar": tar_bytes(MEMBERS)})
+    put(fs, path, {"bad.tar": b"this is not a tar archive" * 40, "bad2.zip": b"nope", "ok.tar": tar_bytes(MEMBERS),
+                   "bad3.tar.gz": b"not gzip" * 40, "bad4.tar.gz": gzip.compress(tar_bytes(MEMBERS))[:-60]})
     scenes = {s.scene_id: s for s in discover_scenes(url, opts)}
-    for sid in ("bad", "bad2"):
+    for sid in ("bad", "bad2", "bad3", "bad4"):  # not a tar, not a zip, not gzip, truncated gzip
         assert scenes[sid].frames == ()
-        with pytest.raises(SceneError, match=f"'{sid}'.*{sid}\\.(tar|zip)"):
+        with pytest.raises(SceneError, match=f"'{sid}'.*{sid}\\.(tar|zip|tar\\.gz)"):
             read_scene_frames(scenes[sid], opts)
     fs.rm_file(f"{path}/ok.tar")
     fs.invalidate_cache()

@@ -4,8 +4,9 @@ An input is either
 
 - a root whose immediate children are scenes: a folder/prefix of images (searched
   recursively, frames in natural-sort order of their path relative to the scene folder), or a
-  ``.tar`` / ``.zip`` archive of images (scene id = file stem) read in place through fsspec's
-  archive filesystems, never extracted to disk; or
+  ``.tar`` / ``.tar.gz`` / ``.zip`` archive of images (scene id = the name without
+  that suffix) read in place through fsspec's archive filesystems, never extracted to disk
+  (a gzipped tar can only be read front to back: each scene's frames are read in one pass); or
 - a manifest file (``.parquet``, ``.csv``, ``.jsonl``) naming ``scene_id``, ``uri`` and an
   optional ``frame_index`` per row (see :mod:`httm_dist.data.manifest`).
 
@@ -30,7 +31,8 @@ from httm_dist.storage import full_url, get_fs, redact, retry, safe_name
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
-ARCHIVE_KINDS = {".tar": "tar", ".zip": "zip"}
+ARCHIVE_KINDS = {".tar.gz": "tar", ".tar": "tar", ".zip": "zip"}
+"""Archive suffixes (longest first) and the fsspec archive filesystem that reads them."""
 MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv", ".jsonl"})
 
 @dataclass(frozen=True)
@@ -125,27 +127,40 @@ def _as_globs(name: str, value: Sequence[str] | str | None) -> list[str] | None:
     return list(value)
 
 
-def _open_archive(kind: str, fh) -> fsspec.AbstractFileSystem:
-    """An archive filesystem over an already open file (read in place, never extracted)."""
+def archive_suffix(name: str) -> str | None:
+    """The archive suffix of a file name (``.tar.gz``, ``.tar``, ``.zip``), or None.
+
+    ``.tgz`` is not one: frame URIs (``tar://member::scene.tgz``) must open with plain fsspec,
+    which recognises gzip by the ``.gz`` suffix only."""
+    lower = name.lower()
+    return next((suffix for suffix in ARCHIVE_KINDS if lower.endswith(suffix)), None)
+
+
+def _open_archive(kind: str, fh, name: str) -> fsspec.AbstractFileSystem:
+    """An archive filesystem over an already open file (read in place, never extracted);
+    ``name`` (the archive's path) tells a gzipped tar from a plain one."""
     from fsspec.implementations.tar import TarFileSystem
     from fsspec.implementations.zip import ZipFileSystem
 
     if kind == "tar":
-        return TarFileSystem(fo=fh, skip_instance_cache=True)
+        gzipped = archive_suffix(name) == ".tar.gz"
+        return TarFileSystem(fo=fh, compression="gzip" if gzipped else None, skip_instance_cache=True)
     return ZipFileSystem(fo=fh, mode="r", skip_instance_cache=True)
 
 
 def _archive_errors() -> tuple[type[BaseException], ...]:
+    import gzip
     import tarfile
     import zipfile
+    import zlib
 
-    return (tarfile.TarError, zipfile.BadZipFile, EOFError, KeyError, ValueError)
+    return (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError, KeyError, ValueError)
 
 
 def _archive_members(fs: fsspec.AbstractFileSystem, path: str, kind: str) -> list[str]:
     """Image members of an archive, in natural order. Raises on unreadable archives."""
     with fs.open(path, "rb") as fh:
-        afs = _open_archive(kind, fh)
+        afs = _open_archive(kind, fh, path)
         names = [n.lstrip("/") for n in afs.find("", withdirs=False)]
     return sorted((n for n in names if is_image_name(n)), key=natural_key)
 
@@ -193,15 +208,18 @@ def _list_root(fs, root: str, input_url: str) -> list[tuple[str, str, str]]:
         if entry.get("type") == "directory":
             sid, kind = name, "folder"
         else:
-            ext = posixpath.splitext(name)[1].lower()
-            if ext not in ARCHIVE_KINDS:
-                if ext in IMAGE_EXTENSIONS:
+            suffix = archive_suffix(name)
+            if suffix is None:
+                if name.lower().endswith(".tgz"):
+                    log.warning("ignoring %s: rename it to .tar.gz to read it as a scene",
+                                redact(full_url(fs, path)))
+                elif posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                     log.warning(
                         "ignoring image %s at the input root: put each scene in its own "
                         "folder or archive", redact(full_url(fs, path)),
                     )
                 continue
-            sid, kind = name[: -len(ext)], ARCHIVE_KINDS[ext]
+            sid, kind = name[: -len(suffix)], ARCHIVE_KINDS[suffix]
         validate_scene_id(sid, full_url(fs, path))
         if sid in found:
             raise ConfigError(
@@ -228,7 +246,7 @@ def discover_scenes(
     fnmatch globs on scene ids. Empty scenes are returned with ``frames=()`` so the driver can
     record them as failed (an empty folder on an object store does not exist, so only a prefix
     holding non-image files shows up as an empty scene). Root entries whose names start with
-    ``.`` or ``_`` and root files that are not ``.tar``/``.zip`` are ignored. Returns scenes
+    ``.`` or ``_`` and root files that are not archives (:data:`ARCHIVE_KINDS`) are ignored. Returns scenes
     sorted by ``scene_id``.
 
     Raises :class:`ConfigError` for a missing input or unusable scene ids, and
@@ -298,7 +316,7 @@ def _read_archive(scene: SceneSpec, storage_options: dict | None) -> list[bytes]
             raise _scene_error(scene, f"archive {redact(scene.source)} not found", exc) from exc
         with fh:
             try:
-                afs = _open_archive(scene.kind, fh)
+                afs = _open_archive(scene.kind, fh, path)
             except _archive_errors() as exc:
                 raise _scene_error(scene, f"cannot open {scene.kind} archive {redact(scene.source)}", exc) from exc
             out = []
