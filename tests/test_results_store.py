@@ -112,6 +112,12 @@ def test_rerun_leaves_no_duplicates(out):
     assert store.config_conflicts("m1", "g1") == ["a"]
     assert store.config_conflicts("m2", None) == ["b"]
     assert store.config_conflicts(None, "g1") == []
+    # Given the records it already read, it reads nothing more (the driver's resume start),
+    # and failed records never conflict.
+    records = store.records()
+    records["c"] = {"status": "failed", "model_hash": "other"}
+    store.records = lambda: pytest.fail("config_conflicts re-read the records")
+    assert store.config_conflicts("m1", "g1", records) == ["a"]
 
 
 def test_rewrite_uncommits_before_touching_data(tmp_path, monkeypatch):

@@ -188,7 +188,7 @@ def _plan_work(cfg: Any, store: Any, run_id: str) -> _Plan:
     existing = store.records()  # done and failed
     model_hash, merge_hash = cfg.model_hash(), cfg.merge_hash()
     ids = {s.scene_id for s in scenes}
-    conflicts = sorted(set(store.config_conflicts(model_hash, merge_hash)) & ids)
+    conflicts = sorted(set(store.config_conflicts(model_hash, merge_hash, existing)) & ids)
     if conflicts and cfg.on_config_change == "refuse":
         shown = ", ".join(repr(c) for c in conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
         raise ConfigError(
