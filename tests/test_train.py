@@ -11,7 +11,7 @@ import torch
 from httm_dist.errors import ConfigError
 from httm_dist.model.geometry import unproject_depth_map_to_point_map
 from httm_dist.train.data import HELD_OUT_SEED_BASE, ScenePool, normalize_to_first_camera
-from httm_dist.train.losses import LossWeights, camera_loss, conf_regression_loss
+from httm_dist.train.losses import LossWeights, camera_errors, camera_loss, conf_regression_loss
 from httm_dist.train.loop import TrainConfig, build_model, lr_factor, train_step
 
 
@@ -101,6 +101,13 @@ def test_camera_loss_weights_later_iterations_more():
         camera_loss([gt], gt, kind="l2")
 
 
+def test_camera_errors_split_by_part():
+    gt = torch.zeros(1, 2, 9)
+    pred = gt.clone()
+    pred[..., 3:7] = 0.25  # quaternion only
+    assert camera_errors(pred, gt) == {"cam_trans_l1": 0.0, "cam_quat_l1": 0.25, "cam_fov_l1": 0.0}
+
+
 def test_camera_l1_loss_keeps_its_gradient_on_small_rotations():
     """Why L1 is the default: at a few degrees of relative rotation (quaternion parts ~0.03)
     Huber(0.1) is quadratic and its gradient is ~0.03/0.1 of L1's, so the camera head can ignore
@@ -143,7 +150,7 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch(tiny_config):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     losses = [train_step(model, batch, optimizer, LossWeights()) for _ in range(6)]
-    assert set(losses[0]) >= {"loss", "grad_norm", "camera", "depth", "points"}
+    assert set(losses[0]) >= {"loss", "grad_norm", "camera", "depth", "points", "cam_quat_l1", "cam_fov_l1"}
     assert all(np.isfinite(s["loss"]) for s in losses)
     assert losses[-1]["loss"] < 0.8 * losses[0]["loss"], [round(s["loss"], 4) for s in losses]
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

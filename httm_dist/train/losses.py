@@ -150,4 +150,17 @@ def vggt_loss(
     if not parts:
         raise ConfigError("vggt_loss: the model returned none of pose_enc, depth, world_points")
     total = sum(parts.values())
-    return total, {k: float(v.detach()) for k, v in parts.items()}
+    logged = {k: float(v.detach()) for k, v in parts.items()}
+    if pose_list is not None:
+        logged.update(camera_errors(pose_list[-1], batch.pose_enc))
+    return total, logged
+
+
+@torch.no_grad()
+def camera_errors(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
+    """Mean absolute error of each part of the pose encoding [B,S,9] (translation,
+    quaternion, field of view), for logging: the camera loss alone cannot tell which part a
+    run is learning (the shipped run learned the field of view, not the rotation)."""
+    names = ("cam_trans_l1", "cam_quat_l1", "cam_fov_l1")
+    slices = (slice(0, 3), slice(3, 7), slice(7, 9))
+    return {n: float((pred[..., sl] - gt[..., sl]).abs().mean()) for n, sl in zip(names, slices)}
