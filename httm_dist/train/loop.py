@@ -35,8 +35,9 @@ CHECKPOINT_NAME = "tiny_synthetic"
 
 TRAIN_RENDER_OPTIONS: dict[str, Any] = {"step_deg": [2.0, 10.0], "step_m": [0.05, 0.25]}
 """Training scenes move the camera up to ~2x further between frames than the evaluation
-defaults (2-6 degrees, 0.05-0.15 m), so that frames differ by more than a 14-pixel patch and
-relative pose is visible at the tiny model's 7x9 token grid."""
+defaults (2-6 degrees, 0.05-0.15 m), so that frames can differ by more than a 14-pixel patch
+at the tiny model's 7x9 token grid. (Meant to make relative pose learnable; in the shipped run
+it was not learned anyway: docs/training.md.)"""
 
 
 def _tiny_model_config(height: int) -> dict[str, Any]:
