@@ -17,7 +17,6 @@ prints a markdown table (used in docs/training.md).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,8 @@ from typing import Any
 import torch
 
 from httm_dist.model.hooks import AttentionContext
-from httm_dist.model.weights import load_vggt
 from httm_dist.train.data import held_out_scenes
-from httm_dist.train.loop import build_model
+from httm_dist.train.loop import build_model, load_checkpoint
 
 
 def region_masks(ctx: AttentionContext, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,13 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=2)
     p.add_argument("--radius", type=int, default=1)
     args = p.parse_args(argv)
-    wdir = Path(args.weights_dir)
-    meta = json.loads((wdir / "tiny_synthetic.json").read_text())
+    trained, meta = load_checkpoint(args.weights_dir)
     h, w = meta["training"]["height"], meta["training"]["width"]
     scenes = held_out_scenes(args.scenes, args.frames, h, w, first_seed_offset=200)
     images = [s.images for s in scenes]
     models: dict[str, Any] = {
-        "trained": load_vggt(meta["config"], wdir / "tiny_synthetic.safetensors", device="cpu"),
+        "trained": trained,
         "random": build_model(meta["config"], seed=0).eval(),
     }
     print(f"attention locality, radius {args.radius} patches, {args.scenes} held-out scenes of "

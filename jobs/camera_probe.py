@@ -18,7 +18,6 @@ Usage: ``.venv/bin/python jobs/camera_probe.py [--weights-dir DIR] [--scenes 6] 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,10 +25,9 @@ import numpy as np
 import torch
 
 from httm_dist.eval.metrics import relative_pose_errors, rotation_angle_deg, umeyama_sim3
-from httm_dist.model.geometry import pose_encoding_to_extri_intri
-from httm_dist.model.weights import load_vggt
+from httm_dist.model.geometry import pose_encoding_to_extri_intri, unproject_depth_map_to_point_map
 from httm_dist.train.data import SceneBatch, held_out_scenes
-from httm_dist.train.loop import build_model
+from httm_dist.train.loop import build_model, load_checkpoint
 
 
 @torch.no_grad()
@@ -45,15 +43,12 @@ def probe(model: torch.nn.Module, batch: SceneBatch) -> dict[str, float]:
     identity = np.repeat(np.concatenate([np.eye(3), np.zeros((3, 1))], 1)[None], len(gt), 0)
     identity_rot, _ = relative_pose_errors(identity, gt)
 
-    depth = out["depth"][0, ..., 0].double().numpy()
+    # each frame's predicted depth in its own camera (identity extrinsic, ground-truth intrinsics)
+    own = unproject_depth_map_to_point_map(out["depth"][0].double().numpy(), identity, batch.intrinsic[0].double().numpy())
     points = out["world_points"][0].double().numpy()
-    K = batch.intrinsic[0].double().numpy()
-    H, W = depth.shape[1:]
-    v, u = np.mgrid[0:H, 0:W]
     errors = []
-    for i in range(1, len(depth)):
-        rays = np.stack([(u - K[i, 0, 2]) / K[i, 0, 0], (v - K[i, 1, 2]) / K[i, 1, 1], np.ones((H, W))], -1)
-        _, R, _ = umeyama_sim3((rays * depth[i][..., None]).reshape(-1, 3), points[i].reshape(-1, 3))
+    for i in range(1, len(own)):
+        _, R, _ = umeyama_sim3(own[i].reshape(-1, 3), points[i].reshape(-1, 3))
         # GT: camera i -> first camera is the inverse rotation of the (camera-from-first) extrinsic.
         errors.append(float(rotation_angle_deg(R, gt[i, :, :3].T)))
     return {"head_rot": float(head_rot.mean()), "identity_rot": float(identity_rot.mean()),
@@ -66,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenes", type=int, default=6)
     p.add_argument("--frames", type=int, default=6)
     args = p.parse_args(argv)
-    wdir = Path(args.weights_dir)
-    meta = json.loads((wdir / "tiny_synthetic.json").read_text())
+    trained, meta = load_checkpoint(args.weights_dir)
     models = {
-        "tiny-synthetic": load_vggt(meta["config"], wdir / "tiny_synthetic.safetensors", device="cpu").float(),
+        "tiny-synthetic": trained,
         "untrained": build_model(meta["config"], seed=0).eval(),
     }
     h, w = meta["training"]["height"], meta["training"]["width"]

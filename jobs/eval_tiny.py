@@ -13,15 +13,13 @@ scaling; ``untrained`` is the same architecture with seeded random weights. Usag
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from httm_dist.model.weights import load_vggt
 from httm_dist.train.data import held_out_scenes
-from httm_dist.train.loop import build_model, evaluate
+from httm_dist.train.loop import build_model, evaluate, load_checkpoint
 
 
 class ConstantBaseline(torch.nn.Module):
@@ -46,10 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", nargs="+", type=int, default=[4, 8])
     p.add_argument("--scenes", type=int, default=8)
     args = p.parse_args(argv)
-    wdir = Path(args.weights_dir)
-    meta = json.loads((wdir / "tiny_synthetic.json").read_text())
+    trained, meta = load_checkpoint(args.weights_dir)
     models = {
-        "tiny-synthetic": load_vggt(meta["config"], wdir / "tiny_synthetic.safetensors", device="cpu"),
+        "tiny-synthetic": trained,
         "untrained": build_model(meta["config"], seed=0).eval(),
         "constant": ConstantBaseline(),
     }

@@ -160,8 +160,7 @@ def test_train_writes_a_loadable_checkpoint_curve_and_metadata(tiny_config, tmp_
     """A whole (tiny) run: the checkpoint loads strictly into the config it records, the curve
     has the untrained row plus one per evaluation, and the metadata records the training
     scenes' options; a run stopped by the time cap still checkpoints."""
-    from httm_dist.model.weights import load_vggt
-    from httm_dist.train.loop import train
+    from httm_dist.train.loop import load_checkpoint, train
 
     options = {"step_deg": [2.0, 10.0]}
     config = TrainConfig(
@@ -171,10 +170,9 @@ def test_train_writes_a_loadable_checkpoint_curve_and_metadata(tiny_config, tmp_
     )
     summary = train(config, tmp_path / "run", progress=False)
     assert summary["steps"] == 3
-    meta = json.loads((tmp_path / "run" / "tiny_synthetic.json").read_text())
+    model, meta = load_checkpoint(tmp_path / "run")  # strict load into the config it records
     assert meta["steps_done"] == 3 and meta["training"]["render_options"] == options
     assert meta["training"]["loss"]["camera_kind"] == "l1" and meta["training"]["max_stride"] == 3
-    model = load_vggt(meta["config"], str(tmp_path / "run" / "tiny_synthetic.safetensors"), device="cpu")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert [row["step"] for row in curve] == [0, 2, 3]

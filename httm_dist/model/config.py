@@ -340,7 +340,7 @@ def _register_shipped_presets() -> None:
         "tiny-synthetic",
         meta["config"],
         weights=str(folder / "tiny_synthetic.safetensors"),
-        description="small VGGT trained by the project on its synthetic rooms: depth learned, cameras coarse (docs/training.md)",
+        description="small VGGT trained by the project on its synthetic rooms: depth and field of view learned, camera poses not (docs/training.md)",
     )
 
 

@@ -199,6 +199,18 @@ def save_checkpoint(model: torch.nn.Module, out_dir: Path, metadata: dict[str, A
     return path
 
 
+def load_checkpoint(
+    out_dir: str | Path, name: str = CHECKPOINT_NAME, device: str = "cpu"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The eval-mode model and metadata that :func:`save_checkpoint` wrote into ``out_dir``
+    (strict key matching, as every load)."""
+    from httm_dist.model.weights import load_vggt
+
+    out = Path(out_dir)
+    metadata = json.loads((out / f"{name}.json").read_text())
+    return load_vggt(metadata["config"], str(out / f"{name}.safetensors"), device=device), metadata
+
+
 def _write_curve(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     keys: list[str] = []
     for row in rows:
