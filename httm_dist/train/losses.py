@@ -25,6 +25,10 @@ from httm_dist.errors import ConfigError
 from httm_dist.train.data import SceneBatch
 
 
+POSE_PARTS = (slice(0, 3), slice(3, 7), slice(7, 9))
+"""Translation, quaternion and field-of-view parts of the 9-d pose encoding."""
+
+
 @dataclass(frozen=True)
 class LossWeights:
     """Weights of the loss terms and the confidence/iteration hyper-parameters."""
@@ -73,7 +77,7 @@ def camera_loss(
         parts = [
             pw * (F.l1_loss(pred[..., sl], gt_pose_enc[..., sl]) if kind == "l1"
                   else F.huber_loss(pred[..., sl], gt_pose_enc[..., sl], delta=delta))
-            for pw, sl in zip(part_weights, (slice(0, 3), slice(3, 7), slice(7, 9)))
+            for pw, sl in zip(part_weights, POSE_PARTS)
         ]
         total = total + w * sum(parts)
     return total
@@ -162,5 +166,4 @@ def camera_errors(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
     quaternion, field of view), for logging: the camera loss alone cannot tell which part a
     run is learning (the shipped run learned the field of view, not the rotation)."""
     names = ("cam_trans_l1", "cam_quat_l1", "cam_fov_l1")
-    slices = (slice(0, 3), slice(3, 7), slice(7, 9))
-    return {n: float((pred[..., sl] - gt[..., sl]).abs().mean()) for n, sl in zip(names, slices)}
+    return {n: float((pred[..., sl] - gt[..., sl]).abs().mean()) for n, sl in zip(names, POSE_PARTS)}
