@@ -66,6 +66,12 @@ class ImageSection(Section):
     mode: Literal["crop", "pad"] = "crop"
     size: int = 518
     """Target width (crop) or longest side (pad), a multiple of 14."""
+    exif_orientation: bool = True
+    """Apply each photo's EXIF orientation (the frame is what viewers show); false ignores it,
+    as the official VGGT loader does."""
+    max_pixels: Optional[int] = Field(178_956_970, ge=1)
+    """Images with more pixels fail (decompression-bomb guard; Pillow's own threshold by
+    default); null = no limit."""
 
     @field_validator("size")
     @classmethod
@@ -206,7 +212,8 @@ class JobConfig(Section):
 
     def model_hash(self) -> str:
         """sha256 of everything that decides the model's outputs except merging: the preset's
-        architecture, the weights URL and the preprocessing (mode, size)."""
+        architecture, the weights URL and the preprocessing (mode, size, EXIF orientation;
+        not ``max_pixels``, which only decides whether an image is read)."""
         from httm_dist.model import VGGTConfig  # deferred: httm_dist.model imports torch
 
         return _hash(
@@ -214,7 +221,7 @@ class JobConfig(Section):
                 "preset": self.model.preset,
                 "architecture": VGGTConfig.preset(self.model.preset).to_dict(),
                 "weights": self.model.weights,
-                "image": self.image.to_dict(),
+                "image": self.image.model_dump(mode="json", exclude={"max_pixels"}),
             }
         )
 
