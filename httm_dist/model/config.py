@@ -11,7 +11,9 @@ a valid input.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
@@ -254,9 +256,6 @@ register_preset(
 
 def _register_shipped_presets() -> None:
     """Presets whose trained weights ship inside the package (httm_dist/weights/)."""
-    import json
-    from importlib.resources import files
-
     folder = files("httm_dist") / "weights"
     meta_file = folder / "tiny_synthetic.json"
     if not meta_file.is_file():  # a build without the packaged checkpoint

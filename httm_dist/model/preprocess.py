@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import BinaryIO, Sequence, Union
 
@@ -231,9 +232,7 @@ class FrameGeometry:
 
     def padded(self, top: int, left: int) -> "FrameGeometry":
         """The same frame with ``top``/``left`` more padding before its content."""
-        from dataclasses import replace
-
-        return replace(self, pad_top=self.pad_top + top, pad_left=self.pad_left + left)
+        return dataclasses.replace(self, pad_top=self.pad_top + top, pad_left=self.pad_left + left)
 
     def input_to_original(self) -> np.ndarray:
         """3x3 float64 affine ``A`` with ``[x_o, y_o, 1] = A @ [x_i, y_i, 1]``.
