@@ -152,11 +152,13 @@ def parse_strategy(text: str) -> tuple[str, dict]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from httm_dist.eval.fidelity import format_table, run_fidelity  # deferred (torch)
+    # deferred (torch): keeps --help fast
+    from httm_dist.eval.fidelity import format_table, run_fidelity
+    from httm_dist.model.config import PATCH_SIZE
 
     for name in ("height", "width"):
-        if getattr(args, name) % 14:
-            raise ConfigError(f"--{name} must be a multiple of 14, got {getattr(args, name)}")
+        if getattr(args, name) % PATCH_SIZE:
+            raise ConfigError(f"--{name} must be a multiple of {PATCH_SIZE}, got {getattr(args, name)}")
     strategies = [parse_strategy(s) for s in args.strategy] if args.strategy else None
     rows = run_fidelity(
         num_scenes=args.scenes, num_frames=args.frames, height=args.height, width=args.width,

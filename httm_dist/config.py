@@ -32,11 +32,10 @@ from httm_dist.configbase import Invalid, Section, closest, unknown_key
 from httm_dist.errors import ConfigError, StorageError
 from httm_dist.merging.config import MergeConfig
 from httm_dist.model import VGGTConfig
+from httm_dist.model.config import PATCH_SIZE
 from httm_dist.storage import check_reachable, get_fs, redact
 
 log = logging.getLogger(__name__)
-
-PATCH_SIZE = 14
 
 ALIGN_OPTIONS = ("loss", "threshold", "iters", "ransac", "ransac_hypotheses",
                  "ransac_sample_points", "inlier_threshold", "tol")

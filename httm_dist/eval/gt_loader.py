@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from httm_dist.errors import SceneError
+from httm_dist.model.config import PATCH_SIZE
 from httm_dist.storage import get_fs, write_bytes_fs
 
 from .metrics import unproject_depth
@@ -72,7 +73,8 @@ class GroundTruth:
         S, h, w = self.depth.shape
         if mode == "crop":
             new_w = width
-            new_h = int(round(h * width / w / 14) * 14) if width % 14 == 0 else int(round(h * width / w))
+            new_h = (int(round(h * width / w / PATCH_SIZE) * PATCH_SIZE) if width % PATCH_SIZE == 0
+                     else int(round(h * width / w)))
         else:
             new_w, new_h = width, height
         sx, sy = new_w / w, new_h / h

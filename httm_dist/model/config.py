@@ -21,6 +21,11 @@ from pydantic import Field, field_validator, model_validator
 from httm_dist.configbase import Invalid, Section
 from httm_dist.errors import ConfigError
 
+PATCH_SIZE = 14
+"""VGGT's patch size: each frame is cut into PATCH_SIZE x PATCH_SIZE pixel patches, so image
+sides must be multiples of it. The one place the number is written (``VGGTConfig.patch_size``
+defaults to it; the job config, preprocessing, previews, evaluation and training read it)."""
+
 DenseActivation = Literal["exp", "inv_log"]
 ConfActivation = Literal["expp1"]
 
@@ -115,7 +120,7 @@ class VGGTConfig(_TransformerShape):
     whose message names the offending key, e.g. ``camera_head.num_heads``.
     """
 
-    patch_size: int = Field(14, gt=0)
+    patch_size: int = Field(PATCH_SIZE, gt=0)
     rope_freq: float = Field(100.0, gt=0)
     init_values: float = 0.01
     patch_embed: PatchEmbedConfig = PatchEmbedConfig()
@@ -236,7 +241,7 @@ register_preset("vggt-1b", VGGTConfig(), description="official VGGT-1B architect
 register_preset(
     "tiny",
     {
-        "img_size": 70, "patch_size": 14, "embed_dim": 128, "num_heads": 2, "mlp_ratio": 4.0,
+        "img_size": 70, "patch_size": PATCH_SIZE, "embed_dim": 128, "num_heads": 2, "mlp_ratio": 4.0,
         "depth": 4, "num_register_tokens": 4,
         "patch_embed": {"kind": "dinov2", "embed_dim": 128, "depth": 2, "num_heads": 2,
                         "mlp_ratio": 4.0, "img_size": 70, "num_register_tokens": 4,

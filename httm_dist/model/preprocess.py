@@ -42,13 +42,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from httm_dist.errors import SceneError
+from httm_dist.model.config import PATCH_SIZE
 
 logger = logging.getLogger(__name__)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 MODES = ("crop", "pad")
-PATCH_SIZE = 14
 DEFAULT_TARGET_SIZE = 518
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 """Pillow's own decompression-bomb error threshold (2 x ``PIL.Image.MAX_IMAGE_PIXELS``'s default)."""

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from httm_dist.model.config import PATCH_SIZE
 from httm_dist.storage import read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def _load_frames(uris: Sequence[str], height: int, width: int, storage_options: 
             data = read_bytes(str(uri), storage_options)
             tensor = None
             for mode, target in (("crop", width), ("pad", max(height, width))):
-                if target % 14:
+                if target % PATCH_SIZE:
                     continue
                 t, _ = preprocess_image(data, mode=mode, target_size=target)
                 if tuple(t.shape[1:]) == (height, width):

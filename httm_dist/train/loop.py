@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from httm_dist.errors import ConfigError
 from httm_dist.eval.metrics import camera_metrics, depth_metrics
-from httm_dist.model.config import VGGTConfig
+from httm_dist.model.config import PATCH_SIZE, VGGTConfig
 from httm_dist.model.geometry import pose_encoding_to_extri_intri
 from httm_dist.model.vggt import VGGT
 from httm_dist.model.weights import load_vggt
@@ -53,7 +53,7 @@ def _tiny_model_config(height: int) -> dict[str, Any]:
     embed, heads = 128, 2
     return {
         "img_size": height,
-        "patch_size": 14,
+        "patch_size": PATCH_SIZE,
         "embed_dim": embed,
         "num_heads": heads,
         "mlp_ratio": 4.0,
@@ -111,8 +111,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.model:
             self.model = _tiny_model_config(max(self.height, self.width))
-        if self.height % 14 or self.width % 14:
-            raise ConfigError(f"TrainConfig: height and width must be multiples of 14, got {self.height}x{self.width}")
+        if self.height % PATCH_SIZE or self.width % PATCH_SIZE:
+            raise ConfigError(f"TrainConfig: height and width must be multiples of {PATCH_SIZE}, got {self.height}x{self.width}")
         if not 1 <= self.min_frames <= self.max_frames <= self.frames_per_scene:
             raise ConfigError(
                 "TrainConfig: need 1 <= min_frames <= max_frames <= frames_per_scene, got "
