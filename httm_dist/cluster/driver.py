@@ -37,7 +37,13 @@ from ray import exceptions as rex
 from httm_dist.cluster.progress import JobProgress
 from httm_dist.cluster.worker import (ReconstructionWorker, WorkerFault, describe_unit,
                                       test_hooks_from_env, unit_key)
+from httm_dist.config import JobConfig, validate_resources
+from httm_dist.data import discover_scenes
 from httm_dist.errors import ConfigError, HttmDistError, SceneError
+from httm_dist.pipeline.unit import WorkUnit, assemble_unit, failure_record, plan_units
+from httm_dist.results import ResultStore, RunSummary, SceneRecord
+from httm_dist.results.record import DONE, FAILED
+from httm_dist.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +100,6 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
     ``failed`` count and ``failures`` list report them (the CLI turns them into its exit
     status).
     """
-    from httm_dist.config import validate_resources
-    from httm_dist.results import ResultStore
-    from httm_dist.storage import redact
-
     validate_resources(cfg)
     run_id = run_id or new_run_id()
     started_wall = datetime.now(timezone.utc)
@@ -131,47 +133,46 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
     bar.close()
 
     failures = plan.failures + [
-        {"scene_id": sid, "error": rec.get("error", "unknown error"),
-         "attempts": rec.get("attempts")}
-        for sid, rec in records.items() if rec.get("status") != "done"
+        {"scene_id": sid, "error": rec.error, "attempts": rec.attempts}
+        for sid, rec in records.items() if not rec.is_done
     ]
-    done = [rec for rec in records.values() if rec.get("status") == "done"]
+    done = [rec for rec in records.values() if rec.is_done]
     seconds = bar.elapsed
-    summary = {
-        "run_id": run_id,
-        "started_at": started_wall.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "seconds": round(seconds, 3),
-        "startup_seconds": startup_s,  # until the first worker had its model loaded
-        "scenes": total + len(plan.skipped) + len(plan.kept_failed),
-        "skipped": len(plan.skipped),
-        "not_retried": len(plan.kept_failed),
-        "done": len(done),
-        "failed": len(failures),
-        "failures": failures,
-        "frames": bar.frames,
-        "frames_per_s": round(bar.frames / max(seconds, 1e-9), 4),
-        "units_run": units_run,
-        "reused_chunks": plan.reused_chunks,
-        "workers": len(worker_info),
-        "workers_lost": workers_lost,
-        "max_parallel_units": max_parallel,  # most units running at once (worker clocks)
-        "worker_hosts": sorted({w.get("host", "?") for w in worker_info}),
-        "worker_units": worker_info,
-        "model_hash": cfg.model_hash(),
-        "merge_hash": cfg.merge_hash(),
-        "input": cfg.input,
-        "output": cfg.output,
-        "config": cfg.to_dict(redacted=True),
-    }
-    summary = redact(summary)
-    summary["summary_url"] = redact(store.write_run_summary(run_id, summary))
+    summary = RunSummary(
+        run_id=run_id,
+        started_at=started_wall.isoformat(),
+        finished_at=datetime.now(timezone.utc).isoformat(),
+        seconds=round(seconds, 3),
+        startup_seconds=startup_s,
+        scenes=total + len(plan.skipped) + len(plan.kept_failed),
+        skipped=len(plan.skipped),
+        not_retried=len(plan.kept_failed),
+        done=len(done),
+        failed=len(failures),
+        failures=redact(failures),
+        frames=bar.frames,
+        frames_per_s=round(bar.frames / max(seconds, 1e-9), 4),
+        units_run=units_run,
+        reused_chunks=plan.reused_chunks,
+        workers=len(worker_info),
+        workers_lost=workers_lost,
+        max_parallel_units=max_parallel,
+        worker_hosts=sorted({w.get("host", "?") for w in worker_info}),
+        worker_units=worker_info,
+        model_hash=cfg.model_hash(),
+        merge_hash=cfg.merge_hash(),
+        input=redact(cfg.input),
+        output=redact(cfg.output),
+        config=cfg.to_dict(redacted=True),
+    )
+    summary_url = redact(store.write_run_summary(summary))
+    out = redact({**summary.to_dict(), "summary_url": summary_url})
     log.info("run %s finished: %d done, %d failed, %d skipped, %d frames in %.1f s "
-             "(%.2f frames/s)", run_id, summary["done"], summary["failed"], summary["skipped"],
-             summary["frames"], seconds, summary["frames_per_s"])
-    for f in failures:
+             "(%.2f frames/s)", run_id, summary.done, summary.failed, summary.skipped,
+             summary.frames, seconds, summary.frames_per_s)
+    for f in summary.failures:
         log.warning("failed scene %r: %s", f["scene_id"], f["error"])
-    return summary
+    return out
 
 
 # --------------------------------------------------------------------------- planning
@@ -179,9 +180,6 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
 
 def _plan_work(cfg: Any, store: Any, run_id: str) -> _Plan:
     """Scenes -> units still to run, honouring resume and ``on_config_change``."""
-    from httm_dist.data import discover_scenes
-    from httm_dist.pipeline.unit import assemble_unit, plan_units
-
     scenes = discover_scenes(cfg.input, cfg.storage_options, frame_stride=cfg.frame_stride,
                              max_frames=cfg.max_frames, include=cfg.include,
                              exclude=cfg.exclude)
@@ -209,17 +207,18 @@ def _plan_work(cfg: Any, store: Any, run_id: str) -> _Plan:
     reused_chunks = 0
     for scene in scenes:
         sid = scene.scene_id
-        status = (existing.get(sid) or {}).get("status")
-        if status == "done" and sid not in redo:
+        status = existing[sid].status if sid in existing else None
+        if status == DONE and sid not in redo:
             skipped.append(sid)
             continue
-        if status == "failed" and not cfg.retry_failed:
+        if status == FAILED and not cfg.retry_failed:
             kept_failed.append(sid)
             continue
         try:
             units = plan_units(scene, cfg)
         except SceneError as exc:
-            failures.append(_driver_failure(store, run_id, sid, str(exc), attempt=0))
+            record = failure_record(WorkUnit(scene), exc, cfg, attempts=0, run_id=run_id)
+            failures.append(_driver_failure(store, record))
             continue
         state = _SceneState(scene)
         chunks = [u for u in units if u.kind == "chunk"]
@@ -255,20 +254,17 @@ def _reusable_chunks(store: Any, scene_id: str, model_hash: str, merge_hash: str
     return done
 
 
-def _driver_failure(store: Any, run_id: str, scene_id: str, error: str, attempt: int) -> dict:
-    """Records a failure decided by the driver (bad plan, worker died too often)."""
-    from httm_dist.storage import redact
-
-    error = redact(error)
-    record = {"scene_id": scene_id, "status": "failed", "error": error, "run_id": run_id,
-              "attempt": attempt, "finished_at": time.time()}
+def _driver_failure(store: ResultStore, record: SceneRecord) -> dict:
+    """Writes a failure decided by the driver (bad plan, worker died too often); returns the
+    summary's entry for it. A write error is logged: the summary still carries the failure."""
+    record = record.replace(finished_at=time.time())
     try:
-        store.write_failure(scene_id, record)
+        store.write_failure(record)
     except Exception as exc:  # noqa: BLE001 - the summary still carries the failure
-        log.error("could not write the failure record of scene %r: %s", scene_id,
+        log.error("could not write the failure record of scene %r: %s", record.scene_id,
                   redact(str(exc)))
-    log.warning("scene %r failed: %s", scene_id, error)
-    return {"scene_id": scene_id, "error": error, "attempts": attempt}
+    log.warning("scene %r failed: %s", record.scene_id, record.error)
+    return {"scene_id": record.scene_id, "error": record.error, "attempts": record.attempts}
 
 
 # --------------------------------------------------------------------------- Ray
@@ -444,19 +440,20 @@ class _Dispatcher:
             self._worker_lost(slot, unit, attempt, exc)
             return
         except rex.RayTaskError as exc:  # a bug outside the worker's own error handling
-            record = {"status": "failed", "error": f"{type(exc).__name__}: {_first_line(exc)}",
-                      "attempts": attempt}
+            record = failure_record(unit, f"{type(exc).__name__}: {_first_line(exc)}", self.cfg,
+                                    attempt, run_id=self.run_id)
+            _driver_failure(self.store, record)
         units = slot.info["units"]
         units[unit.kind] = units.get(unit.kind, 0) + 1
-        if isinstance(record.get("started_at"), float) and isinstance(record.get("finished_at"), float):
-            self.spans.append((record["started_at"], record["finished_at"]))
+        if record.started_at is not None and record.finished_at is not None:
+            self.spans.append((record.started_at, record.finished_at))
         self._unit_finished(unit, record)
 
-    def _unit_finished(self, unit: Any, record: dict) -> None:
+    def _unit_finished(self, unit: Any, record: SceneRecord) -> None:
         state = self.scenes[unit.scene.scene_id]
         if state.failed or state.finished:
             return  # a sibling chunk already failed the scene
-        if record.get("status") == "failed":
+        if record.is_failed:
             self._scene_failed(state, record)
         elif unit.kind == "chunk":
             state.waiting_chunks.discard(unit.chunk_index)
@@ -466,19 +463,16 @@ class _Dispatcher:
         else:
             state.finished = True
             self.records[unit.scene.scene_id] = record
-            self.bar.scene_finished(True, _frame_count(record, unit.scene))
+            self.bar.scene_finished(True, record.num_frames or 0)
             log.debug("%s committed", describe_unit(unit))
 
-    def _scene_failed(self, state: _SceneState, record: dict) -> None:
+    def _scene_failed(self, state: _SceneState, record: SceneRecord) -> None:
         state.failed = True
-        record.setdefault("error", "unknown error")
         self.records[state.scene.scene_id] = record
         self.bar.scene_finished(False)
 
     def _worker_lost(self, slot: _Slot, unit: Any, attempt: int, exc: BaseException) -> None:
         """The worker died (or is unhealthy) running ``unit``: count the attempt, requeue."""
-        from httm_dist.storage import redact
-
         error = redact(f"{type(exc).__name__}: {_first_line(exc)}")
         self.workers_lost += 1
         self.attempts[unit_key(unit)] = attempt
@@ -491,15 +485,13 @@ class _Dispatcher:
             if not (state.failed or state.finished):
                 err = (f"{describe_unit(unit)} failed: its worker died on each of {attempt} "
                        f"attempts (max_attempts); last error: {error}")
-                _driver_failure(self.store, self.run_id, unit.scene.scene_id, err, attempt)
-                self._scene_failed(state, {"status": "failed", "error": err,
-                                           "attempts": attempt})
+                record = failure_record(unit, err, self.cfg, attempt, run_id=self.run_id)
+                _driver_failure(self.store, record)
+                self._scene_failed(state, record)
         self._replace(slot, exc)
 
     def _replace(self, slot: _Slot, exc: BaseException) -> None:
         """Gives the slot's reserved unit back, kills its actor and starts a fresh one."""
-        from httm_dist.storage import redact
-
         if not slot.ready:  # died before its model was up
             self.init_failures += 1
             cause = _init_error(exc)
@@ -541,21 +533,9 @@ def max_overlap(spans: list[tuple[float, float]]) -> int:
     return best
 
 
-def _frame_count(record: dict, scene: Any) -> int:
-    for key in ("num_frames", "frames"):
-        value = record.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, (list, tuple)):
-            return len(value)
-    return len(getattr(scene, "frames", ()) or ())
-
-
 def _init_error(exc: BaseException) -> str:
     """The exception line of a worker's failed ``__init__`` (Ray only passes its text), or
     the first line of the error when the worker died some other way."""
-    from httm_dist.storage import redact
-
     text = str(exc)
     if getattr(exc, "actor_init_failed", False):
         lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]

@@ -32,6 +32,9 @@ from typing import Any
 import ray
 
 from httm_dist.errors import HttmDistError, SceneError
+from httm_dist.pipeline.unit import UnitRunner, failure_record
+from httm_dist.results import ResultStore, SceneRecord
+from httm_dist.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +92,6 @@ class ReconstructionWorker:
     """
 
     def __init__(self, cfg: Any, run_id: str, test_hooks: dict | None = None) -> None:
-        from httm_dist.pipeline.unit import UnitRunner
-        from httm_dist.results import ResultStore
-
         self.cfg = cfg
         self.run_id = run_id
         self._test_hooks = dict(test_hooks or {})
@@ -141,16 +141,14 @@ class ReconstructionWorker:
             extra["prefetched"] = prefetched
             extra["load_wait_s"] = round(time.monotonic() - t0, 4)
 
-    def process(self, unit: Any, attempt: int = 1, next_unit: Any = None) -> dict:
+    def process(self, unit: Any, attempt: int = 1) -> SceneRecord:
         """Runs one unit and writes its results; returns its (small) record.
 
-        ``next_unit`` (optional) is prefetched while this one runs. Scene faults come back as
-        a ``status: failed`` record; worker faults raise ``WorkerFault``.
+        Scene faults come back as a ``status: failed`` record (also written to the store);
+        worker faults raise ``WorkerFault``.
         """
-        started = time.time()
-        self.prefetch(next_unit)
-        extra = {"run_id": self.run_id, "attempt": attempt, "worker": self.info(),
-                 "started_at": started}
+        extra = {"run_id": self.run_id, "attempts": attempt, "worker": self.info(),
+                 "started_at": time.time()}
         try:
             if unit.kind == "assemble":
                 self._test_hook(unit, attempt)
@@ -167,29 +165,24 @@ class ReconstructionWorker:
                           describe_unit(unit), exc)
                 raise WorkerFault(f"out of memory on {describe_unit(unit)}: {exc}") from None
             return self._failed(unit, attempt, exc, extra)
-        record = dict(record or {})
-        for k, v in extra.items():
-            record.setdefault(k, v)
-        record.setdefault("finished_at", time.time())
+        if record.finished_at is None:
+            record = record.replace(finished_at=time.time())
         return record
 
-    def _failed(self, unit: Any, attempt: int, exc: Exception, extra: dict) -> dict:
-        from httm_dist.pipeline.unit import failure_record
-        from httm_dist.storage import redact
-
+    def _failed(self, unit: Any, attempt: int, exc: Exception, extra: dict) -> SceneRecord:
         if isinstance(exc, SceneError):
             log.warning("%s failed: %s", describe_unit(unit), exc)
         else:
             log.error("%s failed unexpectedly:\n%s", describe_unit(unit), traceback.format_exc())
-        record = failure_record(unit, exc, self.cfg, attempts=attempt)
-        record.update(extra, finished_at=time.time(), worker_host=self._info["host"])
-        record["error"] = redact(record["error"])
+        extra = {k: v for k, v in extra.items() if k != "attempts"}
+        record = failure_record(unit, exc, self.cfg, attempt, finished_at=time.time(),
+                                worker_host=self._info["host"], **extra)
         try:
-            self.store.write_failure(unit.scene.scene_id, record)
+            self.store.write_failure(record)
         except Exception as write_exc:  # noqa: BLE001 - the driver still gets the record
             log.error("could not write the failure record of %s: %s", describe_unit(unit),
                       redact(str(write_exc)))
-            record["failure_write_error"] = redact(str(write_exc))
+            record = record.replace(failure_write_error=redact(str(write_exc)))
         return record
 
     def _test_hook(self, unit: Any, attempt: int) -> None:

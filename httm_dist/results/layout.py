@@ -1,4 +1,4 @@
-"""Where each output object lives under the output root (``format_version`` 1).
+"""Where each output object lives under the output root (``format_version`` 2).
 
 ```
 OUTPUT/frames/scene_id=<id>/part-0.parquet   one row per frame (hive-partitioned)
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from httm_dist.storage import safe_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 FRAMES_DIR = "frames"
 ARRAYS_DIR = "arrays"
