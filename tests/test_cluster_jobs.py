@@ -398,7 +398,8 @@ def test_killed_driver_resumes_scenes_and_chunks_without_recomputing(
 
 
 def test_config_change_is_refused_or_reprocessed_per_policy(dataset, tmp_path):
-    from httm_dist.cluster.driver import _plan_work, run_job
+    from httm_dist.cluster.driver import run_job
+    from httm_dist.cluster.plan import plan_work
     from httm_dist.results import ResultStore
 
     out = tmp_path / "out"
@@ -410,11 +411,11 @@ def test_config_change_is_refused_or_reprocessed_per_policy(dataset, tmp_path):
     assert not (out / "runs").exists()  # refused before any work
 
     cfg = _job(dataset["root"], out, include=list(GOOD), on_config_change="reprocess")
-    plan = _plan_work(cfg, ResultStore(str(out), {}), "run-x")
+    plan = plan_work(cfg, ResultStore(str(out), {}), "run-x")
     assert sorted(u.scene_id for u in plan.queue) == sorted(GOOD) and not plan.skipped
     same = dict(old, model_hash=cfg.model_hash(), merge_hash=cfg.merge_hash())
     (out / "scenes" / "a.json").write_text(json.dumps(same))
-    plan = _plan_work(cfg, ResultStore(str(out), {}), "run-y")
+    plan = plan_work(cfg, ResultStore(str(out), {}), "run-y")
     assert sorted(u.scene_id for u in plan.queue) == ["b", "c"] and plan.skipped == ["a"]
 
 

@@ -68,6 +68,15 @@ class WorkUnit:
             return f"{self.scene_id}#assemble"
         return self.scene_id
 
+    def describe(self) -> str:
+        """Human-readable name for logs and errors, e.g. ``scene 'a' chunk 2/5``."""
+        text = f"scene {self.scene_id!r}"
+        if self.kind == "chunk":
+            text += f" chunk {self.chunk_index + 1}/{self.num_chunks}"
+        elif self.kind == "assemble":
+            text += " (assembling chunks)"
+        return text
+
     def frames(self) -> tuple:
         """The FrameRefs this unit reads (all of the scene's unless it is a chunk)."""
         if self.frame_range is None:
