@@ -11,6 +11,7 @@ from httm_dist.results.frames import (
     load_npz,
     npz_bytes,
     scene_arrays,
+    validity_mask,
 )
 from httm_dist.results.layout import FORMAT_VERSION
 from httm_dist.results.record import RunSummary, SceneRecord, read_run_summary, read_scene_record
@@ -34,4 +35,5 @@ __all__ = [
     "read_run_summary",
     "read_scene_record",
     "scene_arrays",
+    "validity_mask",
 ]
