@@ -30,6 +30,7 @@ import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
+import torch
 
 from httm_dist.errors import HttmDistError, SceneError
 from httm_dist.config import JobConfig
@@ -62,10 +63,6 @@ class WorkerFault(HttmDistError):
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
     return oom is not None and isinstance(exc, oom)
 

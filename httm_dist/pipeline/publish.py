@@ -22,6 +22,7 @@ import numpy as np
 
 from httm_dist.config import JobConfig
 from httm_dist.errors import SceneError
+from httm_dist.model.preprocess import FrameGeometry
 from httm_dist.pipeline.chunks import PRED_KEYS, ChunkPrediction, assemble_chunks
 from httm_dist.pipeline.preview import write_preview_files
 from httm_dist.pipeline.runner import ModelRunner
@@ -136,8 +137,6 @@ class ResultPublisher:
 
         # Frame metadata of the whole scene, from the chunk each frame's geometry came from.
         n = ranges[-1][1]
-        from httm_dist.model.preprocess import FrameGeometry
-
         uris, indices, original_hw, geometry = [], [], [], []
         for g, c in enumerate(assembled.source_chunk.tolist()):
             j = g - ranges[c][0]
