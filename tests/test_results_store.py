@@ -12,8 +12,7 @@ from test_results_frames import random_prediction, table_of
 
 import httm_dist.results as results
 from httm_dist.errors import ConfigError
-from httm_dist.results import (FORMAT_VERSION, ResultStore, RunSummary, SceneRecord, column_matrices,
-                               scene_arrays)
+from httm_dist.results import ResultStore, RunSummary, SceneRecord, column_matrices, scene_arrays
 from httm_dist.results.store import table_bytes
 from httm_dist.storage import get_fs
 
@@ -62,7 +61,7 @@ def test_round_trip_through_reader(out):
     for sid, pred in preds.items():
         rec = store.write_scene(sid, table_of(pred, sid), scene_arrays(pred),
                                 done_record(sid, num_frames=99, worker_host="h"))
-        assert rec.status == "done" and rec.format_version == FORMAT_VERSION == 2
+        assert rec.status == "done" and rec.format_version == 2
         assert rec.num_frames == len(pred["frame_uris"])  # the table's rows, not the caller's
         assert rec.frames_path == f"frames/scene_id={sid}/part-0.parquet" and rec.written_at
         assert rec.timings["commit"] > 0 and rec.seconds == pytest.approx(1.5 + rec.timings["commit"], abs=1e-3)

@@ -33,8 +33,8 @@ class ResultsReader:
         committed scene written in a format this version cannot read."""
         self._records = self.store.records()
         self._committed = {s: r for s, r in self._records.items() if r.is_done}
-        newer = {s: r.format_version for s, r in self._committed.items()
-                 if r.format_version not in READABLE_VERSIONS}
+        newer = {s: r.get("format_version") for s, r in self._committed.items()
+                 if r.get("format_version", 1) not in READABLE_VERSIONS}
         if newer:
             raise ValueError(
                 f"{redact(self.store.url)}: scene(s) {sorted(newer)[:5]} have format_version "
