@@ -44,7 +44,7 @@ def build_reconstruction(scene: "ExportScene") -> Any:
     rec = pycolmap.Reconstruction()
     k = scene.intrinsic_original
     pts = scene.points
-    xy_orig = scene.geometry.to_original(pts.frame, pts.pixel)
+    xy_orig = pts.original
     order = np.argsort(pts.frame, kind="stable")
     starts = np.searchsorted(pts.frame[order], np.arange(scene.num_frames + 1))
     point2d_idx = np.empty(len(pts), dtype=np.int64)
