@@ -20,8 +20,6 @@ intrinsics at the original resolution are ``K_orig = A @ K_input``.
 
 from __future__ import annotations
 
-import logging
-import posixpath
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -29,8 +27,6 @@ import fsspec
 import numpy as np
 
 from httm_dist.errors import ConfigError, SceneError
-
-log = logging.getLogger(__name__)
 
 MODES = ("crop", "pad")
 

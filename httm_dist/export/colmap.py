@@ -9,7 +9,6 @@ plus ``rigs`` and ``frames`` (COLMAP >= 3.12; older readers of the first three s
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +19,6 @@ from httm_dist.errors import ConfigError
 
 if TYPE_CHECKING:
     from httm_dist.export.scenes import ExportScene
-
-log = logging.getLogger(__name__)
 
 MODEL_FILES = ("cameras", "images", "points3D", "rigs", "frames")
 

@@ -9,13 +9,10 @@ remembers the frame and pixel it came from, so an exporter can add it as an obse
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 PLY_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
 
