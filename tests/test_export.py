@@ -25,6 +25,7 @@ from httm_dist.model.geometry import unproject_depth_map_to_point_map
 from httm_dist.model.preprocess import load_and_preprocess_frames
 from httm_dist.results import ResultStore, build_frame_table, scene_arrays
 from httm_dist.results.frames import V2_COLUMNS
+from httm_dist.results.record import RunSummary, SceneRecord
 
 import pycolmap  # the test extra installs it (httm-dist[export])
 
@@ -80,7 +81,9 @@ def _write_scene(out: Path, scene_id: str, sizes, mode: str, rng, run_id: str = 
     table = build_frame_table(scene_id, uris, orig_hw, (h, w), extr, intr, depth, conf, geometry=geometry)
     arrays = scene_arrays({"depth": depth, "depth_conf": conf, "extrinsic": extr, "intrinsic": intr,
                            "frame_uris": uris}, dense_dtype="float32")
-    ResultStore(str(out)).write_scene(scene_id, table, arrays, {"model_hash": "m", "merge_hash": "h", "run_id": run_id})
+    record = SceneRecord.done(scene_id, unit="scene", num_frames=s, chunks=1, model_hash="m", merge_hash="h",
+                              attempts=1, seconds=0.0, timings={}, run_id=run_id)
+    ResultStore(str(out)).write_scene(scene_id, table, arrays, record)
     inputs = np.rint(images.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
     return {"uris": uris, "extrinsic": extr, "intrinsic": intr, "orig_hw": np.array(orig_hw), "inputs": inputs,
             "conf": conf, "depth": depth[..., 0], "geometry": geometry}
@@ -225,7 +228,9 @@ def test_only_committed_scenes_are_exported(tmp_path):
     _write_scene(out, "good", [LANDSCAPE], "crop", rng)
     _write_scene(out, "half", [LANDSCAPE], "crop", rng)
     (out / "scenes" / "half.json").unlink()  # frames + arrays written, the commit never came
-    ResultStore(str(out)).write_failure("bad", {"error": "SceneError: corrupt image"})
+    ResultStore(str(out)).write_failure(SceneRecord.failed(
+        "bad", "SceneError: corrupt image", unit="scene", num_frames=1, chunks=1, model_hash="m", merge_hash="h",
+        attempts=1))
     result = export_scenes(str(out), str(dest), "nerfstudio")
     assert list(result["exported"]) == ["good"]
     assert sorted(p.name for p in dest.iterdir()) == ["good"]
@@ -243,7 +248,7 @@ def test_format_1_mode_comes_from_the_run_summary_or_fails_clearly(tmp_path):
     _as_format_1(out, "p")
     result = export_scenes(str(out), str(dest), "nerfstudio")
     assert "--image-mode" in result["failed"]["p"] and not result["exported"]
-    ResultStore(str(out)).write_run_summary("r1", {"config": {"image": {"mode": "pad", "size": TARGET}}})
+    ResultStore(str(out)).write_run_summary(RunSummary(run_id="r1", config={"image": {"mode": "pad", "size": TARGET}}))
     result = export_scenes(str(out), str(dest), "nerfstudio")
     assert list(result["exported"]) == ["p"]
     frames = {}
