@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-pytest.importorskip("vggt.models.vggt", reason="the official vggt package is not installed (optional)")
+pytest.importorskip("vggt.models.vggt", reason="the official vggt package is not importable (an optional dependency)")
 
 from vggt.heads.camera_head import CameraHead  # noqa: E402
 from vggt.heads.dpt_head import DPTHead  # noqa: E402
