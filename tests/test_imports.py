@@ -44,13 +44,24 @@ def _imported(module: str, path: Path, node: ast.AST, modules: dict[str, Path]) 
     return out - own
 
 
+def _runtime_imports(tree: ast.AST) -> list[ast.AST]:
+    """Import statements that run (those under ``if TYPE_CHECKING:`` only serve the types)."""
+    typing_only = {
+        id(sub)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for stmt in node.body
+        for sub in ast.walk(stmt)
+    }
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in typing_only]
+
+
 def _cycles() -> list[list[str]]:
     modules = _modules()
     graph = {m: set() for m in modules}
     for module, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                graph[module] |= _imported(module, path, node, modules)
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            graph[module] |= _imported(module, path, node, modules)
     # Tarjan's strongly connected components, iteratively.
     index: dict[str, int] = {}
     low: dict[str, int] = {}

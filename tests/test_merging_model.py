@@ -136,3 +136,23 @@ def test_bf16_aggregator(strategy):
         out = [t for t in agg(x)[0] if t is not None]
     assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in out)
     assert merge_stats(agg)[0]["kv_kept"] < 3 * 17
+
+
+def _look_alike() -> torch.nn.Module:
+    """Shaped like a VGGT (``aggregator.global_blocks``) but no model an adapter knows."""
+    module = torch.nn.Module()
+    module.aggregator = torch.nn.Module()
+    module.aggregator.global_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    return module
+
+
+@pytest.mark.parametrize("call", [lambda m: apply_merging(m, MergeConfig()), merge_stats],
+                         ids=["apply_merging", "merge_stats"])
+@pytest.mark.parametrize("unknown", [lambda model: torch.nn.Linear(2, 2), lambda model: _look_alike(),
+                                     lambda model: model.camera_head],
+                         ids=["linear", "look-alike", "camera-head"])
+def test_unknown_models_are_refused_naming_what_is_expected(model, unknown, call):
+    """Not a silent no-op: a model no adapter knows is a TypeError listing the supported classes."""
+    with pytest.raises(TypeError, match=r"cannot patch a .*; expected one of httm_dist\.model\.vggt\.VGGT, "
+                                        r"httm_dist\.model\.aggregator\.Aggregator, vggt\.models\.vggt\.VGGT"):
+        call(unknown(model))

@@ -1,39 +1,26 @@
-"""One unit of work, from frame URIs to committed results. Knows nothing of Ray.
+"""Units of work: what a worker is asked to do, and what travels between its steps.
 
-A *unit* is a whole scene, one chunk of a long scene, or the final assembly of a chunked
-scene (see :func:`plan_units`). :class:`UnitRunner` owns one model for its life and runs a unit
-in three steps, so a Ray worker can overlap them across units:
-
-- :meth:`UnitRunner.load` fetches the unit's image bytes and preprocesses them (I/O + decode;
-  the worker runs this in a prefetch thread for the next unit);
-- :meth:`UnitRunner.run` is the model forward pass (compute);
-- :meth:`UnitRunner.commit` writes the results through the
-  :class:`~httm_dist.results.ResultStore` (scene: frame table + NPZ + record; chunk: chunk
-  arrays kept until the scene is assembled).
-
-:meth:`UnitRunner.assemble` aligns a chunked scene's chunks into one reconstruction, commits it
-and removes the chunks. :meth:`UnitRunner.process` does a whole unit in one call.
+A *unit* (:class:`WorkUnit`, identified by :attr:`WorkUnit.unit_id`) is a whole scene, one
+chunk of a long scene, or the final assembly of a chunked scene (see :func:`plan_units`). A
+worker runs it in three steps, so it can overlap them across units:
+:meth:`~httm_dist.pipeline.runner.ModelRunner.load` (I/O + decode, into a :class:`LoadedUnit`),
+:meth:`~httm_dist.pipeline.runner.ModelRunner.run` (the model) and
+:meth:`~httm_dist.pipeline.publish.ResultPublisher.commit` (the store). Knows nothing of Ray.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import logging
 import socket
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-import numpy as np
 import torch
 
 from httm_dist.config import JobConfig
-from httm_dist.data import SceneSpec, read_scene_frames
-from httm_dist.errors import ConfigError, SceneError
-from httm_dist.pipeline.chunks import PRED_KEYS, ChunkPrediction, assemble_chunks, plan_chunks
+from httm_dist.data import SceneSpec
+from httm_dist.pipeline.chunks import plan_chunks
+from httm_dist.results.record import SceneRecord
 
-log = logging.getLogger(__name__)
 
 UnitKind = Literal["scene", "chunk", "assemble"]
 
@@ -66,6 +53,15 @@ class WorkUnit:
         if self.kind == "assemble":
             return f"{self.scene_id}#assemble"
         return self.scene_id
+
+    def describe(self) -> str:
+        """Human-readable name for logs and errors, e.g. ``scene 'a' chunk 2/5``."""
+        text = f"scene {self.scene_id!r}"
+        if self.kind == "chunk":
+            text += f" chunk {self.chunk_index + 1}/{self.num_chunks}"
+        elif self.kind == "assemble":
+            text += " (assembling chunks)"
+        return text
 
     def frames(self) -> tuple:
         """The FrameRefs this unit reads (all of the scene's unless it is a chunk)."""
@@ -115,377 +111,19 @@ class LoadedUnit:
         return int(self.images.shape[-2]), int(self.images.shape[-1])
 
 
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` -> CUDA when this process sees a GPU, else CPU. ``cuda`` without a visible GPU
-    is a configuration error (a worker got ``gpus_per_worker: 0``, or no GPU on the node)."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            "'model.device' is 'cuda' but this worker sees no CUDA device: set model.device "
-            "to auto or cpu, or give workers GPUs (gpus_per_worker > 0)"
-        )
-    return torch.device(requested)
-
-
-class UnitRunner:
-    """Holds one merged model for its life and runs units with it (see the module doc)."""
-
-    def __init__(
-        self, cfg: JobConfig, device: Optional[str] = None, model: Optional[torch.nn.Module] = None
-    ) -> None:
-        """Load ``cfg.model`` on ``device`` (default ``cfg.model.device``; ``auto`` = CUDA if
-        visible) and apply ``cfg.merging``. ``model``: reuse an already loaded VGGT of that
-        preset and weights instead of loading it again (merging is re-applied to it)."""
-        from httm_dist.merging import apply_merging
-        from httm_dist.model import load_vggt
-
-        self.cfg = cfg
-        self.device = resolve_device(device or cfg.model.device)
-        self.model_hash = cfg.model_hash()
-        self.merge_hash = cfg.merge_hash()
-        self.host = socket.gethostname()
-        t0 = time.perf_counter()
-        if model is None:
-            model = load_vggt(
-                cfg.model.preset,
-                weights=cfg.model.weights,
-                device=self.device,
-                storage_options=cfg.storage_options,
-            )
-        else:
-            model = model.to(self.device)
-        self.model = apply_merging(model, cfg.merging)
-        self.model.eval()
-        from httm_dist.model.config import preset_weights
-
-        weights = cfg.model.weights or preset_weights(cfg.model.preset)
-        log.info(
-            "model %s (weights %s, merging %s) ready on %s in %.1f s",
-            cfg.model.preset,
-            weights or "NONE: random initialisation, outputs are meaningless",
-            cfg.merging.strategy,
-            self.device,
-            time.perf_counter() - t0,
-        )
-
-    # ------------------------------------------------------------------ the three steps
-
-    def load(self, unit: WorkUnit) -> LoadedUnit:
-        """Fetch and preprocess the unit's images. Raises SceneError for an empty scene, too
-        few frames, or an unreadable/corrupt image (naming the scene and the image)."""
-        if unit.kind == "assemble":
-            raise ValueError("an assemble unit has no images to load; call assemble()")
-        t0 = time.perf_counter()
-        scene = unit.scene
-        n_scene = len(scene.frames)
-        if scene.error:  # discovery already found it unreadable (e.g. a corrupt archive)
-            raise SceneError(scene.error)
-        if n_scene == 0:
-            raise SceneError(f"scene '{scene.scene_id}' is empty: no image frames found at {scene.source}")
-        if n_scene < self.cfg.min_frames:
-            raise SceneError(
-                f"scene '{scene.scene_id}' has {n_scene} frame(s), fewer than min_frames="
-                f"{self.cfg.min_frames}"
-            )
-        frames = unit.frames()
-        if not frames:
-            raise SceneError(
-                f"scene '{scene.scene_id}': chunk {unit.chunk_index} range {unit.frame_range} "
-                f"selects no frames of the scene's {n_scene}"
-            )
-        sub = scene if unit.frame_range is None else dataclasses.replace(scene, frames=frames)
-        blobs = read_scene_frames(sub, self.cfg.storage_options)
-        if len(blobs) != len(frames):
-            raise SceneError(
-                f"scene '{scene.scene_id}': read {len(blobs)} images for {len(frames)} frames"
-            )
-        from httm_dist.model.preprocess import load_and_preprocess_frames
-
-        from httm_dist.storage import redact
-
-        # Named streams, so a decode error names the frame's URI rather than "<N bytes>".
-        sources = []
-        for frame, blob in zip(frames, blobs):
-            stream = io.BytesIO(blob)
-            stream.name = redact(frame.uri)
-            sources.append(stream)
-        try:
-            images, geometry = load_and_preprocess_frames(
-                sources, mode=self.cfg.image.mode, target_size=self.cfg.image.size,
-                exif_orientation=self.cfg.image.exif_orientation,
-                max_pixels=self.cfg.image.max_pixels,
-            )
-        except SceneError as exc:
-            raise SceneError(f"scene '{scene.scene_id}': {exc}") from exc
-        loaded = LoadedUnit(
-            unit=unit,
-            images=images,
-            original_hw=[tuple(int(x) for x in g.orig_hw) for g in geometry],
-            frame_uris=[f.uri for f in frames],
-            frame_indices=[int(f.frame_index) for f in frames],
-            geometry=list(geometry),
-        )
-        loaded.timings["load"] = time.perf_counter() - t0
-        return loaded
-
-    def run(self, loaded: LoadedUnit) -> dict[str, np.ndarray]:
-        """The model on the unit's frames. Returns float32 numpy arrays with the frame axis
-        first: depth [S,H,W], depth_conf [S,H,W], world_points [S,H,W,3], world_points_conf
-        [S,H,W], extrinsic [S,3,4] (world-to-camera), intrinsic [S,3,3], pose_enc [S,9]."""
-        from httm_dist.model.geometry import pose_encoding_to_extri_intri
-
-        t0 = time.perf_counter()
-        images = loaded.images.to(self.device)
-        with torch.inference_mode():
-            out = self.model(images)
-            extrinsic, intrinsic = pose_encoding_to_extri_intri(out["pose_enc"], loaded.input_hw)
-        preds = {
-            "depth": out["depth"][0, ..., 0],
-            "depth_conf": out["depth_conf"][0],
-            "world_points": out["world_points"][0],
-            "world_points_conf": out["world_points_conf"][0],
-            "extrinsic": extrinsic[0],
-            "intrinsic": intrinsic[0],
-            "pose_enc": out["pose_enc"][0],
-        }
-        arrays = {k: v.detach().float().cpu().numpy() for k, v in preds.items()}
-        loaded.timings["run"] = time.perf_counter() - t0
-        return arrays
-
-    def commit(
-        self,
-        unit: WorkUnit,
-        loaded: LoadedUnit,
-        preds: dict[str, np.ndarray],
-        store: Any,
-        record_extra: Optional[dict] = None,
-    ) -> dict:
-        """Write the unit's results and return its record.
-
-        A scene unit writes its frame table, its arrays and (last) its record, which commits
-        it. A chunk unit stores its arrays and metadata until the scene is assembled. The
-        record's ``seconds`` is load + run (+ assemble): it is written before the commit ends.
-        ``record_extra`` (from the worker: ``attempt``, ``worker`` {host, ...}, run id...) is
-        merged into the record.
-        """
-        t0 = time.perf_counter()
-        scene_id = unit.scene_id
-        if unit.kind == "chunk":
-            meta = {
-                "chunk_index": unit.chunk_index,
-                "num_chunks": unit.num_chunks,
-                "frame_range": list(unit.frame_range or (0, len(loaded.frame_uris))),
-                "frame_uris": list(loaded.frame_uris),
-                "frame_indices": list(loaded.frame_indices),
-                "original_hw": [list(hw) for hw in loaded.original_hw],
-                "geometry": [g.as_dict() for g in loaded.geometry],
-                "input_hw": list(loaded.input_hw),
-                "model_hash": self.model_hash,
-                "merge_hash": self.merge_hash,
-                "worker_host": self.host,
-            }
-            arrays = {k: np.asarray(v) for k, v in preds.items()}
-            store.write_chunk(scene_id, unit.chunk_index, arrays, meta)
-            loaded.timings["commit"] = time.perf_counter() - t0
-            record = self._record(unit, len(loaded.frame_uris), loaded.timings, record_extra)
-            record.update(status="chunk_done", chunk_index=unit.chunk_index,
-                          frame_range=meta["frame_range"])
-            return record
-
-        record = self._record(unit, len(loaded.frame_uris), loaded.timings, record_extra)
-        self._write_scene(
-            scene_id, preds, loaded.frame_uris, loaded.frame_indices, loaded.original_hw,
-            loaded.input_hw, store, record, loaded.geometry or None,
-        )
-        loaded.timings["commit"] = time.perf_counter() - t0
-        return record
-
-    # ------------------------------------------------------------------ whole units
-
-    def process(self, unit: WorkUnit, store: Any, record_extra: Optional[dict] = None) -> dict:
-        """Load, run and commit one unit (or assemble it); returns its record."""
-        if unit.kind == "assemble":
-            return self.assemble(unit, store, record_extra)
-        loaded = self.load(unit)
-        preds = self.run(loaded)
-        return self.commit(unit, loaded, preds, store, record_extra)
-
-    def assemble(self, unit: WorkUnit, store: Any, record_extra: Optional[dict] = None) -> dict:
-        """Align the scene's stored chunks into one reconstruction (Sim(3) on the overlaps),
-        commit it with the alignment residuals in its record, then delete the chunks.
-
-        Raises RuntimeError if a chunk is missing (the driver must only assemble a scene whose
-        chunks are all done) and SceneError if the chunks cannot be aligned.
-        """
-        t0 = time.perf_counter()
-        scene_id = unit.scene_id
-        done = store.done_chunks(scene_id)
-        missing = [i for i in range(unit.num_chunks) if i not in done]
-        if missing:
-            raise RuntimeError(
-                f"scene '{scene_id}': cannot assemble, chunk(s) {missing} of {unit.num_chunks} "
-                "are not done"
-            )
-        chunk_preds, ranges, metas = [], [], []
-        for i in range(unit.num_chunks):
-            arrays, meta = store.read_chunk(scene_id, i)
-            chunk_preds.append(ChunkPrediction(**{k: arrays[k] for k in PRED_KEYS}))
-            ranges.append((int(meta["frame_range"][0]), int(meta["frame_range"][1])))
-            metas.append(meta)
-        stale = {(m.get("model_hash"), m.get("merge_hash")) for m in metas} - {
-            (self.model_hash, self.merge_hash)
-        }
-        if stale:
-            store.clear_chunks(scene_id)  # useless now; the next attempt recomputes them
-            raise SceneError(
-                f"scene '{scene_id}': its stored chunks were made with another model/merge "
-                "config (model_hash/merge_hash differ); they were removed, rerun to recompute them"
-            )
-        ch = self.cfg.chunk
-        assembled = assemble_chunks(
-            chunk_preds,
-            ranges,
-            points_source=ch.points_source,
-            residual_threshold=ch.residual_threshold,
-            min_inlier_fraction=ch.min_inlier_fraction,
-            max_points=ch.max_points,
-            align_options=ch.align_options,
-        )
-        preds = {k: getattr(assembled, k) for k in PRED_KEYS}
-
-        # Frame metadata of the whole scene, from the chunk each frame's geometry came from.
-        n = ranges[-1][1]
-        from httm_dist.model.preprocess import FrameGeometry
-
-        uris, indices, original_hw, geometry = [], [], [], []
-        for g, c in enumerate(assembled.source_chunk.tolist()):
-            j = g - ranges[c][0]
-            uris.append(metas[c]["frame_uris"][j])
-            indices.append(int(metas[c]["frame_indices"][j]))
-            original_hw.append(tuple(int(x) for x in metas[c]["original_hw"][j]))
-            if "geometry" in metas[c]:  # chunks stored before format_version 2 lack it
-                geometry.append(FrameGeometry.from_dict(metas[c]["geometry"][j]))
-        input_hw = tuple(int(x) for x in metas[0]["input_hw"])
-        summary = assembled.record()
-        alignment = summary["alignments"]
-        flagged = [a["chunks"] for a in alignment if a["flagged"]]
-        if flagged:
-            log.warning(
-                "scene '%s': chunk pair(s) %s aligned poorly (residual > %.3g or inliers < %.2f);"
-                " see 'alignment' in its record", scene_id, flagged, ch.residual_threshold,
-                ch.min_inlier_fraction,
-            )
-        timings = {"assemble": time.perf_counter() - t0}
-        record = self._record(unit, n, timings, record_extra)
-        record.update(
-            alignment=alignment,
-            alignment_flagged=bool(flagged),
-            chunk_ranges=summary["chunk_ranges"],
-            frame_source_chunk=assembled.source_chunk.tolist(),
-        )
-        self._write_scene(
-            scene_id, preds, uris, indices, original_hw, input_hw, store, record,
-            geometry if len(geometry) == n else None,
-        )
-        store.clear_chunks(scene_id)
-        return record
-
-    # ------------------------------------------------------------------ helpers
-
-    def _record(
-        self, unit: WorkUnit, frames: int, timings: dict, record_extra: Optional[dict]
-    ) -> dict:
-        extra = dict(record_extra or {})
-        worker = extra.get("worker") or {}
-        record = {
-            "scene_id": unit.scene_id,
-            "status": "done",
-            "error": None,
-            "unit": unit.kind,
-            "frames": int(frames),
-            "seconds": round(float(sum(timings.values())), 4),
-            "timings": {k: round(float(v), 4) for k, v in timings.items()},
-            "worker_host": worker.get("host", self.host),
-            "device": str(self.device),
-            "model_hash": self.model_hash,
-            "merge_hash": self.merge_hash,
-            "attempts": int(extra.get("attempt", extra.get("attempts", 1))),
-            "chunks": unit.num_chunks if unit.kind != "scene" else 1,
-            "alignment": [],
-        }
-        for k, v in extra.items():
-            record.setdefault(k, v)
-        return record
-
-    def _write_scene(
-        self,
-        scene_id: str,
-        preds: dict[str, np.ndarray],
-        frame_uris: list,
-        frame_indices: list[int],
-        original_hw: list,
-        input_hw: tuple[int, int],
-        store: Any,
-        record: dict,
-        geometry: Optional[list] = None,
-    ) -> None:
-        from httm_dist.results import build_frame_table, scene_arrays
-
-        table = build_frame_table(
-            scene_id,
-            list(frame_uris),
-            [tuple(hw) for hw in original_hw],
-            tuple(input_hw),
-            preds["extrinsic"],
-            preds["intrinsic"],
-            preds["depth"],
-            preds["depth_conf"],
-            frame_indices=list(frame_indices),
-            geometry=geometry,
-        )
-        arrays = scene_arrays({k: preds[k] for k in PRED_KEYS}, dense_dtype=self.cfg.output_dtype)
-        arrays["frame_uris"] = np.asarray(frame_uris, dtype=str)
-        arrays["frame_indices"] = np.asarray(frame_indices, dtype=np.int64)
-        store.write_scene(scene_id, table, arrays, record)
-        if self.cfg.preview:
-            self._write_preview(scene_id, arrays)
-
-    def _write_preview(self, scene_id: str, arrays: dict[str, np.ndarray]) -> None:
-        """PNG contact sheet + PLY next to the NPZ, from the ``arrays`` just written (reading
-        them back would list every record of the output); a preview failure never fails the
-        scene."""
-        from httm_dist.pipeline.preview import write_preview_files
-        from httm_dist.storage import redact
-
-        try:
-            write_preview_files(self.cfg.output, scene_id, arrays, None, self.cfg.storage_options)
-        except Exception as exc:  # noqa: BLE001 - the scene is committed; the preview is extra
-            log.warning("scene '%s': preview not written: %s", scene_id, redact(str(exc)))
-
-
 def failure_record(
-    unit: WorkUnit, error: BaseException | str, cfg: JobConfig, attempts: int = 1
-) -> dict:
-    """The record of a unit that failed (same schema as a done record), for
-    ``ResultStore.write_failure``. SceneErrors keep their message; other errors their type."""
-    if isinstance(error, BaseException):
-        text = str(error) if isinstance(error, SceneError) else f"{type(error).__name__}: {error}"
-    else:
-        text = str(error)
-    return {
-        "scene_id": unit.scene_id,
-        "status": "failed",
-        "error": text,
-        "unit": unit.kind,
-        "chunk_index": unit.chunk_index,
-        "frames": len(unit.frames()) if unit.kind != "assemble" else 0,
-        "seconds": 0.0,
-        "worker_host": socket.gethostname(),
-        "model_hash": cfg.model_hash(),
-        "merge_hash": cfg.merge_hash(),
-        "attempts": int(attempts),
-        "chunks": unit.num_chunks if unit.kind != "scene" else 1,
-        "alignment": [],
-    }
-
+    unit: WorkUnit, error: BaseException | str, cfg: JobConfig, attempts: int = 1,
+    **optional: Any,
+) -> SceneRecord:
+    """The record of a unit that failed (see :meth:`SceneRecord.failed`), for
+    ``ResultStore.write_failure``: the unit's identity, the config's hashes and ``attempts``.
+    ``optional``: further :class:`SceneRecord` fields (``run_id``, ``worker``, ...)."""
+    optional.setdefault("worker_host", socket.gethostname())
+    return SceneRecord.failed(
+        unit.scene_id, error, unit=unit.kind,
+        chunk_index=unit.chunk_index,
+        num_frames=len(unit.frames()) if unit.kind != "assemble" else len(unit.scene.frames),
+        chunks=unit.num_chunks if unit.kind != "scene" else 1,
+        model_hash=cfg.model_hash(), merge_hash=cfg.merge_hash(), attempts=attempts,
+        **optional,
+    )
