@@ -42,6 +42,10 @@ class ModelSection:
     shipped weights, or random initialisation when it ships none."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` = CUDA when the worker sees a GPU, else CPU."""
+    allow_random_weights: bool = False
+    """Run a preset with no weights (neither ``weights`` nor shipped ones) with random
+    weights, for benchmarks. Without it such a config is an error: random weights compute
+    meaningless cameras, depth and points."""
 
 
 @dataclass
@@ -81,8 +85,9 @@ class RaySection:
     """Where the Ray cluster is."""
 
     address: Optional[str] = None
-    """null = start a local Ray (or join the job's cluster when ``RAY_ADDRESS`` is set, as
-    inside ``ray job submit``); otherwise e.g. ``ray://head:10001`` or ``auto``."""
+    """null = start a private local Ray for the job (or join the job's cluster when
+    ``RAY_ADDRESS`` is set, as inside ``ray job submit``); ``auto`` = join the cluster that
+    ``ray start`` runs on this machine; or an address such as ``ray://head:10001``."""
 
 
 def _default_merging() -> Any:
@@ -436,6 +441,15 @@ def _check_semantics(cfg: JobConfig) -> None:
             f"'model.preset' is '{cfg.model.preset}', not a known preset{hint} "
             f"(known: {', '.join(names)})"
         )
+    from httm_dist.model.config import preset_weights
+
+    if not (cfg.model.weights or preset_weights(cfg.model.preset) or cfg.model.allow_random_weights):
+        raise ConfigError(
+            f"'model.weights' is not set and preset '{cfg.model.preset}' ships no weights, so the "
+            "model would run with random weights (meaningless output): set model.weights to its "
+            "checkpoint (e.g. hf://facebook/VGGT-1B/model.safetensors), use the trained "
+            "'tiny-synthetic' preset, or set model.allow_random_weights: true for a benchmark"
+        )
 
 
 def _check_align_options(options: dict) -> None:
@@ -512,18 +526,25 @@ def demo_preset() -> str:
 
 
 def demo_config(root: Union[str, Path], overrides: Sequence[str] = ()) -> JobConfig:
-    """The embedded default job: scenes under ``root/scenes``, results under ``root/output``,
-    the shipped trained tiny preset on CPU, local Ray with one CPU worker, small images at the
-    width that preset was trained at."""
+    """The embedded default job, the same as ``configs/local-tiny-demo.yaml`` (a test keeps
+    them equal): scenes under ``root/scenes``, results under ``root/output``, the shipped
+    trained tiny preset on CPU, HTTM merging, local Ray with one CPU worker, small images at
+    the width that preset was trained at."""
     root = Path(root)
+    preset = demo_preset()
     data = {
         "input": str(root / "scenes"),
         "output": str(root / "output"),
-        "model": {"preset": demo_preset(), "weights": None, "device": "cpu"},
+        "model": {"preset": preset, "weights": None, "device": "cpu",
+                  "allow_random_weights": preset == "tiny"},  # a build without the checkpoint
+        "merging": {"strategy": "httm", "q_keep": 0.5, "kv_keep": 0.5},
         "workers": 1,
         "gpus_per_worker": 0,
         "cpus_per_worker": 1,
+        "max_attempts": 2,
         "image": {"mode": "crop", "size": DEMO_IMAGE_SIZE},
+        "chunk": {"max_frames": None, "overlap": 2},
         "ray": {"address": None},
+        "preview": False,
     }
     return load_config(data, overrides)

@@ -18,7 +18,8 @@ from httm_dist.errors import ConfigError, HttmDistError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-BASE = {"input": "/data/scenes", "output": "/data/out", "model": {"preset": "tiny"}}
+BASE = {"input": "/data/scenes", "output": "/data/out",
+        "model": {"preset": "tiny", "allow_random_weights": True}}
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
