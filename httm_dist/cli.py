@@ -237,7 +237,7 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     options = {**options, **_storage_options(args.storage_options)}
     try:
         paths = write_scene_preview(args.output_url, args.scene, options)
-    except KeyError as exc:
+    except (KeyError, FileNotFoundError) as exc:
         raise ConfigError(str(exc.args[0] if exc.args else exc)) from None
     for kind, url in paths.items():
         print(f"{kind}: {url}")

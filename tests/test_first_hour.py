@@ -194,3 +194,93 @@ def test_ray_joins_a_cluster_only_when_asked(tmp_path, monkeypatch, caplog, addr
     assert driver._connect(cfg) is True
     assert [c["address"] for c in calls] == [want]
     assert says in caplog.text
+
+
+# --------------------------------------------------------------------------- items 5, 9: no silent no-ops
+
+
+def _image(path: Path, seed: int, fmt: str | None = None) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (42, 56, 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+def test_one_folder_of_images_is_one_scene_and_every_pillow_format_is_a_frame(tmp_path, caplog):
+    from httm_dist.data import discover_scenes
+
+    shot = tmp_path / "shot_7"
+    _image(shot / "f1.tif", 1)
+    _image(shot / "f2.bmp", 2)
+    _image(shot / "f10.PNG", 3)
+    _image(shot / "f3.gif", 4)
+    (shot / "notes.txt").write_text("not an image")
+    (shot / "cams.json").write_text("{}")
+    caplog.set_level(logging.INFO, logger="httm_dist")
+    (scene,) = discover_scenes(str(shot))
+    assert scene.scene_id == "shot_7"
+    assert [f.name for f in scene.frames] == ["f1.tif", "f2.bmp", "f3.gif", "f10.PNG"]
+    assert "reading it as one scene 'shot_7'" in caplog.text
+    assert "scene 'shot_7': skipped 2 files that are not images Pillow reads (1 .json, 1 .txt)" in caplog.text
+
+
+def test_a_scene_without_readable_images_names_the_formats(tmp_path):
+    from httm_dist.data import discover_scenes, read_scene_frames
+    from httm_dist.errors import SceneError
+
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "a" / "x.raw").write_bytes(b"\0" * 10)
+    (scene,) = discover_scenes(str(tmp_path / "in"))
+    with pytest.raises(SceneError, match=r"no image frames .*\.tif, \.bmp.*formats Pillow reads"):
+        read_scene_frames(scene)
+
+
+@pytest.mark.parametrize("layout", ["empty", "only-filtered"])
+def test_an_input_with_no_scene_exits_2(tmp_path, layout):
+    (tmp_path / "in").mkdir()
+    extra = []
+    if layout == "only-filtered":
+        _image(tmp_path / "in" / "a" / "f.png", 0)
+        extra = ["--set", "include=[zzz*]"]
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: {tmp_path / 'in'}\noutput: {tmp_path / 'out'}\n"
+                   "model: {preset: tiny-synthetic, device: cpu}\n")
+    proc = run_cli("run", str(job), *extra, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("httm-dist:")]
+    assert "holds no scene" in line and str(tmp_path / "in") in line
+    assert ("include/exclude" in line) == (layout == "only-filtered")
+    assert "Traceback" not in proc.stderr
+
+
+def test_results_open_on_a_missing_path_raises(tmp_path):
+    import httm_dist.results as results
+
+    with pytest.raises(FileNotFoundError, match="no results at .*typo.*does not exist"):
+        results.open(str(tmp_path / "typo"))
+    assert main(["preview", str(tmp_path / "typo"), "s"]) == 2
+
+
+@pytest.mark.ray
+def test_folder_of_images_with_its_output_inside_runs_and_reruns(ray_session, tmp_path, caplog):
+    """``input`` is one scene's folder of TIFF/BMP frames and ``output`` a folder inside it:
+    the scene is processed; the rerun skips the output folder (logged) instead of reading it
+    as a scene (or its preview PNGs as frames), and finds the scene committed."""
+    import httm_dist.results as results
+
+    shot = tmp_path / "shot"
+    for i, fmt in enumerate(["tif", "bmp", "tif"]):
+        _image(shot / f"f{i}.{fmt}", i)
+    args = ["run", str(REPO / "configs" / "local-tiny-demo.yaml"), "--no-progress",
+            "--set", f"input={shot}", "--set", f"output={shot / 'out'}", "--set", "preview=true"]
+    caplog.set_level(logging.INFO, logger="httm_dist")
+    assert main(args) == 0
+    res = results.open(str(shot / "out"))
+    assert res.scene_ids == ["shot"] and res.frames().num_rows == 3
+    caplog.clear()
+    assert main(args) == 0
+    assert "it is this job's output, not a scene" in caplog.text
+    last = results.open(str(shot / "out")).runs()[-1]
+    assert (last["skipped"], last["done"], last["failed"]) == (1, 0, 0)

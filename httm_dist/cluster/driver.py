@@ -221,7 +221,16 @@ def _plan_work(cfg: Any, store: Any, run_id: str) -> _Plan:
 
     scenes = discover_scenes(cfg.input, cfg.storage_options, frame_stride=cfg.frame_stride,
                              max_frames=cfg.max_frames, include=cfg.include,
-                             exclude=cfg.exclude)
+                             exclude=cfg.exclude, ignore=[store.url_of("")])
+    if not scenes:
+        from httm_dist.storage import redact
+
+        filters = " that match include/exclude" if (cfg.include or cfg.exclude) else ""
+        raise ConfigError(
+            f"input {redact(cfg.input)!r} holds no scene{filters}: point input at a folder of "
+            "scene folders or .tar/.tar.gz/.zip archives, one folder of images, or a manifest "
+            "(.parquet/.csv/.jsonl)"
+        )
     existing = store.records()  # done and failed
     model_hash, merge_hash = cfg.model_hash(), cfg.merge_hash()
     ids = {s.scene_id for s in scenes}
