@@ -55,6 +55,12 @@ class ImageSection:
     mode: Literal["crop", "pad"] = "crop"
     size: int = 518
     """Target width (crop) or longest side (pad), a multiple of 14."""
+    exif_orientation: bool = True
+    """Apply each photo's EXIF orientation (the frame is what viewers show); false ignores it,
+    as the official VGGT loader does."""
+    max_pixels: Optional[int] = 178_956_970
+    """Images with more pixels fail (decompression-bomb guard; Pillow's own threshold by
+    default); null = no limit."""
 
 
 @dataclass
@@ -155,7 +161,8 @@ class JobConfig:
 
     def model_hash(self) -> str:
         """sha256 of everything that decides the model's outputs except merging: the preset's
-        architecture, the weights URL and the preprocessing (mode, size)."""
+        architecture, the weights URL and the preprocessing (mode, size, EXIF orientation;
+        not ``max_pixels``, which only decides whether an image is read)."""
         from httm_dist.model import VGGTConfig
 
         return _hash(
@@ -163,7 +170,7 @@ class JobConfig:
                 "preset": self.model.preset,
                 "architecture": VGGTConfig.preset(self.model.preset).to_dict(),
                 "weights": self.model.weights,
-                "image": dataclasses.asdict(self.image),
+                "image": {k: v for k, v in dataclasses.asdict(self.image).items() if k != "max_pixels"},
             }
         )
 
@@ -418,6 +425,8 @@ def _check_semantics(cfg: JobConfig) -> None:
     size = cfg.image.size
     need(size >= PATCH_SIZE and size % PATCH_SIZE == 0,
          f"'image.size' must be a positive multiple of {PATCH_SIZE} (e.g. 518, 168), got {size}")
+    need(cfg.image.max_pixels is None or cfg.image.max_pixels >= 1,
+         f"'image.max_pixels' must be a positive pixel count or null, got {cfg.image.max_pixels}")
     ch = cfg.chunk
     need(ch.max_frames is None or ch.max_frames >= 2,
          f"'chunk.max_frames' must be >= 2 or null, got {ch.max_frames}")

@@ -1,4 +1,5 @@
-"""Where each output object lives under the output root (``format_version`` 2).
+"""Where each output object lives under the output root (``format_version`` 2; readers also
+accept 1, see ``docs/output-format.md``).
 
 ```
 OUTPUT/frames/<id>.parquet                    one row per frame, one file per scene
@@ -24,7 +25,8 @@ from httm_dist.storage import safe_name
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-"""Format versions this package reads (records carry their own ``format_version``)."""
+"""Format versions the reader accepts (records carry their own ``format_version``; 1 keeps
+frames in hive folders and lacks the frame-geometry columns, which read as null)."""
 
 FRAMES_DIR = "frames"
 ARRAYS_DIR = "arrays"
