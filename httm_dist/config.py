@@ -485,12 +485,15 @@ def validate_resources(cfg: JobConfig) -> None:
 
     weights = cfg.model.weights
     if weights:
-        _check_weights(weights, cfg.storage_options, redact)
+        _check_weights(weights, cfg.model.preset, cfg.storage_options, redact)
     check_reachable(cfg.input, cfg.storage_options, for_write=False)
     check_reachable(cfg.output, cfg.storage_options, for_write=True)
 
 
-def _check_weights(url: str, storage_options: dict, redact: Any) -> None:
+def _check_weights(url: str, preset: str, storage_options: dict, redact: Any) -> None:
+    """The weights file exists and is a checkpoint of ``preset`` (see
+    :func:`httm_dist.model.weights.check_weights_file`)."""
+    from httm_dist.model.weights import check_weights_file
     from httm_dist.storage import get_fs
 
     protocol = url.split("://", 1)[0] if "://" in url else "file"
@@ -515,8 +518,9 @@ def _check_weights(url: str, storage_options: dict, redact: Any) -> None:
     if not exists:
         raise ConfigError(
             f"'model.weights' file '{url}' does not exist: fix the path, or set "
-            "model.weights: null to use the preset's shipped weights (random if it ships none)"
+            "model.weights: null to use the preset's shipped weights"
         )
+    check_weights_file(preset, url, options)
 
 
 # --------------------------------------------------------------------------- demo

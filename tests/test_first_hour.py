@@ -284,3 +284,53 @@ def test_folder_of_images_with_its_output_inside_runs_and_reruns(ray_session, tm
     assert "it is this job's output, not a scene" in caplog.text
     last = results.open(str(shot / "out")).runs()[-1]
     assert (last["skipped"], last["done"], last["failed"]) == (1, 0, 0)
+
+
+# --------------------------------------------------------------------------- item 7
+
+
+@pytest.fixture
+def weights_job(tmp_path):
+    _image(tmp_path / "in" / "a" / "f.png", 0)
+
+    def write(weights: Path, preset: str = "tiny") -> Path:
+        job = tmp_path / "job.yaml"
+        job.write_text(f"input: {tmp_path / 'in'}\noutput: {tmp_path / 'out'}\n"
+                       f"model: {{preset: {preset}, device: cpu, weights: {weights}}}\n")
+        return job
+
+    return write
+
+
+def _assert_one_line(stderr: str, *needles: str) -> None:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and len(lines[0]) < 600 and "Traceback" not in stderr, stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_weights_of_another_architecture_one_line_exit_2_before_any_scene(weights_job, tmp_path):
+    """The CLI as a user runs it: the official-size preset given the tiny fixture's weights."""
+    fixture = REPO / "tests" / "fixtures" / "vggt_tiny" / "weights.safetensors"
+    proc = run_cli("run", str(weights_job(fixture, preset="vggt-1b")), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    _assert_one_line(proc.stderr, str(fixture), "does not fit preset 'vggt-1b'", "shape mismatches",
+                     "set model.preset")
+    assert not (tmp_path / "out" / "scenes").exists()
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("w.bin", b"\0" * 64, "has the suffix '.bin'"),
+    ("w.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", "not a readable .safetensors checkpoint"),
+    ("w.pt", b"PK\x03\x04 this is no zip", "not a readable .pt checkpoint"),
+    ("truncated.safetensors", None, "truncated"),
+])
+def test_weights_mistakes_one_line_exit_2(weights_job, tmp_path, capsys, name, content, needle):
+    path = tmp_path / name
+    if content is None:  # the first half of a real checkpoint: an interrupted download
+        full = (REPO / "tests" / "fixtures" / "vggt_tiny" / "weights.safetensors").read_bytes()
+        content = full[: len(full) // 2]
+    path.write_bytes(content)
+    assert main(["run", str(weights_job(path))]) == 2
+    _assert_one_line(capsys.readouterr().err, str(path), needle)
+    assert not (tmp_path / "out" / "scenes").exists()
