@@ -70,20 +70,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "configs/vggt1b-httm-gpu.yaml).",
             cfg.model.preset,
         )
-    log.info(
-        "demo: writing %d synthetic scenes of %d frames (%dx%d) under %s",
-        args.scenes, args.frames, args.width, args.height, cfg.input,
-    )
-    make_synthetic_dataset(
-        cfg.input, num_scenes=args.scenes, num_frames=args.frames, height=args.height,
-        width=args.width, seed=args.seed,
-    )
+    _demo_dataset(Path(cfg.input), make_synthetic_dataset, num_scenes=args.scenes,
+                  num_frames=args.frames, height=args.height, width=args.width, seed=args.seed)
     status = _run_and_report(cfg, progress=args.progress)
     print(demo_next_steps(cfg.output, cfg.input, first="scene_000"))
     return status
 
 
 DEMO_CONFIG = Path("configs") / "local-tiny-demo.yaml"
+DEMO_PARAMS = "_demo.json"  # under the demo's scenes folder; names starting with _ are no scene
+
+
+def _demo_dataset(folder: Path, make: Any, **params: Any) -> None:
+    """Write the demo's synthetic scenes under ``folder``, unless the same ``params`` wrote
+    them already (a rerun then finds its scenes committed). Other params replace the old
+    scenes whole, so no frame of an earlier, longer demo stays behind; the job then sees the
+    changed inputs and reprocesses them."""
+    import shutil
+
+    marker = folder / DEMO_PARAMS
+    if marker.is_file():
+        if json.loads(marker.read_text()) == params:
+            log.info("demo: reusing the synthetic scenes under %s (same parameters)", folder)
+            return
+        shutil.rmtree(folder)
+    log.info("demo: writing %d synthetic scenes of %d frames (%dx%d) under %s",
+             params["num_scenes"], params["num_frames"], params["width"], params["height"], folder)
+    make(str(folder), **params)
+    marker.write_text(json.dumps(params))
 
 
 def command_path(name: str) -> str:

@@ -334,3 +334,80 @@ def test_weights_mistakes_one_line_exit_2(weights_job, tmp_path, capsys, name, c
     assert main(["run", str(weights_job(path))]) == 2
     _assert_one_line(capsys.readouterr().err, str(path), needle)
     assert not (tmp_path / "out" / "scenes").exists()
+
+
+# --------------------------------------------------------------------------- item 8
+
+
+def test_input_fingerprint_follows_the_frames(tmp_path):
+    import tarfile
+
+    from httm_dist.data import discover_scenes, scene_fingerprint
+
+    root = tmp_path / "in"
+    for i in range(3):
+        _image(root / "a" / f"f{i}.png", i)
+    _image(root / "b" / "f0.png", 9)
+
+    def prints(**kw):
+        return {s.scene_id: scene_fingerprint(s) for s in discover_scenes(str(root), **kw)}
+
+    first = prints()
+    assert prints() == first  # nothing changed: same fingerprints
+    _image(root / "a" / "f3.png", 3)  # a frame added
+    added = prints()
+    assert added["a"] != first["a"] and added["b"] == first["b"]
+    os.utime(root / "b" / "f0.png", (1e9, 1e9))  # a frame rewritten (new mtime)
+    assert prints()["b"] != added["b"]
+    assert prints(max_frames=2)["a"] != prints()["a"]  # other frames kept
+    with tarfile.open(root / "c.tar", "w") as tar:
+        tar.add(root / "b" / "f0.png", arcname="f0.png")
+    before = prints()["c"]
+    with tarfile.open(root / "c.tar", "w") as tar:
+        tar.add(root / "a" / "f1.png", arcname="f0.png")
+    os.utime(root / "c.tar", (2e9, 2e9))
+    assert prints()["c"] != before  # the archive was rewritten
+
+
+def test_demo_rewrites_its_scenes_only_when_its_parameters_change(tmp_path):
+    from httm_dist.cli import _demo_dataset
+
+    calls = []
+
+    def make(folder, **params):
+        calls.append(params)
+        for i in range(params["num_frames"]):
+            _image(Path(folder) / "scene_000" / f"{i:03d}.png", i)
+
+    folder = tmp_path / "scenes"
+    params = dict(num_scenes=1, num_frames=4, height=42, width=56, seed=0)
+    _demo_dataset(folder, make, **params)
+    _demo_dataset(folder, make, **params)  # rerun: the same scenes, untouched
+    assert len(calls) == 1
+    _demo_dataset(folder, make, **{**params, "num_frames": 2})  # fewer frames: none left over
+    assert len(calls) == 2 and len(list((folder / "scene_000").iterdir())) == 2
+
+
+@pytest.mark.ray
+def test_rerun_reprocesses_a_scene_whose_inputs_changed(ray_session, tmp_path, caplog):
+    import httm_dist.results as results
+
+    root = tmp_path / "in"
+    for sid in ("a", "b"):
+        for i in range(2):
+            _image(root / sid / f"f{i}.png", i + (sid == "b") * 10)
+    args = ["run", str(REPO / "configs" / "local-tiny-demo.yaml"), "--no-progress",
+            "--set", f"input={root}", "--set", f"output={tmp_path / 'out'}"]
+    assert main(args) == 0
+    before = results.open(str(tmp_path / "out")).records("done")
+    assert all(len(r["input_fingerprint"]) == 64 for r in before.values())
+    _image(root / "a" / "f2.png", 2)  # scene a gains a frame
+    caplog.set_level(logging.INFO, logger="httm_dist")
+    assert main(args) == 0
+    assert "scene 'a': its inputs changed since it was committed (2 frames then, 3 now" in caplog.text
+    res = results.open(str(tmp_path / "out"))
+    last = res.runs()[-1]
+    assert (last["done"], last["skipped"]) == (1, 1)
+    assert res.records("done")["a"]["num_frames"] == 3
+    assert res.records("done")["b"] == before["b"]  # untouched
+    assert res.frames(["a"]).num_rows == 3

@@ -216,7 +216,7 @@ def describe_model(cfg: Any) -> str:
 
 def _plan_work(cfg: Any, store: Any, run_id: str) -> _Plan:
     """Scenes -> units still to run, honouring resume and ``on_config_change``."""
-    from httm_dist.data import discover_scenes
+    from httm_dist.data import discover_scenes, scene_fingerprint
     from httm_dist.pipeline.unit import assemble_unit, plan_units
 
     scenes = discover_scenes(cfg.input, cfg.storage_options, frame_stride=cfg.frame_stride,
@@ -246,6 +246,15 @@ def _plan_work(cfg: Any, store: Any, run_id: str) -> _Plan:
     if redo:
         log.warning("%d committed scenes were made under another model/merge config: "
                     "reprocessing them (on_config_change: reprocess)", len(redo))
+    fingerprints = {s.scene_id: scene_fingerprint(s) for s in scenes}
+    for scene in scenes:
+        rec = existing.get(scene.scene_id) or {}
+        before = rec.get("input_fingerprint")  # absent in records of format_version 1
+        if rec.get("status") == "done" and before and before != fingerprints[scene.scene_id]:
+            log.warning("scene %r: its inputs changed since it was committed (%s frames then, "
+                        "%d now, or files rewritten): reprocessing it", scene.scene_id,
+                        rec.get("num_frames", "?"), len(scene.frames))
+            redo.add(scene.scene_id)
 
     queue: collections.deque = collections.deque()
     states: dict[str, _SceneState] = {}
@@ -270,7 +279,7 @@ def _plan_work(cfg: Any, store: Any, run_id: str) -> _Plan:
         state = _SceneState(scene)
         chunks = [u for u in units if u.kind == "chunk"]
         if chunks:
-            done = _reusable_chunks(store, sid, model_hash, merge_hash, sid in redo)
+            done = _reusable_chunks(store, sid, model_hash, merge_hash, fingerprints[sid])
             for u in chunks:
                 if u.chunk_index not in done:
                     state.waiting_chunks.add(u.chunk_index)
@@ -292,13 +301,13 @@ def _plan_work(cfg: Any, store: Any, run_id: str) -> _Plan:
 
 
 def _reusable_chunks(store: Any, scene_id: str, model_hash: str, merge_hash: str,
-                     redo: bool) -> dict:
-    done = store.done_chunks(scene_id)
-    if redo:  # keep only chunks made under this job's config
-        done = {i: m for i, m in done.items()
-                if (m or {}).get("model_hash") == model_hash
-                and (m or {}).get("merge_hash") == merge_hash}
-    return done
+                     fingerprint: str) -> dict:
+    """Saved chunks of ``scene_id`` made under this job's model/merge config from the same
+    input frames (markers without a fingerprint, from older runs, count as the same)."""
+    return {i: m for i, m in store.done_chunks(scene_id).items()
+            if (m or {}).get("model_hash") == model_hash
+            and (m or {}).get("merge_hash") == merge_hash
+            and (m or {}).get("input_fingerprint", fingerprint) == fingerprint}
 
 
 def _driver_failure(store: Any, run_id: str, scene_id: str, error: str, attempt: int) -> dict:

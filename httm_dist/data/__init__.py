@@ -7,6 +7,7 @@ from httm_dist.data.scenes import (
     discover_scenes,
     natural_key,
     read_scene_frames,
+    scene_fingerprint,
     select_frames,
     validate_scene_id,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "discover_scenes",
     "natural_key",
     "read_scene_frames",
+    "scene_fingerprint",
     "select_frames",
     "validate_scene_id",
 ]

@@ -59,12 +59,15 @@ class FrameRef:
     ``uri``: a URL fsspec can open (for archive members a chained URL such as
     ``tar://sub/f1.jpg::s3://bucket/root/scene.tar``); ``frame_index``: the frame's position
     in the full ordered sequence (before stride), or the manifest's ``frame_index``;
-    ``name``: its path relative to the scene folder / archive (manifest: the file name).
+    ``name``: its path relative to the scene folder / archive (manifest: the file name);
+    ``version``: the file's size and ETag or modification time when discovery listed them
+    (``""`` for archive members and manifest rows: their container's version stands for them).
     """
 
     uri: str
     frame_index: int
     name: str
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,31 @@ class SceneSpec:
     kind: str
     frames: tuple[FrameRef, ...]
     error: str | None = None
+    version: str = ""
+    """Size and ETag/modification time of the archive (``""`` for folders and manifests)."""
+
+
+def object_version(info: dict) -> str:
+    """``"<size>:<tag>"`` from an fsspec ``info()``/``find(detail=True)`` entry, the tag being
+    the first of ETag (object stores), modification time (local disk, gcs) or creation
+    time that the filesystem reports; it changes whenever the object is rewritten."""
+    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified",
+                                  "last_modified", "updated", "created") if info.get(k) is not None), "")
+    return f"{info.get('size', '')}:{tag}"
+
+
+def scene_fingerprint(scene: SceneSpec) -> str:
+    """sha256 of what a scene's outputs are computed from: its source and version, and the
+    URI and version of each frame kept (after stride and cap). Recorded with each committed
+    scene; a rerun reprocesses a scene whose fingerprint changed (frames added, removed or
+    rewritten). For a manifest scene only the frame URIs count: the manifest's own version
+    would change for every scene when one row is added, and the frames' files are not listed,
+    so a frame rewritten in place under the same URI is not seen."""
+    import hashlib
+    import json
+
+    parts = [scene.source, scene.kind, scene.version, [[f.uri, f.version] for f in scene.frames]]
+    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -206,14 +234,14 @@ def _log_skipped(scene_id: str, names: Sequence[str]) -> None:
 def _folder_scene(fs, scene_path: str, scene_id: str, ignore: frozenset[str] = frozenset()) -> SceneSpec:
     base = scene_path.rstrip("/")
     fs.invalidate_cache(base)
-    paths = retry(lambda: fs.find(base, withdirs=False), what=f"list {full_url(fs, base)}")
-    if ignore:
-        paths = [p for p in paths if not _ignored(fs, p, ignore)]
-    rels = [p[len(base) + 1:] for p in paths if p.startswith(base + "/")]
-    _log_skipped(scene_id, [r for r in rels if not is_image_name(r)])
-    rels = sorted((r for r in rels if is_image_name(r)), key=natural_key)
+    found = retry(lambda: fs.find(base, withdirs=False, detail=True), what=f"list {full_url(fs, base)}")
+    infos = {p[len(base) + 1:]: info for p, info in found.items()
+             if p.startswith(base + "/") and not (ignore and _ignored(fs, p, ignore))}
+    _log_skipped(scene_id, [r for r in infos if not is_image_name(r)])
+    rels = sorted((r for r in infos if is_image_name(r)), key=natural_key)
     frames = tuple(
-        FrameRef(uri=full_url(fs, f"{base}/{rel}"), frame_index=i, name=rel)
+        FrameRef(uri=full_url(fs, f"{base}/{rel}"), frame_index=i, name=rel,
+                 version=object_version(infos[rel]))
         for i, rel in enumerate(rels)
     )
     return SceneSpec(scene_id, full_url(fs, base), "folder", frames)
@@ -231,7 +259,8 @@ def _archive_scene(fs, path: str, scene_id: str, kind: str) -> SceneSpec:
     frames = tuple(
         FrameRef(uri=f"{kind}://{m}::{url}", frame_index=i, name=m) for i, m in enumerate(members)
     )
-    return SceneSpec(scene_id, url, kind, frames)
+    version = object_version(retry(lambda: fs.info(path), what=f"stat {redact(url)}"))
+    return SceneSpec(scene_id, url, kind, frames, version=version)
 
 
 def _ignored(fs, path: str, ignore: frozenset[str]) -> bool:
@@ -358,7 +387,8 @@ def discover_scenes(
         if not _wanted(scene.scene_id, include_g, exclude_g):
             continue
         frames = select_frames(scene.frames, frame_stride, max_frames)
-        out.append(SceneSpec(scene.scene_id, scene.source, scene.kind, frames, scene.error))
+        out.append(SceneSpec(scene.scene_id, scene.source, scene.kind, frames, scene.error,
+                             scene.version))
     out.sort(key=lambda s: s.scene_id)
     log.info("found %d scenes (%d frames) under %s", len(out), sum(len(s.frames) for s in out), shown)
     return out

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from httm_dist.config import JobConfig
-from httm_dist.data import SceneSpec, read_scene_frames
+from httm_dist.data import SceneSpec, read_scene_frames, scene_fingerprint
 from httm_dist.errors import ConfigError, SceneError
 from httm_dist.pipeline.chunks import PRED_KEYS, ChunkPrediction, assemble_chunks, plan_chunks
 
@@ -283,6 +283,7 @@ class UnitRunner:
                 "input_hw": list(loaded.input_hw),
                 "model_hash": self.model_hash,
                 "merge_hash": self.merge_hash,
+                "input_fingerprint": scene_fingerprint(unit.scene),
                 "worker_host": self.host,
             }
             arrays = {k: np.asarray(v) for k, v in preds.items()}
@@ -333,14 +334,14 @@ class UnitRunner:
             chunk_preds.append(ChunkPrediction(**{k: arrays[k] for k in PRED_KEYS}))
             ranges.append((int(meta["frame_range"][0]), int(meta["frame_range"][1])))
             metas.append(meta)
-        stale = {(m.get("model_hash"), m.get("merge_hash")) for m in metas} - {
-            (self.model_hash, self.merge_hash)
-        }
+        fingerprint = scene_fingerprint(unit.scene)
+        stale = {(m.get("model_hash"), m.get("merge_hash"), m.get("input_fingerprint", fingerprint))
+                 for m in metas} - {(self.model_hash, self.merge_hash, fingerprint)}
         if stale:
             store.clear_chunks(scene_id)  # useless now; the next attempt recomputes them
             raise SceneError(
                 f"scene '{scene_id}': its stored chunks were made with another model/merge "
-                "config (model_hash/merge_hash differ); they were removed, rerun to recompute them"
+                "config or from other input frames; they were removed, rerun to recompute them"
             )
         ch = self.cfg.chunk
         assembled = assemble_chunks(
@@ -410,6 +411,7 @@ class UnitRunner:
             "device": str(self.device),
             "model_hash": self.model_hash,
             "merge_hash": self.merge_hash,
+            "input_fingerprint": scene_fingerprint(unit.scene),
             "attempts": int(extra.get("attempt", extra.get("attempts", 1))),
             "chunks": unit.num_chunks if unit.kind != "scene" else 1,
             "alignment": [],
