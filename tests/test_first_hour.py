@@ -156,7 +156,7 @@ def test_every_run_names_its_model_on_the_driver(tmp_path, caplog, monkeypatch):
     cfg = load_config({"input": str(tmp_path), "output": str(tmp_path / "out"),
                        "model": {"allow_random_weights": True},
                        "merging": {"strategy": "uniform", "q_keep": 0.4, "kv_keep": 0.6}})
-    monkeypatch.setattr(driver, "_plan_work", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(driver, "plan_work", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
     with pytest.raises(RuntimeError, match="stop"):
         driver.run_job(cfg, progress=False)
     (rec,) = [r for r in caplog.records if r.message.startswith("model: ")]
