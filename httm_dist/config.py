@@ -127,7 +127,7 @@ class JobConfig:
     exclude: list[str] = field(default_factory=list)
     image: ImageSection = field(default_factory=ImageSection)
     output_dtype: Literal["float16", "float32"] = "float16"
-    """dtype of the dense maps in the NPZ files."""
+    """dtype of the depth and point maps in the NPZ files (confidences are always float32)."""
     on_config_change: Literal["refuse", "reprocess"] = "refuse"
     """When committed scenes were made with another model/merge config: stop, or redo them."""
     retry_failed: bool = True
