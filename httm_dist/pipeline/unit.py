@@ -17,13 +17,14 @@ and removes the chunks. :meth:`UnitRunner.process` does a whole unit in one call
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -109,10 +110,45 @@ class LoadedUnit:
     pixels, valid box, EXIF orientation)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent per step (``load``, ``run``, ``commit``)."""
+    fp32_retry: bool = False
+    """The first forward pass gave non-finite values and the unit was rerun in fp32."""
 
     @property
     def input_hw(self) -> tuple[int, int]:
         return int(self.images.shape[-2]), int(self.images.shape[-1])
+
+
+#: Keys whose non-finite values are fatal for the unit when they fill a whole frame (dense
+#: maps) or appear at all (the camera encoding). An infinite focal from a zero predicted field
+#: of view is counted, not fatal.
+_DENSE_CHECKED = ("depth", "world_points")
+#: What the network itself outputs (cameras are derived from ``pose_enc``): a non-finite
+#: value here triggers the fp32 retry.
+_MODEL_OUTPUTS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc")
+
+
+def nonfinite_counts(arrays: dict[str, np.ndarray]) -> dict[str, int]:
+    """``{key: number of NaN/inf values}`` of the prediction arrays that have any."""
+    counts = {k: int(np.size(v) - np.count_nonzero(np.isfinite(v))) for k, v in arrays.items()
+              if np.issubdtype(np.asarray(v).dtype, np.floating)}
+    return {k: c for k, c in counts.items() if c}
+
+
+def _fatal_nonfinite(arrays: dict[str, np.ndarray]) -> str:
+    """What makes the predictions unusable ("" if nothing): a non-finite camera encoding
+    (or extrinsic), or a frame whose depth or points are non-finite everywhere."""
+    problems = []
+    for key in ("pose_enc", "extrinsic"):
+        if key in arrays and not np.isfinite(arrays[key]).all():
+            bad = np.nonzero(~np.isfinite(arrays[key]).reshape(len(arrays[key]), -1).all(axis=1))[0]
+            problems.append(f"{key} of frame(s) {bad.tolist()[:10]}")
+    for key in _DENSE_CHECKED:
+        if key in arrays:
+            a = arrays[key]
+            empty = np.nonzero(~np.isfinite(a).reshape(a.shape[0], -1).any(axis=1))[0]
+            if len(empty):
+                problems.append(f"all of {key} in frame(s) {empty.tolist()[:10]}")
+    return "; ".join(problems)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -232,10 +268,39 @@ class UnitRunner:
     def run(self, loaded: LoadedUnit) -> dict[str, np.ndarray]:
         """The model on the unit's frames. Returns float32 numpy arrays with the frame axis
         first: depth [S,H,W], depth_conf [S,H,W], world_points [S,H,W,3], world_points_conf
-        [S,H,W], extrinsic [S,3,4] (world-to-camera), intrinsic [S,3,3], pose_enc [S,9]."""
+        [S,H,W], extrinsic [S,3,4] (world-to-camera), intrinsic [S,3,3], pose_enc [S,9].
+
+        Non-finite values (fp16 autocast can overflow on GPUs below compute capability 8) are
+        never passed on silently: the unit is rerun once with autocast off (fp32; bf16 has
+        fp32's range but is already what capability-8 GPUs use), which sets
+        ``loaded.fp32_retry``. If a camera, or a whole frame's depth or points, is still
+        non-finite, raises :class:`SceneError`; scattered non-finite pixels are kept (they are
+        counted in the scene's record, see :func:`nonfinite_counts`).
+        """
+        t0 = time.perf_counter()
+        arrays = self._forward(loaded)
+        model_outputs = {k: arrays[k] for k in _MODEL_OUTPUTS}
+        if nonfinite_counts(model_outputs):
+            log.warning(
+                "unit %s: non-finite predictions (%s); rerunning it in fp32",
+                loaded.unit.unit_id, nonfinite_counts(model_outputs),
+            )
+            with self._full_precision():
+                arrays = self._forward(loaded)
+            loaded.fp32_retry = True
+        fatal = _fatal_nonfinite(arrays)
+        if fatal:
+            raise SceneError(
+                f"scene '{loaded.unit.scene_id}': the model's predictions are not finite ({fatal}) "
+                f"even in fp32{'' if loaded.fp32_retry else ' (no reduced precision was used)'}: "
+                "check the weights, the images and model.preset; nothing was committed"
+            )
+        loaded.timings["run"] = time.perf_counter() - t0
+        return arrays
+
+    def _forward(self, loaded: LoadedUnit) -> dict[str, np.ndarray]:
         from httm_dist.model.geometry import pose_encoding_to_extri_intri
 
-        t0 = time.perf_counter()
         images = loaded.images.to(self.device)
         with torch.inference_mode():
             out = self.model(images)
@@ -249,9 +314,20 @@ class UnitRunner:
             "intrinsic": intrinsic[0],
             "pose_enc": out["pose_enc"][0],
         }
-        arrays = {k: v.detach().float().cpu().numpy() for k, v in preds.items()}
-        loaded.timings["run"] = time.perf_counter() - t0
-        return arrays
+        return {k: v.detach().float().cpu().numpy() for k, v in preds.items()}
+
+    @contextlib.contextmanager
+    def _full_precision(self) -> Iterator[None]:
+        """Autocast off in the model's aggregator (the heads always run in fp32)."""
+        aggregator = getattr(self.model, "aggregator", None)
+        previous = getattr(aggregator, "use_amp", None)
+        if previous is not None:
+            aggregator.use_amp = False
+        try:
+            yield
+        finally:
+            if previous is not None:
+                aggregator.use_amp = previous
 
     def commit(
         self,
@@ -284,16 +360,18 @@ class UnitRunner:
                 "model_hash": self.model_hash,
                 "merge_hash": self.merge_hash,
                 "worker_host": self.host,
+                "fp32_retry": loaded.fp32_retry,
             }
             arrays = {k: np.asarray(v) for k, v in preds.items()}
             store.write_chunk(scene_id, unit.chunk_index, arrays, meta)
             loaded.timings["commit"] = time.perf_counter() - t0
             record = self._record(unit, len(loaded.frame_uris), loaded.timings, record_extra)
             record.update(status="chunk_done", chunk_index=unit.chunk_index,
-                          frame_range=meta["frame_range"])
+                          frame_range=meta["frame_range"], fp32_retry=loaded.fp32_retry)
             return record
 
         record = self._record(unit, len(loaded.frame_uris), loaded.timings, record_extra)
+        record["fp32_retry"] = loaded.fp32_retry
         self._write_scene(
             scene_id, preds, loaded.frame_uris, loaded.frame_indices, loaded.original_hw,
             loaded.input_hw, store, record, loaded.geometry or None,
@@ -383,6 +461,7 @@ class UnitRunner:
             alignment_flagged=bool(flagged),
             chunk_ranges=summary["chunk_ranges"],
             frame_source_chunk=assembled.source_chunk.tolist(),
+            fp32_retry=any(bool(m.get("fp32_retry")) for m in metas),
         )
         self._write_scene(
             scene_id, preds, uris, indices, original_hw, input_hw, store, record,
@@ -413,6 +492,8 @@ class UnitRunner:
             "attempts": int(extra.get("attempt", extra.get("attempts", 1))),
             "chunks": unit.num_chunks if unit.kind != "scene" else 1,
             "alignment": [],
+            "fp32_retry": False,
+            "nonfinite_values": {},
         }
         for k, v in extra.items():
             record.setdefault(k, v)
@@ -432,6 +513,12 @@ class UnitRunner:
     ) -> None:
         from httm_dist.results import build_frame_table, scene_arrays
 
+        record["nonfinite_values"] = nonfinite_counts({k: preds[k] for k in PRED_KEYS})
+        if record["nonfinite_values"]:
+            log.warning(
+                "scene '%s': committed with non-finite values %s (see 'nonfinite_values' in its "
+                "record; statistics ignore them)", scene_id, record["nonfinite_values"],
+            )
         table = build_frame_table(
             scene_id,
             list(frame_uris),
