@@ -158,9 +158,9 @@ def test_scene_units_commit_rows_and_values_equal_to_the_model(runner, scenes, d
         _, geometry = load_and_preprocess_frames(paths, mode="crop", target_size=SIZE)
         to_orig = np.stack([g.input_to_original() for g in geometry])
         np.testing.assert_allclose(column_matrices(rows, "input_to_original"), to_orig, rtol=1e-6)
-        np.testing.assert_allclose(
-            column_matrices(rows, "intrinsic_original"), to_orig @ ref["intrinsic"], rtol=1e-5
-        )
+        with np.errstate(invalid="ignore"):  # the untrained model may predict an infinite focal
+            expected_k = to_orig @ ref["intrinsic"]
+        np.testing.assert_allclose(column_matrices(rows, "intrinsic_original"), expected_k, rtol=1e-5)
         assert rows.column("valid_box").to_pylist() == [[0, 0, W, H]] * n
         assert rows.column("orientation_applied").to_pylist() == [False] * n
         np.testing.assert_allclose(
