@@ -13,6 +13,7 @@ import pytest
 from httm_dist.cli import _one_line
 from httm_dist.errors import StorageError
 from httm_dist.results import ResultStore
+from httm_dist.results.record import RunSummary, SceneRecord
 from httm_dist.storage import redact_text
 
 # known credentials, in the shapes AWS uses (none is real)
@@ -82,9 +83,14 @@ def test_records_run_summaries_and_errors_carry_no_credentials(tmp_path):
         f" x-amz-security-token:{TOKEN}"
     )
     store = ResultStore(str(tmp_path / "out"), {"key": KEY_ID, "secret": SECRET, "token": TOKEN})
-    store.write_failure("s", {"error": message, "model_hash": "m", "merge_hash": "g"})
-    store.write_run_summary("r1", {"failures": [{"scene_id": "s", "error": message}],
-                                   "storage_options": {"key": KEY_ID, "token": TOKEN}})
+    store.write_failure(SceneRecord.failed(
+        "s", StorageError(message), unit="scene", num_frames=2, chunks=1, model_hash="m",
+        merge_hash="g", attempts=1,
+    ))
+    store.write_run_summary(RunSummary(
+        run_id="r1", failures=[{"scene_id": "s", "error": message, "attempts": 1}],
+        config={"storage_options": {"key": KEY_ID, "token": TOKEN}, "input": SIGNED_URL},
+    ))
     for path in (tmp_path / "out").rglob("*.json"):
         text = path.read_text()
         json.loads(text)

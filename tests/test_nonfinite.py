@@ -60,8 +60,8 @@ def test_all_nan_under_autocast_is_rerun_in_fp32_and_committed_clean(setup, tmp_
     record = runner.process(unit, store)
     assert calls == [True, False]  # second pass with autocast off
     assert runner.model.aggregator.use_amp is True  # restored
-    assert record["status"] == "done" and record["fp32_retry"] is True
-    assert record["nonfinite_values"] == {}
+    assert record.status == "done" and record.fp32_retry is True
+    assert record.nonfinite_values == {}
     arrays = store.read_arrays("s", store.record("s"))
     assert np.isfinite(arrays["depth"]).all() and np.isfinite(arrays["world_points"]).all()
 
@@ -76,8 +76,8 @@ def test_still_non_finite_in_fp32_fails_the_scene_with_a_clear_error(setup, tmp_
         runner.process(unit, store)
     assert calls == [True, False]
     assert store.record("s") is None  # nothing committed
-    rec = store.write_failure("s", failure_record(unit, err.value, runner.cfg))
-    assert rec["status"] == "failed" and "not finite" in rec["error"]
+    rec = store.write_failure(failure_record(unit, err.value, runner.cfg))
+    assert rec.status == "failed" and "not finite" in rec.error
 
 
 def test_scattered_non_finite_pixels_are_counted_in_the_record(setup, tmp_path, monkeypatch):
@@ -87,10 +87,10 @@ def test_scattered_non_finite_pixels_are_counted_in_the_record(setup, tmp_path, 
 
     runner, unit, store, calls = _runner(setup, tmp_path, monkeypatch, corrupt)
     record = runner.process(unit, store)
-    assert calls == [True, False] and record["fp32_retry"] is True
-    assert record["status"] == "done"
-    assert record["nonfinite_values"] == {"depth": 3, "world_points_conf": 4}
-    assert store.record("s")["nonfinite_values"] == {"depth": 3, "world_points_conf": 4}
+    assert calls == [True, False] and record.fp32_retry is True
+    assert record.status == "done"
+    assert record.nonfinite_values == {"depth": 3, "world_points_conf": 4}
+    assert store.record("s").nonfinite_values == {"depth": 3, "world_points_conf": 4}
     import httm_dist.results as results
 
     assert np.isfinite(results.open(runner.cfg.output).frames().column("depth_median").to_numpy()).all()
