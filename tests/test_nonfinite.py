@@ -12,7 +12,7 @@ from httm_dist.config import load_config
 from httm_dist.data import discover_scenes
 from httm_dist.errors import SceneError
 from httm_dist.model import load_vggt
-from httm_dist.pipeline.unit import UnitRunner, failure_record, plan_units
+from httm_dist.pipeline import ModelRunner, ResultPublisher, failure_record, plan_units, process_unit
 from httm_dist.results import ResultStore
 
 
@@ -36,7 +36,7 @@ def _runner(setup, tmp_path, monkeypatch, corrupt):
         "model": {"preset": "tiny-synthetic", "device": "cpu"}, "merging": {"strategy": "dense"},
         "image": {"size": 56},
     })
-    runner = UnitRunner(cfg, model=model)
+    runner = ModelRunner(cfg, model=model)
     original = runner.model.forward
     calls = []
 
@@ -47,7 +47,9 @@ def _runner(setup, tmp_path, monkeypatch, corrupt):
         return out
 
     monkeypatch.setattr(runner.model, "forward", forward)
-    return runner, plan_units(scene, cfg)[0], ResultStore(cfg.output), calls
+    store = ResultStore(cfg.output)
+    publisher = ResultPublisher(cfg, store, str(runner.device))
+    return runner, publisher, plan_units(scene, cfg)[0], store, calls
 
 
 def test_all_nan_under_autocast_is_rerun_in_fp32_and_committed_clean(setup, tmp_path, monkeypatch):
@@ -56,8 +58,8 @@ def test_all_nan_under_autocast_is_rerun_in_fp32_and_committed_clean(setup, tmp_
             for key in ("depth", "world_points", "pose_enc"):
                 out[key].fill_(float("nan"))
 
-    runner, unit, store, calls = _runner(setup, tmp_path, monkeypatch, corrupt)
-    record = runner.process(unit, store)
+    runner, publisher, unit, store, calls = _runner(setup, tmp_path, monkeypatch, corrupt)
+    record = process_unit(runner, publisher, unit)
     assert calls == [True, False]  # second pass with autocast off
     assert runner.model.aggregator.use_amp is True  # restored
     assert record.status == "done" and record.fp32_retry is True
@@ -71,9 +73,9 @@ def test_still_non_finite_in_fp32_fails_the_scene_with_a_clear_error(setup, tmp_
     def corrupt(out, n, use_amp):  # a second kind: one frame's map (or a camera) NaN even in fp32
         out[key][0, 1].fill_(float("nan"))
 
-    runner, unit, store, calls = _runner(setup, tmp_path, monkeypatch, corrupt)
+    runner, publisher, unit, store, calls = _runner(setup, tmp_path, monkeypatch, corrupt)
     with pytest.raises(SceneError, match=rf"scene 's'.*not finite.*{key}.*frame\(s\) \[1\].*fp32") as err:
-        runner.process(unit, store)
+        process_unit(runner, publisher, unit)
     assert calls == [True, False]
     assert store.record("s") is None  # nothing committed
     rec = store.write_failure(failure_record(unit, err.value, runner.cfg))
@@ -85,8 +87,8 @@ def test_scattered_non_finite_pixels_are_counted_in_the_record(setup, tmp_path, 
         out["depth"][0, 0, :3, 5].fill_(float("inf"))
         out["world_points_conf"][0, 1, 2, :4].fill_(float("nan"))
 
-    runner, unit, store, calls = _runner(setup, tmp_path, monkeypatch, corrupt)
-    record = runner.process(unit, store)
+    runner, publisher, unit, store, calls = _runner(setup, tmp_path, monkeypatch, corrupt)
+    record = process_unit(runner, publisher, unit)
     assert calls == [True, False] and record.fp32_retry is True
     assert record.status == "done"
     assert record.nonfinite_values == {"depth": 3, "world_points_conf": 4}
