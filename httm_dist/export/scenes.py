@@ -8,9 +8,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from httm_dist import results
 from httm_dist.errors import ConfigError, SceneError
 from httm_dist.export.cameras import SceneGeometry, derive_geometry, image_names, resolve_mode, stored_geometry
+from httm_dist.export.colmap import MODEL_FILES, colmap_files, require_pycolmap
+from httm_dist.export.nerfstudio import nerfstudio_files
 from httm_dist.export.points import ScenePoints, scene_points
+from httm_dist.results import column_matrices
 from httm_dist.storage import get_fs, join_url, read_bytes, redact, retry, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -60,7 +64,7 @@ def photo_colours(
     ``SceneError`` naming a photo that is gone, cannot be decoded, or no longer has the stored
     size (it changed since the job ran).
     """
-    from httm_dist.model.preprocess import decode_image
+    from httm_dist.model.preprocess import decode_image  # deferred (torch)
 
     out = np.zeros((len(frame), 3), dtype=np.uint8)
     for i in np.unique(frame).tolist():  # one decode per frame that has points
@@ -103,8 +107,6 @@ def load_scene(
     Raises ``KeyError`` if the scene is not committed and ``SceneError`` when its data cannot
     be exported (inconsistent sizes, unreadable photos).
     """
-    from httm_dist.results import column_matrices
-
     table = reader.frames([scene_id])
     arrays = reader.arrays(scene_id)
     if record is None:
@@ -219,12 +221,7 @@ def export_scenes(
     """
     _check_options(format, conf_percentile, max_points, text, image_mode)
     if format == "colmap":
-        from httm_dist.export.colmap import MODEL_FILES, colmap_files, require_pycolmap
-
         require_pycolmap()
-    from httm_dist import results
-    from httm_dist.export.nerfstudio import nerfstudio_files
-
     dest_options = storage_options if to_storage_options is None else to_storage_options
     reader = results.open(output_url, storage_options=storage_options)
     records = reader.records()  # read once: an output may hold many thousand scenes
