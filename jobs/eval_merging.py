@@ -25,9 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     if "--ray" not in argv:
         return _eval(argv)
     argv.remove("--ray")
+    import os
+
     import ray
 
-    ray.init(ignore_reinit_error=True)  # joins the cluster under `ray job submit`, else starts one
+    # The job's cluster under `ray job submit` (RAY_ADDRESS), else a private local Ray: never
+    # another job's cluster that happens to run on this machine.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     return ray.get(ray.remote(num_gpus=gpus)(_eval).remote(argv))
 
