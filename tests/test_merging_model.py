@@ -7,6 +7,13 @@ from httm_dist.merging import MergeConfig, apply_merging, merge_stats
 from httm_dist.model import VGGT, VGGTConfig
 
 
+def MC(**kw):
+    """A MergeConfig that merges at any length (min_tokens 0): these tests check the method on
+    tiny inputs, far below the default min_tokens."""
+    kw.setdefault("min_tokens", 0)
+    return MergeConfig(**kw)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -31,12 +38,12 @@ def aggregate_tokens(model, x):
 
 def test_dense_is_bit_identical_to_the_unpatched_model(model):
     x = images(2)
-    apply_merging(model, MergeConfig(strategy="dense"))
+    apply_merging(model, MC(strategy="dense"))
     plain = run(model, x)
-    apply_merging(model, MergeConfig(strategy="httm"))
+    apply_merging(model, MC(strategy="httm"))
     merged = run(model, x)
     assert not torch.equal(merged["depth"], plain["depth"])
-    apply_merging(model, MergeConfig(strategy="dense"))
+    apply_merging(model, MC(strategy="dense"))
     assert all(b.attn.attn_fn is None for b in model.aggregator.global_blocks)
     assert merge_stats(model) == []
     again = run(model, x)
@@ -46,23 +53,23 @@ def test_dense_is_bit_identical_to_the_unpatched_model(model):
 
 def test_httm_keeping_everything_equals_dense(model):
     x = images(3, 70, 70)
-    apply_merging(model, MergeConfig(strategy="dense"))
+    apply_merging(model, MC(strategy="dense"))
     dense = run(model, x)
-    apply_merging(model, {"strategy": "httm", "q_keep": 1.0, "kv_keep": 1.0, "outlier_frac": 0.0, "block_spatial": 8, "block_frames": 3})
+    apply_merging(model, {"strategy": "httm", "q_keep": 1.0, "kv_keep": 1.0, "outlier_frac": 0.0, "block_spatial": 8, "block_frames": 3, "min_tokens": 0})
     full = run(model, x)
     for key in ("pose_enc", "depth", "world_points"):
         err = (full[key] - dense[key]).norm() / dense[key].norm()
         assert err < 1e-5, (key, float(err))
-    apply_merging(model, MergeConfig(strategy="dense"))
+    apply_merging(model, MC(strategy="dense"))
 
 
 @pytest.mark.parametrize("S", [1, 2, 5])
 @pytest.mark.parametrize("strategy", ["httm", "uniform"])
 def test_shapes_stats_and_ratios_for_any_frame_count(model, S, strategy):
     x = images(S, B=2)
-    apply_merging(model, MergeConfig(strategy="dense"))
+    apply_merging(model, MC(strategy="dense"))
     dense = aggregate_tokens(model, x)
-    apply_merging(model, MergeConfig(strategy=strategy, block_spatial=4, block_frames=2))
+    apply_merging(model, MC(strategy=strategy, block_spatial=4, block_frames=2))
     merged = aggregate_tokens(model, x)
     assert [t.shape for t in merged] == [t.shape for t in dense]
     assert all(torch.isfinite(t).all() for t in merged)
@@ -77,44 +84,44 @@ def test_shapes_stats_and_ratios_for_any_frame_count(model, S, strategy):
             assert s["kv_kept"] == P and s["q_kept"] == [P, P]
         if S == 5:
             assert s["kv_kept"] < S * P and max(s["q_kept"]) < S * P
-    apply_merging(model, MergeConfig(strategy="dense"))
+    apply_merging(model, MC(strategy="dense"))
 
 
 def test_layers_subset_replacement_and_validation(model):
-    apply_merging(model, MergeConfig(strategy="httm", layers=[1, 3]))
+    apply_merging(model, MC(strategy="httm", layers=[1, 3]))
     fns = [b.attn.attn_fn for b in model.aggregator.global_blocks]
     assert fns[0] is None and fns[2] is None and fns[1] is not None
     aggregate_tokens(model, images(3))
     assert [s["layer"] for s in merge_stats(model)] == [1, 3]
-    apply_merging(model, MergeConfig(strategy="uniform"))
+    apply_merging(model, MC(strategy="uniform"))
     assert all(type(b.attn.attn_fn).__name__ == "UniformAttention" for b in model.aggregator.global_blocks)
     with pytest.raises(ValueError, match="layers"):
-        apply_merging(model, MergeConfig(layers=[4]))
+        apply_merging(model, MC(layers=[4]))
     with pytest.raises(ValueError, match="unknown"):
         apply_merging(model, {"strategy": "httm", "ratio": 0.5})
-    apply_merging(model, MergeConfig(strategy="dense"))
+    apply_merging(model, MC(strategy="dense"))
 
 
 def test_deterministic_and_batch_independent(model):
     x = images(4, B=2)
-    apply_merging(model, MergeConfig(block_spatial=4, block_frames=2))
+    apply_merging(model, MC(block_spatial=4, block_frames=2))
     a, b = run(model, x), run(model, x)
     single = run(model, x[1])
     assert torch.equal(a["depth"], b["depth"]) and torch.equal(a["pose_enc"], b["pose_enc"])
     torch.testing.assert_close(single["depth"][0], a["depth"][1], rtol=1e-4, atol=1e-5)
-    apply_merging(model, MergeConfig(strategy="dense"))
+    apply_merging(model, MC(strategy="dense"))
 
 
 def test_plan_reuse_across_layers(model):
     x = images(4)
-    apply_merging(model, MergeConfig(block_spatial=4, block_frames=2, plan_reuse=2))
+    apply_merging(model, MC(block_spatial=4, block_frames=2, plan_reuse=2))
     tokens = aggregate_tokens(model, x)
     assert [s["plan_reused"] for s in merge_stats(model)] == [False, True, False, True]
-    apply_merging(model, MergeConfig(block_spatial=4, block_frames=2))
+    apply_merging(model, MC(block_spatial=4, block_frames=2))
     fresh = aggregate_tokens(model, x)
     assert not any(s["plan_reused"] for s in merge_stats(model))
     assert not torch.equal(tokens[-1], fresh[-1])
-    apply_merging(model, MergeConfig(strategy="dense"))
+    apply_merging(model, MC(strategy="dense"))
 
 
 def test_bf16_aggregator():
@@ -122,7 +129,7 @@ def test_bf16_aggregator():
     agg = VGGT(VGGTConfig.preset("tiny")).aggregator.to(torch.bfloat16).eval()
     x = images(3, B=2).to(torch.bfloat16)
     for strategy in ("httm", "uniform"):
-        apply_merging(agg, MergeConfig(strategy=strategy, block_spatial=4, block_frames=2))
+        apply_merging(agg, MC(strategy=strategy, block_spatial=4, block_frames=2))
         with torch.inference_mode():
             out = [t for t in agg(x)[0] if t is not None]
         assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in out)

@@ -42,6 +42,17 @@ class MergeConfig:
     - ``plan_reuse``: compute the merge plan (matches, outliers) in one patched layer and reuse
       it for the next ``plan_reuse - 1`` patched layers (1 = off); the merged tokens are always
       recomputed from the current layer's q/k/v.
+    - ``outlier_cap``: the most outliers one head may restore, as a multiple of the mean per
+      head (``outlier_frac * N``); it bounds the padded query length (``num_kept + cap``) by
+      the shape and config alone, so the kernel sees one static length (issue 14). A head
+      past its cap leaves its budget to the other heads' next-farthest queries. >= 1.
+    - ``min_tokens``: a patched layer whose sequence (frames x tokens per frame) is shorter
+      runs the plain dense kernel, exactly as unpatched: below it merging does not pay.
+      Default 40000 (~51 frames of 294x518): NOT measured on a GPU in this project; it is the
+      crossover of a per-layer cost model fitted to the H200 figures in issue 14 (one 1000-frame
+      layer: dense 6.40 s, httm 0.161 s linear + 0.382 s quadratic; the whole aggregator lost at
+      32 frames even with static shapes, 0.89x, and won at 100, 1.68x), with a margin. 0 = always
+      merge. Re-measure with ``jobs/bench_gpu.py`` (docs/benchmarks.md, GPU section).
     - ``profile``: on CUDA, synchronise around each timed phase so ``merge_stats`` times are
       real GPU times (adds syncs; off by default, when the CUDA times only cover launches).
     """
@@ -57,6 +68,8 @@ class MergeConfig:
     layers: LayersSpec = "all"
     proportional_attention: bool = False
     plan_reuse: int = 1
+    outlier_cap: float = 2.0
+    min_tokens: int = 40000
     profile: bool = False
 
     def __post_init__(self) -> None:
@@ -72,6 +85,11 @@ class MergeConfig:
                 f"merging.outlier_frac: {outlier} must be >= 0 and smaller than q_keep "
                 f"({self.q_keep}), since q_keep - outlier_frac of the queries are destinations"
             )
+        cap = _number("outlier_cap", self.outlier_cap)
+        if cap < 1.0:
+            raise ConfigError(f"merging.outlier_cap: {cap} must be >= 1 (a multiple of the mean outliers per head)")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ConfigError(f"merging.min_tokens: {self.min_tokens!r} must be an integer >= 0 (0 = always merge)")
         for name in ("block_spatial", "block_frames", "plan_reuse"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

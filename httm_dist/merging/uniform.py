@@ -1,7 +1,9 @@
 """``uniform``: the FastVGGT / ToMe-style baseline.
 
 One merge plan for all heads, computed on the block input ``ctx.x`` (the attention module's
-input), global rather than block-wise: every source token is compared with every destination
+input) in the attention's compute dtype (``q``'s: bf16 under autocast, as FastVGGT matches;
+``ctx.x`` itself is fp32 there, and fp32 similarity matmuls cost as much as merging saved,
+issue 14), global rather than block-wise: every source token is compared with every destination
 of the whole sequence. Destinations are frame 0 (with ``anchor_first_frame``) and whole frames
 strided over the sequence to keep ``kv_keep`` of the tokens; special tokens stay their own
 tokens (with ``protect_special_tokens``). q, k and v are merged by that one plan and the output
@@ -31,7 +33,7 @@ class UniformAttention(MergedAttention):
         rows, cols = ctx.patch_grid
         (plan,) = self.layout_plans(ctx, q.device, rows * cols, ctx.num_frames, (self.cfg.kv_keep,))
         with timer("match"):
-            src = match(ctx.x.unsqueeze(1), plan)
+            src = match(ctx.x.to(q.dtype).unsqueeze(1), plan)
         with timer("aggregate"):
             assign = assignment(plan, src)
         kept = torch.full((q.shape[0], 1), plan.num_kept, device=q.device)
