@@ -57,8 +57,10 @@ class ImageSection:
 class ChunkSection:
     """Long scenes: overlapping chunks run as independent units, then aligned (Sim(3))."""
 
-    max_frames: Optional[int] = None
-    """Frames per forward pass; a scene at or under it runs whole. null = never chunk."""
+    max_frames: Union[int, Literal["auto"], None] = None
+    """Frames per forward pass; a scene at or under it runs whole. null = never chunk.
+    ``auto``: the most frames one worker's free GPU memory fits, from the memory model with a
+    safety margin (``httm_dist.pipeline.memory``); a fixed 64 on CPU workers."""
     overlap: int = 30
     """Frames shared by consecutive chunks (alignment is estimated on them)."""
     residual_threshold: float = 0.05
@@ -414,11 +416,12 @@ def _check_semantics(cfg: JobConfig) -> None:
     need(size >= PATCH_SIZE and size % PATCH_SIZE == 0,
          f"'image.size' must be a positive multiple of {PATCH_SIZE} (e.g. 518, 168), got {size}")
     ch = cfg.chunk
-    need(ch.max_frames is None or ch.max_frames >= 2,
-         f"'chunk.max_frames' must be >= 2 or null, got {ch.max_frames}")
+    fixed = isinstance(ch.max_frames, int)
+    need(ch.max_frames in (None, "auto") or (fixed and ch.max_frames >= 2),
+         f"'chunk.max_frames' must be >= 2, auto or null, got {ch.max_frames}")
     need(ch.overlap >= 1, f"'chunk.overlap' must be >= 1 (alignment needs shared frames), "
          f"got {ch.overlap}")
-    need(ch.max_frames is None or ch.overlap < ch.max_frames,
+    need(not fixed or ch.overlap < ch.max_frames,
          f"'chunk.overlap' ({ch.overlap}) must be less than 'chunk.max_frames' ({ch.max_frames})")
     need(ch.residual_threshold > 0, f"'chunk.residual_threshold' must be > 0, got "
          f"{ch.residual_threshold}")

@@ -102,7 +102,19 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
     run_id = run_id or new_run_id()
     started_wall = datetime.now(timezone.utc)
     store = ResultStore(cfg.output, cfg.storage_options)
-    plan = _plan_work(cfg, store, run_id)
+    started_ray = False
+    try:
+        if cfg.chunk.max_frames == "auto":  # sized from a worker's GPU: ask one (needs Ray)
+            from httm_dist.pipeline.memory import probe_worker_free_bytes, resolve_max_frames, with_max_frames
+
+            started_ray = _connect(cfg)
+            cfg = with_max_frames(cfg, resolve_max_frames(cfg, probe_worker_free_bytes(cfg)))
+            log.info("chunk.max_frames auto: %d frames per forward pass", cfg.chunk.max_frames)
+        plan = _plan_work(cfg, store, run_id)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     total = len(plan.scenes) + len(plan.failures)
     log.info("run %s: %d scenes to process (%d units), %d already committed, output %s",
              run_id, total, len(plan.queue), len(plan.skipped), redact(cfg.output))
@@ -115,7 +127,7 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
     units_run = workers_lost = max_parallel = 0
     startup_s = None
     if plan.queue:
-        started_ray = _connect(cfg)
+        started_ray = _connect(cfg) or started_ray
         try:
             dispatcher = _Dispatcher(cfg, store, run_id, plan, bar)
             records = dispatcher.run()
@@ -128,6 +140,8 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
             bar.close()
             if started_ray:
                 ray.shutdown()
+    elif started_ray:
+        ray.shutdown()
     bar.close()
 
     failures = plan.failures + [

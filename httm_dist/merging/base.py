@@ -118,6 +118,17 @@ class MergedAttention:
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, timer: PhaseTimer) -> Assignment:
         raise NotImplementedError
 
+    def plans(self, ctx: AttentionContext, device: torch.device) -> tuple[MergePlan, ...]:
+        """The static plans of the sequence ``ctx`` describes (built once, then cached)."""
+        raise NotImplementedError
+
+    def prepare(self, ctx: AttentionContext, device: torch.device) -> None:
+        """Build and cache the static plans for the sequence shape ``ctx`` describes, so the
+        first forward of that shape does not pay for them (benchmarks; a no-op for shapes
+        under ``min_tokens``, which run dense)."""
+        if ctx.num_frames * ctx.tokens_per_frame >= self.cfg.min_tokens:
+            self.plans(ctx, device)
+
     def layout_plans(self, ctx: AttentionContext, device: torch.device, block_spatial: int, block_frames: int, fracs: tuple[float, ...]) -> tuple[MergePlan, ...]:
         """Cached dst plans (one per keep fraction) for the sequence ``ctx`` describes."""
         cfg = self.cfg

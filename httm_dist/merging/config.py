@@ -68,7 +68,7 @@ class MergeConfig:
     layers: LayersSpec = "all"
     proportional_attention: bool = False
     plan_reuse: int = 1
-    outlier_cap: float = 2.0
+    outlier_cap: float = 1.5
     min_tokens: int = 40000
     profile: bool = False
 

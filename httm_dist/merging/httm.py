@@ -17,6 +17,7 @@ import torch
 
 from httm_dist.merging.base import Assignment, MergedAttention, PhaseTimer
 from httm_dist.merging.matching import (
+    MergePlan,
     aggregate_sums,
     assignment,
     match,
@@ -34,11 +35,16 @@ class HttmAttention(MergedAttention):
 
     name = "httm"
 
+    def plans(self, ctx: AttentionContext, device: torch.device) -> tuple[MergePlan, ...]:
+        """The query plan (``q_keep - outlier_frac`` dst) and the key/value plan (``kv_keep``)."""
+        cfg = self.cfg
+        return self.layout_plans(
+            ctx, device, cfg.block_spatial, cfg.block_frames, (cfg.q_keep - cfg.outlier_frac, cfg.kv_keep)
+        )
+
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, timer: PhaseTimer) -> Assignment:
         cfg = self.cfg
-        plan_q, plan_kv = self.layout_plans(
-            ctx, q.device, cfg.block_spatial, cfg.block_frames, (cfg.q_keep - cfg.outlier_frac, cfg.kv_keep)
-        )
+        plan_q, plan_kv = self.plans(ctx, q.device)
         with timer("match"):
             q_src = match(q, plan_q)
             k_src = match(k, plan_kv)

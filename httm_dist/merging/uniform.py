@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from httm_dist.merging.base import Assignment, MergedAttention, PhaseTimer
-from httm_dist.merging.matching import assignment, match
+from httm_dist.merging.matching import MergePlan, assignment, match
 from httm_dist.model.hooks import AttentionContext
 
 
@@ -24,14 +24,18 @@ class UniformAttention(MergedAttention):
 
     name = "uniform"
 
+    def plans(self, ctx: AttentionContext, device: torch.device) -> tuple[MergePlan, ...]:
+        """One global plan (a single block of all frames and patches) keeping ``kv_keep``."""
+        rows, cols = ctx.patch_grid
+        return self.layout_plans(ctx, device, rows * cols, ctx.num_frames, (self.cfg.kv_keep,))
+
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, timer: PhaseTimer) -> Assignment:
         if ctx.x is None:
             raise ValueError(
                 f"merging (uniform, layer {ctx.layer_idx}): the attention context carries no block "
                 "input x; the model must pass AttentionContext.x for the uniform strategy"
             )
-        rows, cols = ctx.patch_grid
-        (plan,) = self.layout_plans(ctx, q.device, rows * cols, ctx.num_frames, (self.cfg.kv_keep,))
+        (plan,) = self.plans(ctx, q.device)
         with timer("match"):
             src = match(ctx.x.to(q.dtype).unsqueeze(1), plan)
         with timer("aggregate"):
