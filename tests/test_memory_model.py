@@ -1,6 +1,5 @@
 """The peak-memory model and ``chunk.max_frames: auto`` (issue 14), on CPU."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -44,7 +43,7 @@ def test_max_frames_is_the_largest_count_that_fits_with_the_margin():
 
 def _cfg(**chunk):
     cfg = load_config(GPU_CONFIG, ["input=/tmp/in", "output=/tmp/out"])
-    return dataclasses.replace(cfg, chunk=dataclasses.replace(cfg.chunk, **chunk))
+    return cfg.model_copy(update={"chunk": type(cfg.chunk)(**{**cfg.chunk.to_dict(), **chunk})})
 
 
 def test_auto_follows_the_memory_model_and_keeps_a_cpu_default():

@@ -15,7 +15,7 @@ from httm_dist.errors import ConfigError, SceneError
 from httm_dist.merging import apply_merging
 from httm_dist.model import VGGT, VGGTConfig, load_vggt
 from httm_dist.model.geometry import pose_encoding_to_extri_intri
-from httm_dist.model.preprocess import load_and_preprocess_images_with_sizes
+from httm_dist.model.preprocess import load_and_preprocess_frames, load_and_preprocess_images_with_sizes
 from httm_dist.pipeline.unit import (
     UnitRunner,
     WorkUnit,
@@ -155,6 +155,14 @@ def test_scene_units_commit_rows_and_values_equal_to_the_model(runner, scenes, d
         assert rows.column("input_width").to_pylist() == [W] * n
         np.testing.assert_allclose(column_matrices(rows, "extrinsic"), ref["extrinsic"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(column_matrices(rows, "intrinsic"), ref["intrinsic"], rtol=1e-5)
+        _, geometry = load_and_preprocess_frames(paths, mode="crop", target_size=SIZE)
+        to_orig = np.stack([g.input_to_original() for g in geometry])
+        np.testing.assert_allclose(column_matrices(rows, "input_to_original"), to_orig, rtol=1e-6)
+        np.testing.assert_allclose(
+            column_matrices(rows, "intrinsic_original"), to_orig @ ref["intrinsic"], rtol=1e-5
+        )
+        assert rows.column("valid_box").to_pylist() == [[0, 0, W, H]] * n
+        assert rows.column("orientation_applied").to_pylist() == [False] * n
         np.testing.assert_allclose(
             rows.column("depth_mean").to_numpy(), ref["depth"].mean(axis=(1, 2)), rtol=1e-5
         )

@@ -12,7 +12,7 @@ from test_results_frames import random_prediction, table_of
 
 import httm_dist.results as results
 from httm_dist.errors import ConfigError
-from httm_dist.results import ResultStore, column_matrices, scene_arrays
+from httm_dist.results import FORMAT_VERSION, ResultStore, column_matrices, scene_arrays
 from httm_dist.results.store import table_bytes
 from httm_dist.storage import get_fs
 
@@ -48,7 +48,7 @@ def test_round_trip_through_reader(out):
     preds = {sid: random_prediction(s=s, seed=i) for i, (sid, s) in enumerate([("0001", 2), ("b", 3)])}
     for sid, pred in preds.items():
         rec = store.write_scene(sid, table_of(pred, sid), scene_arrays(pred), {**HASHES, "worker_host": "h"})
-        assert rec["status"] == "done" and rec["format_version"] == 1 and rec["num_frames"] == len(pred["frame_uris"])
+        assert rec["status"] == "done" and rec["format_version"] == FORMAT_VERSION == 2 and rec["num_frames"] == len(pred["frame_uris"])
         assert rec["frames_path"] == f"frames/scene_id={sid}/part-0.parquet" and "written_at" in rec
     reader = results.open(url, opts)
     assert reader.scene_ids == ["0001", "b"]

@@ -1,4 +1,5 @@
-"""Image loading and preprocessing, bit-exact with the official VGGT ``load_and_preprocess_images``.
+"""Image loading and preprocessing, bit-exact with the official VGGT ``load_and_preprocess_images``
+on the inputs where that loader is consistent (8-bit RGB, L or RGBA without an EXIF orientation).
 
 Two modes, as in the official code:
 
@@ -10,6 +11,18 @@ Two modes, as in the official code:
 
 Images of different shapes in one batch are padded white, centred, to the largest H and W.
 
+Where httm-dist deliberately differs from the official loader (which gets these wrong):
+
+- high-bit-depth images (16-bit grey ``I;16*``, 32-bit ``I``, float ``F``) are scaled to 8 bits
+  by their real range (65535 for 16-bit, see :func:`_to_8bit`) instead of being clipped at 255;
+- every image with transparency (palette ``tRNS``, ``LA``, ``PA``, grey/RGB colour keys) is
+  composited on white like RGBA, instead of showing the hidden colour;
+- the EXIF orientation is applied (``exif_orientation=True``, the default), so a phone photo
+  is fed the way every viewer shows it; ``False`` ignores it, as the official loader does.
+
+Each frame's :class:`FrameGeometry` records how its input pixels map back to the (oriented)
+original image and which input pixels are real content rather than padding.
+
 Sources may be paths (``str`` / ``os.PathLike``), raw ``bytes`` or binary file objects, so an
 fsspec stream (``fs.open(url, "rb")``) feeds straight in without a temporary file.
 """
@@ -19,12 +32,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+from dataclasses import dataclass
 from typing import BinaryIO, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from httm_dist.errors import SceneError
 
@@ -35,6 +49,9 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 MODES = ("crop", "pad")
 PATCH_SIZE = 14
 DEFAULT_TARGET_SIZE = 518
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+"""Pillow's own decompression-bomb error threshold (2 x ``PIL.Image.MAX_IMAGE_PIXELS``'s default)."""
+EXIF_ORIENTATION_TAG = 0x0112
 
 
 class ImageDecodeError(SceneError, ValueError):
@@ -70,28 +87,101 @@ def _validate_options(mode: str, target_size: int) -> None:
         )
 
 
-def _open_rgb(source: ImageSource) -> Image.Image:
-    """Decode ``source`` fully into an RGB PIL image (RGBA composited on white first)."""
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """High-bit-depth single-channel images as 8-bit ``L``, scaled by their real range.
+
+    ``I;16``/``I;16B``/``I;16L``/``I;16N`` (16-bit PNG/TIFF): ``v / 65535``. ``I`` (32-bit
+    integer; Pillow's mode for some 16-bit files): ``v / 65535`` when every value fits 16 bits,
+    else by the image's own min..max. ``F`` (float): as is when within [0, 1], else by its
+    min..max. The result is ``round(255 * x)``, the quantisation of every 8-bit input. Other
+    modes are returned unchanged (Pillow already reduces 16-bit RGB/RGBA PNGs by their top byte).
+    """
+    mode = img.mode
+    if not (mode.startswith("I") or mode == "F"):
+        return img
+    a = np.asarray(img).astype(np.float64)
+    if mode.startswith("I;16") or (mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535):
+        scaled = a / 65535.0
+    elif mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
+        scaled = a
+    else:
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+        scaled = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8))
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image decoded to 8-bit RGB, with what was done to get there."""
+
+    image: Image.Image
+    exif_orientation: int
+    """The file's EXIF Orientation tag (1-8; 1 when absent)."""
+    orientation_applied: bool
+    """True when a non-identity orientation was applied (the image is as viewers show it)."""
+
+
+def decode_image(
+    source: ImageSource, exif_orientation: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> DecodedImage:
+    """Decode ``source`` fully into an RGB PIL image, the way a viewer shows it.
+
+    EXIF orientation applied (unless ``exif_orientation=False``), high bit depths scaled by
+    their range (:func:`_to_8bit`), any transparency composited on white. Raises
+    :class:`ImageDecodeError` naming the image when it is missing, corrupt, or has more than
+    ``max_pixels`` pixels (``None``: no limit; config key ``image.max_pixels``).
+    """
     name = _describe(source)
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
-            img = Image.open(io.BytesIO(bytes(source)))
-        else:
-            img = Image.open(source)
+            source = io.BytesIO(bytes(source))
+        if max_pixels is not None and (Image.MAX_IMAGE_PIXELS or 0) and max_pixels > Image.MAX_IMAGE_PIXELS:
+            # Pillow refuses images over twice its own limit before we can look: let ours decide.
+            Image.MAX_IMAGE_PIXELS = int(max_pixels)
+        img = Image.open(source)
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageDecodeError(
+                f"image {name} is {width}x{height} = {width * height:,} pixels, over the limit of "
+                f"{max_pixels:,} (a decompression-bomb guard): downscale it, or raise "
+                "'image.max_pixels' if the image is trusted"
+            )
         img.load()  # decode now so truncated files fail here, naming the image
+    except ImageDecodeError:
+        raise
     except FileNotFoundError as exc:
         raise ImageDecodeError(
             f"image {name} does not exist; check the scene's image list and paths"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(
+            f"image {name} is over Pillow's decompression-bomb limit ({exc}): downscale it, or "
+            "raise 'image.max_pixels' if the image is trusted"
         ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(
             f"image {name} cannot be decoded ({type(exc).__name__}: {exc}); it is corrupt or "
             "not an image: replace or remove it from the scene"
         ) from exc
-    if img.mode == "RGBA":
+    orientation = 1
+    applied = False
+    try:
+        orientation = int(img.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+    except Exception as exc:  # noqa: BLE001 - a broken EXIF block must not lose the image
+        logger.warning("image %s: unreadable EXIF block ignored (%s)", name, exc)
+    if exif_orientation and orientation in range(2, 9):
+        img = ImageOps.exif_transpose(img)
+        applied = True
+    img = _to_8bit(img)
+    if _has_transparency(img):
+        rgba = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
+        img = Image.alpha_composite(background, rgba)
+    return DecodedImage(img.convert("RGB"), orientation, applied)
 
 
 def _resized_size(width: int, height: int, mode: str, target_size: int) -> tuple[int, int]:
@@ -115,16 +205,85 @@ def _pad_white(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.pad(img, (left, w_pad - left, top, h_pad - top), mode="constant", value=1.0)
 
 
-def preprocess_image(
-    source: ImageSource, mode: str = "crop", target_size: int = DEFAULT_TARGET_SIZE
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Load one image and preprocess it.
+@dataclass(frozen=True)
+class FrameGeometry:
+    """How one frame's model input relates to its original image.
 
-    Returns the float32 tensor [3, h, w] in [0, 1] (values k/255) and the original
-    ``(height, width)`` of the decoded image.
+    The *original* image is the decoded image as viewers show it (EXIF orientation applied
+    unless disabled): ``orig_hw`` is its (height, width). It was resized to ``resized_hw``,
+    ``crop_top`` rows were cut from the top of the resized image (crop mode), and the content
+    (``content_hw``) sits at ``(pad_top, pad_left)`` in the input (white padding around it, in
+    pad mode or to match the batch's largest frame).
     """
+
+    orig_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    crop_top: int = 0
+    pad_top: int = 0
+    pad_left: int = 0
+    content_hw: tuple[int, int] | None = None
+    exif_orientation: int = 1
+    orientation_applied: bool = False
+
+    def __post_init__(self) -> None:
+        if self.content_hw is None:
+            object.__setattr__(self, "content_hw", tuple(self.resized_hw))
+
+    def padded(self, top: int, left: int) -> "FrameGeometry":
+        """The same frame with ``top``/``left`` more padding before its content."""
+        from dataclasses import replace
+
+        return replace(self, pad_top=self.pad_top + top, pad_left=self.pad_left + left)
+
+    def input_to_original(self) -> np.ndarray:
+        """3x3 float64 affine ``A`` with ``[x_o, y_o, 1] = A @ [x_i, y_i, 1]``.
+
+        Continuous pixel coordinates with the origin at the top-left corner of the top-left
+        pixel (a pixel's centre is at +0.5), the convention of VGGT's intrinsics (principal
+        point at W/2, H/2): ``x_o = sx * (x_i - pad_left)``, ``y_o = sy * (y_i - pad_top +
+        crop_top)`` with ``sx = W_orig / W_resized``, ``sy = H_orig / H_resized``.
+        """
+        (oh, ow), (rh, rw) = self.orig_hw, self.resized_hw
+        sx, sy = ow / rw, oh / rh
+        return np.array(
+            [[sx, 0.0, -sx * self.pad_left], [0.0, sy, sy * (self.crop_top - self.pad_top)], [0.0, 0.0, 1.0]]
+        )
+
+    def valid_box(self) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of the real content in input pixels, ``x1``/``y1`` exclusive."""
+        h, w = self.content_hw
+        return (self.pad_left, self.pad_top, self.pad_left + w, self.pad_top + h)
+
+    def as_dict(self) -> dict:
+        """JSON-friendly form (for chunk metadata); :meth:`from_dict` reverses it."""
+        return {
+            "orig_hw": list(self.orig_hw), "resized_hw": list(self.resized_hw),
+            "crop_top": self.crop_top, "pad_top": self.pad_top, "pad_left": self.pad_left,
+            "content_hw": list(self.content_hw), "exif_orientation": self.exif_orientation,
+            "orientation_applied": self.orientation_applied,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FrameGeometry":
+        return cls(
+            tuple(d["orig_hw"]), tuple(d["resized_hw"]), int(d["crop_top"]), int(d["pad_top"]),
+            int(d["pad_left"]), tuple(d["content_hw"]), int(d["exif_orientation"]),
+            bool(d["orientation_applied"]),
+        )
+
+
+def preprocess_frame(
+    source: ImageSource,
+    mode: str = "crop",
+    target_size: int = DEFAULT_TARGET_SIZE,
+    exif_orientation: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[torch.Tensor, FrameGeometry]:
+    """Load one image and preprocess it: the float32 tensor [3, h, w] in [0, 1] (values k/255)
+    and its :class:`FrameGeometry`. Options as in :func:`decode_image`."""
     _validate_options(mode, target_size)
-    img = _open_rgb(source)
+    decoded = decode_image(source, exif_orientation, max_pixels)
+    img = decoded.image
     width, height = img.size
     new_width, new_height = _resized_size(width, height, mode, target_size)
     if new_width <= 0 or new_height <= 0:
@@ -135,20 +294,42 @@ def preprocess_image(
     img = img.resize((new_width, new_height), Image.Resampling.BICUBIC)
     tensor = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
     tensor = tensor.to(torch.float32).div(255)
+    crop_top = 0
     if mode == "crop" and new_height > target_size:
-        start = (new_height - target_size) // 2
-        tensor = tensor[:, start : start + target_size, :]
+        crop_top = (new_height - target_size) // 2
+        tensor = tensor[:, crop_top : crop_top + target_size, :]
+    geometry = FrameGeometry(
+        (height, width), (new_height, new_width), crop_top, 0, 0, tuple(tensor.shape[1:]),
+        decoded.exif_orientation, decoded.orientation_applied,
+    )
     if mode == "pad":
+        content = tensor.shape[1:]
         tensor = _pad_white(tensor, target_size, target_size)
-    return tensor, (height, width)
+        geometry = geometry.padded((target_size - content[0]) // 2, (target_size - content[1]) // 2)
+    return tensor, geometry
 
 
-def load_and_preprocess_images_with_sizes(
+def preprocess_image(
+    source: ImageSource, mode: str = "crop", target_size: int = DEFAULT_TARGET_SIZE
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Load one image and preprocess it (defaults of :func:`preprocess_frame`).
+
+    Returns the float32 tensor [3, h, w] in [0, 1] (values k/255) and the original
+    ``(height, width)`` of the decoded (oriented) image.
+    """
+    tensor, geometry = preprocess_frame(source, mode, target_size)
+    return tensor, geometry.orig_hw
+
+
+def load_and_preprocess_frames(
     sources: Sequence[ImageSource],
     mode: str = "crop",
     target_size: int = DEFAULT_TARGET_SIZE,
-) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Like :func:`load_and_preprocess_images`, also returning each original ``(H, W)``."""
+    exif_orientation: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[torch.Tensor, list[FrameGeometry]]:
+    """Like :func:`load_and_preprocess_images`, also returning each frame's :class:`FrameGeometry`
+    (batch padding included). ``exif_orientation``/``max_pixels`` as in :func:`decode_image`."""
     _validate_options(mode, target_size)
     if isinstance(sources, (str, bytes, os.PathLike)) or not len(sources):
         raise ValueError(
@@ -157,18 +338,32 @@ def load_and_preprocess_images_with_sizes(
             + ("" if isinstance(sources, (str, bytes, os.PathLike)) else " of length 0")
         )
     images: list[torch.Tensor] = []
-    sizes: list[tuple[int, int]] = []
+    geometries: list[FrameGeometry] = []
     for source in sources:
-        tensor, size = preprocess_image(source, mode, target_size)
+        tensor, geometry = preprocess_frame(source, mode, target_size, exif_orientation, max_pixels)
         images.append(tensor)
-        sizes.append(size)
+        geometries.append(geometry)
     shapes = {tuple(img.shape[1:]) for img in images}
     if len(shapes) > 1:
         max_h = max(h for h, _ in shapes)
         max_w = max(w for _, w in shapes)
         logger.info("images of different shapes %s padded white to %dx%d", sorted(shapes), max_h, max_w)
+        geometries = [
+            g.padded((max_h - img.shape[1]) // 2, (max_w - img.shape[2]) // 2)
+            for g, img in zip(geometries, images)
+        ]
         images = [_pad_white(img, max_h, max_w) for img in images]
-    return torch.stack(images), sizes
+    return torch.stack(images), geometries
+
+
+def load_and_preprocess_images_with_sizes(
+    sources: Sequence[ImageSource],
+    mode: str = "crop",
+    target_size: int = DEFAULT_TARGET_SIZE,
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Like :func:`load_and_preprocess_images`, also returning each original ``(H, W)``."""
+    images, geometries = load_and_preprocess_frames(sources, mode, target_size)
+    return images, [g.orig_hw for g in geometries]
 
 
 def load_and_preprocess_images(
@@ -181,4 +376,4 @@ def load_and_preprocess_images(
     Raises ``ValueError`` for an empty list, an unknown mode or a ``target_size`` that is not a
     multiple of 14, and :class:`ImageDecodeError` (naming the image) for an unreadable one.
     """
-    return load_and_preprocess_images_with_sizes(sources, mode, target_size)[0]
+    return load_and_preprocess_frames(sources, mode, target_size)[0]

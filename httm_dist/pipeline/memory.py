@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Optional
 
 log = logging.getLogger(__name__)
@@ -175,4 +175,4 @@ def probe_worker_free_bytes(cfg: Any) -> Optional[int]:
 
 def with_max_frames(cfg: Any, max_frames: int) -> Any:
     """A copy of the job config with ``chunk.max_frames`` set (the rest shared)."""
-    return replace(cfg, chunk=replace(cfg.chunk, max_frames=int(max_frames)))
+    return cfg.model_copy(update={"chunk": cfg.chunk.model_copy(update={"max_frames": int(max_frames)})})

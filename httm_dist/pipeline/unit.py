@@ -109,6 +109,9 @@ class LoadedUnit:
     original_hw: list[tuple[int, int]]
     frame_uris: list[str]
     frame_indices: list[int]
+    geometry: list = field(default_factory=list)
+    """Per frame, its :class:`~httm_dist.model.preprocess.FrameGeometry` (input -> original
+    pixels, valid box, EXIF orientation)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent per step (``load``, ``run``, ``commit``)."""
 
@@ -202,7 +205,7 @@ class UnitRunner:
             raise SceneError(
                 f"scene '{scene.scene_id}': read {len(blobs)} images for {len(frames)} frames"
             )
-        from httm_dist.model.preprocess import load_and_preprocess_images_with_sizes
+        from httm_dist.model.preprocess import load_and_preprocess_frames
 
         from httm_dist.storage import redact
 
@@ -213,17 +216,20 @@ class UnitRunner:
             stream.name = redact(frame.uri)
             sources.append(stream)
         try:
-            images, sizes = load_and_preprocess_images_with_sizes(
-                sources, mode=self.cfg.image.mode, target_size=self.cfg.image.size
+            images, geometry = load_and_preprocess_frames(
+                sources, mode=self.cfg.image.mode, target_size=self.cfg.image.size,
+                exif_orientation=self.cfg.image.exif_orientation,
+                max_pixels=self.cfg.image.max_pixels,
             )
         except SceneError as exc:
             raise SceneError(f"scene '{scene.scene_id}': {exc}") from exc
         loaded = LoadedUnit(
             unit=unit,
             images=images,
-            original_hw=[(int(h), int(w)) for h, w in sizes],
+            original_hw=[tuple(int(x) for x in g.orig_hw) for g in geometry],
             frame_uris=[f.uri for f in frames],
             frame_indices=[int(f.frame_index) for f in frames],
+            geometry=list(geometry),
         )
         loaded.timings["load"] = time.perf_counter() - t0
         return loaded
@@ -278,6 +284,7 @@ class UnitRunner:
                 "frame_uris": list(loaded.frame_uris),
                 "frame_indices": list(loaded.frame_indices),
                 "original_hw": [list(hw) for hw in loaded.original_hw],
+                "geometry": [g.as_dict() for g in loaded.geometry],
                 "input_hw": list(loaded.input_hw),
                 "model_hash": self.model_hash,
                 "merge_hash": self.merge_hash,
@@ -294,7 +301,7 @@ class UnitRunner:
         record = self._record(unit, len(loaded.frame_uris), loaded.timings, record_extra)
         self._write_scene(
             scene_id, preds, loaded.frame_uris, loaded.frame_indices, loaded.original_hw,
-            loaded.input_hw, store, record,
+            loaded.input_hw, store, record, loaded.geometry or None,
         )
         loaded.timings["commit"] = time.perf_counter() - t0
         return record
@@ -354,12 +361,16 @@ class UnitRunner:
 
         # Frame metadata of the whole scene, from the chunk each frame's geometry came from.
         n = ranges[-1][1]
-        uris, indices, original_hw = [], [], []
+        from httm_dist.model.preprocess import FrameGeometry
+
+        uris, indices, original_hw, geometry = [], [], [], []
         for g, c in enumerate(assembled.source_chunk.tolist()):
             j = g - ranges[c][0]
             uris.append(metas[c]["frame_uris"][j])
             indices.append(int(metas[c]["frame_indices"][j]))
             original_hw.append(tuple(int(x) for x in metas[c]["original_hw"][j]))
+            if "geometry" in metas[c]:  # chunks stored before format_version 2 lack it
+                geometry.append(FrameGeometry.from_dict(metas[c]["geometry"][j]))
         input_hw = tuple(int(x) for x in metas[0]["input_hw"])
         summary = assembled.record()
         alignment = summary["alignments"]
@@ -378,7 +389,10 @@ class UnitRunner:
             chunk_ranges=summary["chunk_ranges"],
             frame_source_chunk=assembled.source_chunk.tolist(),
         )
-        self._write_scene(scene_id, preds, uris, indices, original_hw, input_hw, store, record)
+        self._write_scene(
+            scene_id, preds, uris, indices, original_hw, input_hw, store, record,
+            geometry if len(geometry) == n else None,
+        )
         store.clear_chunks(scene_id)
         return record
 
@@ -419,6 +433,7 @@ class UnitRunner:
         input_hw: tuple[int, int],
         store: Any,
         record: dict,
+        geometry: Optional[list] = None,
     ) -> None:
         from httm_dist.results import build_frame_table, scene_arrays
 
@@ -432,6 +447,7 @@ class UnitRunner:
             preds["depth"],
             preds["depth_conf"],
             frame_indices=list(frame_indices),
+            geometry=geometry,
         )
         arrays = scene_arrays({k: preds[k] for k in PRED_KEYS}, dense_dtype=self.cfg.output_dtype)
         arrays["frame_uris"] = np.asarray(frame_uris, dtype=str)

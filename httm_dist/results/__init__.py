@@ -11,6 +11,7 @@ from httm_dist.results.frames import (
     load_npz,
     npz_bytes,
     scene_arrays,
+    validity_mask,
 )
 from httm_dist.results.layout import FORMAT_VERSION
 from httm_dist.results.reader import ResultsReader, open_results
@@ -29,4 +30,5 @@ __all__ = [
     "npz_bytes",
     "open_results",
     "scene_arrays",
+    "validity_mask",
 ]

@@ -1,4 +1,5 @@
-"""Where each output object lives under the output root (``format_version`` 1).
+"""Where each output object lives under the output root (``format_version`` 2; readers also
+accept 1, see ``docs/output-format.md``).
 
 ```
 OUTPUT/frames/scene_id=<id>/part-0.parquet   one row per frame (hive-partitioned)
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 from httm_dist.storage import safe_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Format versions the reader accepts (1 lacks the frame-geometry columns; they read as null)."""
 
 FRAMES_DIR = "frames"
 ARRAYS_DIR = "arrays"

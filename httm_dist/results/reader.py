@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from httm_dist.results.frames import FRAME_SCHEMA
+from httm_dist.results.layout import READABLE_VERSIONS
 from httm_dist.results.store import DONE, ResultStore
 from httm_dist.storage import redact
 
@@ -28,9 +29,18 @@ class ResultsReader:
         return f"ResultsReader({redact(self.store.url)!r}, {len(self.scene_ids)} committed scenes)"
 
     def refresh(self) -> None:
-        """Re-list the records (the job may still be writing)."""
+        """Re-list the records (the job may still be writing). Raises ``ValueError`` for a
+        committed scene written in a format this version cannot read."""
         self._records = self.store.records()
         self._committed = self.records(DONE)
+        newer = {s: r.get("format_version") for s, r in self._committed.items()
+                 if r.get("format_version", 1) not in READABLE_VERSIONS}
+        if newer:
+            raise ValueError(
+                f"{redact(self.store.url)}: scene(s) {sorted(newer)[:5]} have format_version "
+                f"{sorted(set(map(str, newer.values())))}, this httm-dist reads {list(READABLE_VERSIONS)}: "
+                "upgrade httm-dist"
+            )
 
     @property
     def scene_ids(self) -> list[str]:
@@ -46,6 +56,8 @@ class ResultsReader:
 
         Built with ``pyarrow.dataset`` over exactly the Parquet objects the records name,
         filtered to those scene ids. Rows are ordered by scene id, then frame order.
+        Scenes written in ``format_version`` 1 have null frame-geometry columns
+        (``input_to_original``, ``intrinsic_original``, ``valid_box``, ...).
         """
         wanted = None if scene_ids is None else set(scene_ids)
         ids = self.scene_ids if wanted is None else [s for s in self.scene_ids if s in wanted]
