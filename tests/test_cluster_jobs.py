@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "tests" / "fixtures" / "vggt_tiny" / "weights.safetensors"
 DELAY_ENV = "HTTM_DIST_TEST_UNIT_DELAY_S"
 KILL_ENV = "HTTM_DIST_TEST_KILL_SCENE"
+OOM_ENV = "HTTM_DIST_TEST_OOM_OVER_FRAMES"
 
 
 # --------------------------------------------------------------------------- data
@@ -289,6 +290,23 @@ def test_killed_worker_scene_is_retried_and_every_scene_completes_once(
     assert sorted(p.name for p in (out / "arrays").iterdir()) == [f"{s}.npz" for s in GOOD]
 
 
+def test_out_of_memory_re_plans_the_scene_in_smaller_chunks(ray_session, dataset, tmp_path, monkeypatch):
+    """Issue 14: a unit too big for its worker's memory is re-planned in chunks of half its
+    frames, not retried as it was; a scene that fits runs once."""
+    monkeypatch.setenv(OOM_ENV, "5")  # any unit of more than 5 frames runs out of memory
+    out = tmp_path / "out"
+    # the long scene (10 frames) runs whole (max_frames null), OOMs, becomes 3 chunks of <= 5
+    summary = _run(_job(dataset["root"], out, include=["a", LONG], chunk={"max_frames": None, "overlap": 2}))
+    assert summary["done"] == 2 and summary["failed"] == 0, summary["failures"]
+    assert summary["replanned"] == [{"scene_id": LONG, "max_frames": 5, "chunks": 3}]
+    records = _records(out)
+    assert records[LONG]["status"] == "done" and records[LONG]["chunks"] == 3
+    assert records["a"]["attempts"] == 1
+    assert summary["units_run"] == 1 + 1 + 3 + 1  # a, the whole long scene, 3 chunks, assembly
+    rows = _frame_rows(out)
+    assert _frames_of(rows, LONG) == list(range(LONG_FRAMES)) and len(rows) == LONG_FRAMES + FRAMES
+
+
 def test_worker_dying_on_every_attempt_fails_only_its_scene(
         ray_session, dataset, tmp_path, monkeypatch):
     monkeypatch.setenv(KILL_ENV, "a")
@@ -412,6 +430,22 @@ def test_config_change_is_refused_or_reprocessed_per_policy(dataset, tmp_path):
     (out / "scenes" / "a.json").write_text(json.dumps(same))
     plan = _plan_work(cfg, ResultStore(str(out), {}), "run-y")
     assert sorted(u.scene_id for u in plan.queue) == ["b", "c"] and plan.skipped == ["a"]
+
+
+def test_saved_chunks_are_reused_only_under_the_same_plan(dataset, tmp_path):
+    """A chunk saved under another chunk size (an auto size on another GPU, an out-of-memory
+    re-plan) covers other frames: resume redoes it instead of assembling mismatched chunks."""
+    from httm_dist.cluster.driver import _plan_work
+    from httm_dist.results import ResultStore
+
+    out = tmp_path / "out"
+    store = ResultStore(str(out), {})
+    store.write_chunk(LONG, 0, {"depth": np.zeros(1, np.float32)}, {"frame_range": [0, 4]})
+    same = _plan_work(_job(dataset["root"], out, include=[LONG], chunk=CHUNK), store, "r1")
+    assert same.reused_chunks == 1 and 0 not in same.scenes[LONG].waiting_chunks
+    other = _plan_work(_job(dataset["root"], out, include=[LONG], chunk={"max_frames": 6, "overlap": 2}),
+                       store, "r2")
+    assert other.reused_chunks == 0 and 0 in other.scenes[LONG].waiting_chunks
 
 
 def test_max_overlap_counts_units_running_at_once():

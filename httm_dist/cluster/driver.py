@@ -12,7 +12,9 @@
 4. dispatch: each worker has one unit running and one reserved whose images it prefetches;
    a worker that dies gives its units back to the queue (the running one counts an attempt,
    up to ``max_attempts``) and is replaced; a scene's own failure is recorded and the job goes
-   on; a chunked scene's "assemble" unit is queued once all its chunks are done;
+   on; a chunked scene's "assemble" unit is queued once all its chunks are done; a unit that
+   runs out of memory re-plans its scene in chunks of half its frames (once none of the
+   scene's units is running, its old chunks discarded) instead of retrying the same unit;
 5. write and return the run summary (counts, failures with their errors, seconds, frames/s).
 
 Workers write results themselves; the driver only sees small records. Scheduling is Ray's
@@ -35,7 +37,7 @@ import ray
 from ray import exceptions as rex
 
 from httm_dist.cluster.progress import JobProgress
-from httm_dist.cluster.worker import (ReconstructionWorker, WorkerFault, describe_unit,
+from httm_dist.cluster.worker import (OutOfMemoryFault, ReconstructionWorker, WorkerFault, describe_unit,
                                       test_hooks_from_env, unit_key)
 from httm_dist.errors import ConfigError, HttmDistError, SceneError
 
@@ -62,6 +64,8 @@ class _SceneState:
     assemble: Any = None  # the "assemble" unit, queued when waiting_chunks empties
     failed: bool = False
     finished: bool = False
+    replan: int | None = None  # out of memory: re-plan in chunks of this many frames when idle
+    replans: int = 0
 
 
 @dataclass
@@ -125,6 +129,7 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
     records: dict[str, dict] = {}
     worker_info: list[dict] = []
     units_run = workers_lost = max_parallel = 0
+    replanned: list[dict] = []
     startup_s = None
     if plan.queue:
         started_ray = _connect(cfg) or started_ray
@@ -133,6 +138,7 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
             records = dispatcher.run()
             worker_info, units_run = dispatcher.worker_info, dispatcher.units_run
             workers_lost = dispatcher.workers_lost
+            replanned = dispatcher.replanned
             max_parallel = max_overlap(dispatcher.spans)
             if dispatcher.first_up is not None:
                 startup_s = round(dispatcher.first_up - bar.started, 3)
@@ -169,6 +175,7 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
         "reused_chunks": plan.reused_chunks,
         "workers": len(worker_info),
         "workers_lost": workers_lost,
+        "replanned": replanned,  # scenes re-planned in smaller chunks after running out of memory
         "max_parallel_units": max_parallel,  # most units running at once (worker clocks)
         "worker_hosts": sorted({w.get("host", "?") for w in worker_info}),
         "worker_units": worker_info,
@@ -240,7 +247,10 @@ def _plan_work(cfg: Any, store: Any, run_id: str) -> _Plan:
         if chunks:
             done = _reusable_chunks(store, sid, model_hash, merge_hash, sid in redo)
             for u in chunks:
-                if u.chunk_index not in done:
+                meta = done.get(u.chunk_index) or {}
+                # a chunk saved under another plan (another chunk.max_frames, an auto size on
+                # another GPU, an out-of-memory re-plan) covers other frames: redo it
+                if list(meta.get("frame_range") or ()) != list(u.frame_range):
                     state.waiting_chunks.add(u.chunk_index)
                     queue.append(u)
             reused = len(chunks) - len(state.waiting_chunks)
@@ -350,6 +360,7 @@ class _Dispatcher:
         self.worker_info: list[dict] = []
         self.hooks = test_hooks_from_env()
         self.init_failures = 0
+        self.replanned: list[dict] = []  # scenes re-planned smaller after running out of memory
         self.by_ref: dict[Any, tuple[_Slot, str]] = {}  # ref -> (slot, "probe" | "process")
         n, self.gpw = _worker_count(cfg, len(self.queue))
         log.info("starting %d workers (%g GPU, %g CPU each)", n, self.gpw, cfg.cpus_per_worker)
@@ -454,14 +465,26 @@ class _Dispatcher:
         slot.current = None
         try:
             record = ray.get(ref)
+        except OutOfMemoryFault as exc:  # Ray re-raises it as itself
+            if not self._shrink(unit, exc.frames):
+                self._worker_lost(slot, unit, attempt, exc)
+            else:
+                self._replace(slot, exc)  # its memory state is unknown: a fresh worker
+                self._replan_if_idle(self.scenes[unit.scene.scene_id])
+            return
         except (WorkerFault, *_WORKER_LOST) as exc:  # Ray re-raises WorkerFault as itself
             self._worker_lost(slot, unit, attempt, exc)
+            self._replan_if_idle(self.scenes[unit.scene.scene_id])
             return
         except rex.RayTaskError as exc:  # a bug outside the worker's own error handling
             record = {"status": "failed", "error": f"{type(exc).__name__}: {_first_line(exc)}",
                       "attempts": attempt}
         units = slot.info["units"]
         units[unit.kind] = units.get(unit.kind, 0) + 1
+        state = self.scenes[unit.scene.scene_id]
+        if state.replan is not None:  # a unit of the plan being replaced: its result is moot
+            self._replan_if_idle(state)
+            return
         if isinstance(record.get("started_at"), float) and isinstance(record.get("finished_at"), float):
             self.spans.append((record["started_at"], record["finished_at"]))
         self._unit_finished(unit, record)
@@ -483,6 +506,50 @@ class _Dispatcher:
             self.bar.scene_finished(True, _frame_count(record, unit.scene))
             log.debug("%s committed", describe_unit(unit))
 
+    # -- out of memory: smaller chunks ---------------------------------------------------
+    def _shrink(self, unit: Any, frames: int) -> bool:
+        """Marks ``unit``'s scene for re-planning in chunks of ``frames // 2`` frames; False
+        when that is impossible (an assembly, or chunks no longer than the overlap) and the
+        unit should be retried as a worker fault instead."""
+        state = self.scenes[unit.scene.scene_id]
+        size = frames // 2
+        if unit.kind == "assemble" or size <= self.cfg.chunk.overlap or size < 2:
+            return False
+        if state.failed or state.finished:
+            return True
+        state.replan = min(size, state.replan or size)
+        log.warning("%s ran out of memory with %d frames: re-planning the scene in chunks of at "
+                    "most %d frames", describe_unit(unit), frames, state.replan)
+        sid = unit.scene.scene_id
+        self.queue = collections.deque(u for u in self.queue if u.scene.scene_id != sid)
+        for slot in self.slots:
+            if slot.reserved is not None and slot.reserved[0].scene.scene_id == sid:
+                slot.reserved = None
+        return True
+
+    def _replan_if_idle(self, state: _SceneState) -> None:
+        """Once none of its units runs, queues the scene's new plan (see ``_shrink``): its
+        chunks from the replaced plan are removed from the store, attempts start afresh."""
+        from httm_dist.pipeline.memory import with_max_frames
+        from httm_dist.pipeline.unit import assemble_unit, plan_units
+
+        sid = state.scene.scene_id
+        if state.replan is None or state.failed or state.finished:
+            return
+        if any(s.current is not None and s.current[0].scene.scene_id == sid for s in self.slots):
+            return
+        size, state.replan = state.replan, None
+        state.replans += 1
+        self.store.clear_chunks(sid)
+        for key in [k for k in self.attempts if k[0] == sid]:
+            del self.attempts[key]
+        units = plan_units(state.scene, with_max_frames(self.cfg, size))
+        state.waiting_chunks = {u.chunk_index for u in units}
+        state.assemble = assemble_unit(state.scene, len(units))
+        self.queue.extendleft(reversed(units))  # started scenes first
+        self.replanned.append({"scene_id": sid, "max_frames": size, "chunks": len(units)})
+        log.warning("scene %r re-planned: %d chunks of at most %d frames", sid, len(units), size)
+
     def _scene_failed(self, state: _SceneState, record: dict) -> None:
         state.failed = True
         record.setdefault("error", "unknown error")
@@ -498,10 +565,12 @@ class _Dispatcher:
         self.attempts[unit_key(unit)] = attempt
         log.warning("worker lost on %s (attempt %d of %d): %s", describe_unit(unit), attempt,
                     self.cfg.max_attempts, error)
-        if attempt < self.cfg.max_attempts:
+        state = self.scenes[unit.scene.scene_id]
+        if state.replan is not None:
+            pass  # its scene is being re-planned smaller (out of memory): this unit is moot
+        elif attempt < self.cfg.max_attempts:
             self.queue.appendleft(unit)
         else:
-            state = self.scenes[unit.scene.scene_id]
             if not (state.failed or state.finished):
                 err = (f"{describe_unit(unit)} failed: its worker died on each of {attempt} "
                        f"attempts (max_attempts); last error: {error}")

@@ -39,9 +39,12 @@ log = logging.getLogger(__name__)
 #: them outside tests. ``HTTM_DIST_TEST_KILL_SCENE=<scene id>``: a worker SIGKILLs itself on
 #: the first attempt of that scene's units (after the model ran, before committing).
 #: ``HTTM_DIST_TEST_UNIT_DELAY_S=<seconds>``: every unit sleeps that long before committing, so
-#: tests can observe (and interrupt) a run in flight.
+#: tests can observe (and interrupt) a run in flight. ``HTTM_DIST_TEST_OOM_OVER_FRAMES=<n>``:
+#: a unit of more than n frames raises torch's out-of-memory error after the model ran, as a
+#: GPU too small for it would.
 TEST_HOOK_ENV = {"kill_scene": "HTTM_DIST_TEST_KILL_SCENE",
-                 "unit_delay_s": "HTTM_DIST_TEST_UNIT_DELAY_S"}
+                 "unit_delay_s": "HTTM_DIST_TEST_UNIT_DELAY_S",
+                 "oom_over_frames": "HTTM_DIST_TEST_OOM_OVER_FRAMES"}
 
 
 def test_hooks_from_env() -> dict:
@@ -51,6 +54,18 @@ def test_hooks_from_env() -> dict:
 
 class WorkerFault(HttmDistError):
     """The worker itself is unhealthy (e.g. out of memory): replace it and retry the unit."""
+
+
+class OutOfMemoryFault(WorkerFault):
+    """The unit did not fit the worker's memory: the driver re-plans its scene in smaller
+    chunks (``frames`` is how many the unit had) instead of retrying the same unit."""
+
+    def __init__(self, message: str, frames: int) -> None:
+        super().__init__(message)
+        self.frames = frames
+
+    def __reduce__(self) -> tuple:  # Ray pickles it back to the driver
+        return (type(self), (str(self), self.frames))
 
 
 def unit_key(unit: Any) -> tuple[str, str, int | None]:
@@ -165,7 +180,8 @@ class ReconstructionWorker:
             if _is_oom(exc):
                 log.error("worker %s out of memory on %s: %s", self._info["pid"],
                           describe_unit(unit), exc)
-                raise WorkerFault(f"out of memory on {describe_unit(unit)}: {exc}") from None
+                raise OutOfMemoryFault(f"out of memory on {describe_unit(unit)}: {exc}",
+                                       len(unit.frames())) from None
             return self._failed(unit, attempt, exc, extra)
         record = dict(record or {})
         for k, v in extra.items():
@@ -199,6 +215,11 @@ class ReconstructionWorker:
         delay = float(self._test_hooks.get("unit_delay_s", 0) or 0)
         if delay > 0:
             time.sleep(delay)
+        over = int(self._test_hooks.get("oom_over_frames", 0) or 0)
+        if over and unit.kind != "assemble" and len(unit.frames()) > over:
+            import torch
+
+            raise torch.OutOfMemoryError(f"test fault injection: {len(unit.frames())} frames > {over}")
         if self._test_hooks.get("kill_scene") == unit.scene.scene_id and attempt == 1:
             log.warning("test fault injection: killing worker %s on %s", os.getpid(),
                         describe_unit(unit))
