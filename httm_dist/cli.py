@@ -1,4 +1,4 @@
-"""The ``httm-dist`` command: ``run``, ``demo``, ``eval`` and ``preview``.
+"""The ``httm-dist`` command: ``run``, ``demo``, ``eval``, ``preview`` and ``export``.
 
 Thin on purpose: it parses arguments, sets up logging, calls the package, and turns the
 outcome into an exit status:
@@ -194,6 +194,23 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from httm_dist.export import export_scenes
+
+    options = _storage_options(args.storage_options)
+    to_options = _storage_options(args.to_storage_options) if args.to_storage_options else None
+    result = export_scenes(
+        args.output_url, args.to, args.format, scene_ids=args.scene, conf_percentile=args.conf_percentile,
+        max_points=args.max_points, text=args.text, image_mode=args.image_mode,
+        storage_options=options, to_storage_options=to_options,
+    )
+    for sid, url in result["exported"].items():
+        print(f"{sid}: {url}")
+    for sid, error in result["failed"].items():
+        print(f"  failed: {sid}: {error}")
+    return EXIT_OK if not result["failed"] else EXIT_FAILED
+
+
 def _storage_options(text: Optional[str]) -> dict:
     """``--storage-options`` (YAML or JSON mapping) -> dict; empty when not given."""
     if not text:
@@ -270,6 +287,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", default=None, help="fsspec options as YAML/JSON")
     _add_logging(p, top=False)
     p.set_defaults(func=_cmd_preview)
+
+    p = sub.add_parser("export", help="committed scenes as COLMAP sparse models or nerfstudio datasets")
+    p.add_argument("output_url", help="the job's output URL/path")
+    p.add_argument("--format", required=True, choices=("colmap", "nerfstudio"))
+    p.add_argument("--to", required=True, help="destination URL/path; one folder per scene")
+    p.add_argument("--scene", nargs="+", action="extend", default=None, metavar="ID",
+                   help="scene ids (default: every committed scene)")
+    p.add_argument("--conf-percentile", type=float, default=50.0,
+                   help="per frame, keep depth pixels at or above this confidence percentile (default 50)")
+    p.add_argument("--max-points", type=int, default=200_000, help="points per scene at most (default 200000)")
+    p.add_argument("--text", action="store_true", help="COLMAP text files instead of binary")
+    p.add_argument("--image-mode", choices=("crop", "pad"), default=None,
+                   help="the job's image.mode, when an older output cannot tell (portrait photos in square inputs)")
+    p.add_argument("--storage-options", default=None, help="fsspec options (YAML/JSON) for the results and images")
+    p.add_argument("--to-storage-options", default=None, help="fsspec options for --to (default: --storage-options)")
+    _add_logging(p, top=False)
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

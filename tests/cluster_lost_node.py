@@ -82,7 +82,7 @@ def job_config(input_dir: Path, output_dir: Path):
     })
 
 
-def wait_for_first_commit(store, job: threading.Thread, deadline: float) -> dict | None:
+def wait_for_first_commit(store, job: threading.Thread, deadline: float):
     """The first committed scene's record (None if the job ended or time ran out first)."""
     while time.monotonic() < deadline and job.is_alive():
         committed = store.committed()
@@ -166,14 +166,14 @@ def main(workdir: Path) -> int:
         if first is None:
             out["error"] = result.get("error", "no scene was committed before the deadline")
             return _finish(out, 1)
-        victim_id = (first.get("worker") or {}).get("node_id")
+        victim_id = (first.worker or {}).get("node_id")
         victim = next((n for n in gpu_nodes if n.node_id == victim_id), None)
         if victim is None:
-            out["error"] = f"scene {first['scene_id']} was committed on an unknown node {victim_id}"
+            out["error"] = f"scene {first.scene_id} was committed on an unknown node {victim_id}"
             return _finish(out, 1)
         out["first_commit_s"] = round(time.monotonic() - t_job, 2)
         out["removed_node"] = victim_id
-        log.info("removing node %s (its worker committed %s)", victim_id, first["scene_id"])
+        log.info("removing node %s (its worker committed %s)", victim_id, first.scene_id)
         t_removed = time.monotonic()
         cluster.remove_node(victim, allow_graceful=False)
         out["node_removed_s"] = round(t_removed - t_job, 2)

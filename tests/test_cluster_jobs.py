@@ -222,12 +222,12 @@ def test_local_job_end_to_end_with_bad_scenes_on_two_parallel_workers(
     assert records["d_corrupt"]["error"] == errors["d_corrupt"]
     assert records["e_empty"]["status"] == "failed"
     done = [records[s] for s in GOOD]
-    assert all(r["status"] == "done" and r["frames"] == FRAMES for r in done)
+    assert all(r["status"] == "done" and r["num_frames"] == FRAMES for r in done)
 
     # The long scene ran as 4 chunks spread over both workers, then one assembly.
     long_rec = records[LONG]
     assert long_rec["status"] == "done" and long_rec["chunks"] == NUM_CHUNKS
-    assert long_rec["frames"] == LONG_FRAMES and len(long_rec["alignment"]) >= NUM_CHUNKS - 1
+    assert long_rec["num_frames"] == LONG_FRAMES and len(long_rec["alignment"]) >= NUM_CHUNKS - 1
     per_worker = [w["units"].get("chunk", 0) for w in summary["worker_units"]]
     assert sum(per_worker) == NUM_CHUNKS and min(per_worker) >= 1, summary["worker_units"]
     assert summary["units_run"] == 5 + NUM_CHUNKS + 1
@@ -318,6 +318,10 @@ def test_worker_dying_on_every_attempt_fails_only_its_scene(
     assert failure["scene_id"] == "a" and "died" in failure["error"]
     records = _records(out)
     assert records["a"]["status"] == "failed" and records["b"]["status"] == "done"
+    # the driver's failure record names the unit, its frames and the config, like a worker's
+    cfg = _job(dataset["root"], out)
+    assert (records["a"]["unit"], records["a"]["num_frames"], records["a"]["attempts"]) == ("scene", FRAMES, 1)
+    assert (records["a"]["model_hash"], records["a"]["merge_hash"]) == (cfg.model_hash(), cfg.merge_hash())
 
 
 def test_bad_config_fails_before_any_work(dataset, tmp_path):
@@ -400,8 +404,8 @@ def test_killed_driver_resumes_scenes_and_chunks_without_recomputing(
 
     records = _records(out)
     for sid, rec in first.items():  # committed scenes untouched by the rerun
-        assert records[sid]["run_id"] == rec["run_id"] != summary["run_id"]
-        assert records[sid].get("written_at") == rec.get("written_at")
+        assert records[sid]["run_id"] == rec.run_id != summary["run_id"]
+        assert records[sid]["written_at"] == rec.written_at
     long_rec = records[LONG]
     assert long_rec["status"] == "done" and long_rec["chunks"] == NUM_CHUNKS
     rows = _frame_rows(out)
@@ -412,7 +416,8 @@ def test_killed_driver_resumes_scenes_and_chunks_without_recomputing(
 
 
 def test_config_change_is_refused_or_reprocessed_per_policy(dataset, tmp_path):
-    from httm_dist.cluster.driver import _plan_work, run_job
+    from httm_dist.cluster.driver import run_job
+    from httm_dist.cluster.plan import plan_work
     from httm_dist.results import ResultStore
 
     out = tmp_path / "out"
@@ -424,26 +429,26 @@ def test_config_change_is_refused_or_reprocessed_per_policy(dataset, tmp_path):
     assert not (out / "runs").exists()  # refused before any work
 
     cfg = _job(dataset["root"], out, include=list(GOOD), on_config_change="reprocess")
-    plan = _plan_work(cfg, ResultStore(str(out), {}), "run-x")
+    plan = plan_work(cfg, ResultStore(str(out), {}), "run-x")
     assert sorted(u.scene_id for u in plan.queue) == sorted(GOOD) and not plan.skipped
     same = dict(old, model_hash=cfg.model_hash(), merge_hash=cfg.merge_hash())
     (out / "scenes" / "a.json").write_text(json.dumps(same))
-    plan = _plan_work(cfg, ResultStore(str(out), {}), "run-y")
+    plan = plan_work(cfg, ResultStore(str(out), {}), "run-y")
     assert sorted(u.scene_id for u in plan.queue) == ["b", "c"] and plan.skipped == ["a"]
 
 
 def test_saved_chunks_are_reused_only_under_the_same_plan(dataset, tmp_path):
     """A chunk saved under another chunk size (an auto size on another GPU, an out-of-memory
     re-plan) covers other frames: resume redoes it instead of assembling mismatched chunks."""
-    from httm_dist.cluster.driver import _plan_work
+    from httm_dist.cluster.plan import plan_work
     from httm_dist.results import ResultStore
 
     out = tmp_path / "out"
     store = ResultStore(str(out), {})
     store.write_chunk(LONG, 0, {"depth": np.zeros(1, np.float32)}, {"frame_range": [0, 4]})
-    same = _plan_work(_job(dataset["root"], out, include=[LONG], chunk=CHUNK), store, "r1")
+    same = plan_work(_job(dataset["root"], out, include=[LONG], chunk=CHUNK), store, "r1")
     assert same.reused_chunks == 1 and 0 not in same.scenes[LONG].waiting_chunks
-    other = _plan_work(_job(dataset["root"], out, include=[LONG], chunk={"max_frames": 6, "overlap": 2}),
+    other = plan_work(_job(dataset["root"], out, include=[LONG], chunk={"max_frames": 6, "overlap": 2}),
                        store, "r2")
     assert other.reused_chunks == 0 and 0 in other.scenes[LONG].waiting_chunks
 
@@ -490,20 +495,23 @@ def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeyp
     unit_a, unit_b = (plan_units(scenes[s], cfg)[0] for s in ("a", "b"))
 
     worker.prefetch(unit_b)  # decoded in the background while a runs
-    assert worker.process(unit_a, 1)["status"] == "done"
+    assert worker.process(unit_a, 1).status == "done"
     rec_b = worker.process(unit_b, 1)
-    assert rec_b["status"] == "done" and rec_b["prefetched"] is True
+    assert rec_b.status == "done" and rec_b.prefetched is True
 
     bad = worker.process(plan_units(scenes["d_corrupt"], cfg)[0], 1)
-    assert bad["status"] == "failed" and "frame_01.png" in bad["error"]
-    assert ResultStore(str(out), {}).record("d_corrupt")["status"] == "failed"
+    assert bad.status == "failed" and "frame_01.png" in bad.error
+    written = ResultStore(str(out), {}).record("d_corrupt")
+    assert written.status == "failed" and written.run_id == "run-w"
+    assert (written.unit, written.num_frames, written.model_hash) == ("scene", FRAMES, cfg.model_hash())
 
     def boom(loaded):
         raise ValueError("a bug in the model")
 
     monkeypatch.setattr(worker.runner, "run", boom)
     rec = worker.process(unit_a, 2)
-    assert rec["status"] == "failed" and rec["error"] == "ValueError: a bug in the model"
+    assert rec.status == "failed" and rec.error == "ValueError: a bug in the model"
+    assert rec.attempts == 2
 
     def oom(loaded):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")

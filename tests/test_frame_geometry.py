@@ -14,7 +14,7 @@ from PIL import Image
 
 import httm_dist.results as results
 from httm_dist.model.preprocess import load_and_preprocess_frames
-from httm_dist.results import ResultStore, build_frame_table, column_matrices, scene_arrays, validity_mask
+from httm_dist.results import ResultStore, SceneRecord, build_frame_table, column_matrices, scene_arrays, validity_mask
 from httm_dist.results.frames import FRAME_SCHEMA, V2_COLUMNS
 from httm_dist.storage import get_fs
 
@@ -104,7 +104,9 @@ def test_reader_accepts_format_version_1_and_2(tmp_path):
         table, *_ = _table([(64, 48), (64, 48)], "crop", 56)
         table = table.set_column(0, "scene_id", pa.array([sid] * 2))
         arrays = scene_arrays({"depth": np.ones((2, 42, 56), np.float32)})
-        store.write_scene(sid, table, arrays, {"model_hash": "m", "merge_hash": "g"})
+        store.write_scene(sid, table, arrays, SceneRecord.done(
+            sid, unit="scene", num_frames=2, chunks=1, model_hash="m", merge_hash="g",
+            attempts=1, seconds=1.0, timings={}))
     # rewrite "old" as a format_version 1 job wrote it: no geometry columns, version 1 record
     fs, root = get_fs(url)
     rec_path = f"{root}/scenes/old.json"

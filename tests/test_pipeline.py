@@ -133,7 +133,7 @@ def test_scene_units_commit_rows_and_values_equal_to_the_model(runner, scenes, d
     records = {}
     for sid in ("alpha", "beta"):
         (unit,) = plan_units(scenes[sid], runner.cfg)
-        records[sid] = runner.process(unit, store, {"attempt": 2, "worker": {"host": "node-7"}})
+        records[sid] = runner.process(unit, store, {"attempts": 2, "worker": {"host": "node-7"}})
 
     reader = open_results(runner.cfg.output)
     assert reader.scene_ids == ["alpha", "beta"]
@@ -179,12 +179,12 @@ def test_scene_units_commit_rows_and_values_equal_to_the_model(runner, scenes, d
         assert list(arrays["frame_uris"]) == [s.uri for s in scenes[sid].frames]
 
         rec = reader.records()[sid]
-        assert rec["status"] == "done" and rec["error"] is None and rec["frames"] == n
+        assert rec["status"] == "done" and rec["error"] is None and rec["num_frames"] == n
         assert rec["model_hash"] == runner.cfg.model_hash()
         assert rec["merge_hash"] == runner.cfg.merge_hash()
         assert rec["worker_host"] == "node-7" and rec["attempts"] == 2
         assert rec["chunks"] == 1 and rec["alignment"] == [] and rec["seconds"] > 0
-        assert records[sid]["status"] == "done"
+        assert records[sid].status == "done" and records[sid].to_dict() == rec
 
 
 def test_float32_output_and_dense_merging(dataset, scenes, tmp_path, reference_model):
@@ -215,10 +215,10 @@ def test_corrupt_empty_and_short_scenes_raise_scene_errors(runner, scenes, datas
         strict.load(plan_units(scenes["beta"], strict.cfg)[0])
 
     rec = failure_record(plan_units(scenes["corrupt"], runner.cfg)[0], err.value, runner.cfg, 3)
-    assert rec["status"] == "failed" and rec["error"] == msg and rec["attempts"] == 3
-    assert rec["model_hash"] == runner.cfg.model_hash()
+    assert rec.status == "failed" and rec.error == msg and rec.attempts == 3
+    assert rec.model_hash == runner.cfg.model_hash() and rec.num_frames == 3 and rec.unit == "scene"
     rec = failure_record(plan_units(scenes["alpha"], runner.cfg)[0], KeyError("x"), runner.cfg)
-    assert rec["error"].startswith("KeyError")
+    assert rec.error.startswith("KeyError")
 
 
 def test_chunked_scene_assembles_every_frame_once(runner, scenes, dataset, reference_model):
@@ -227,7 +227,9 @@ def test_chunked_scene_assembles_every_frame_once(runner, scenes, dataset, refer
     units = plan_units(scene, runner.cfg)
     done = assemble_unit(scene, len(units))
     for unit in units[:-1]:
-        assert runner.process(unit, store)["status"] == "chunk_done"
+        chunk = runner.process(unit, store)
+        assert chunk.status == "chunk_done" and chunk.num_frames == unit.frame_range[1] - unit.frame_range[0]
+        assert chunk.timings["commit"] > 0 and chunk.seconds == pytest.approx(sum(chunk.timings.values()), abs=1e-3)
     assert "long" not in store.committed()
     with pytest.raises(RuntimeError, match=r"chunk\(s\) \[%d\]" % (len(units) - 1)):
         runner.assemble(done, store)
@@ -236,9 +238,10 @@ def test_chunked_scene_assembles_every_frame_once(runner, scenes, dataset, refer
     assert "long" not in store.committed()  # chunks alone never commit the scene
 
     record = runner.process(done, store)
-    assert record["status"] == "done" and record["chunks"] == len(units)
-    assert len(record["alignment"]) == len(units) - 1
-    assert all(np.isfinite(a["residual"]) and "flagged" in a for a in record["alignment"])
+    assert record.status == "done" and record.chunks == len(units) and record.num_frames == 9
+    assert len(record.alignment) == len(units) - 1
+    assert all(np.isfinite(a["residual"]) and "flagged" in a for a in record.alignment)
+    assert set(record.timings) == {"assemble", "commit"}
     assert store.done_chunks("long") == {}  # intermediate chunks cleaned up
 
     reader = open_results(runner.cfg.output)
@@ -254,7 +257,7 @@ def test_chunked_scene_assembles_every_frame_once(runner, scenes, dataset, refer
     paths = sorted((dataset["scenes"] / "long").glob("*.png"))
     start, end = units[0].frame_range
     ref = _reference(reference_model, paths[start:end])
-    from_first = [g for g, c in enumerate(record["frame_source_chunk"]) if c == 0]
+    from_first = [g for g, c in enumerate(record.frame_source_chunk) if c == 0]
     assert 0 in from_first
     for g in from_first:
         np.testing.assert_allclose(arrays["depth"][g].astype(np.float32), ref["depth"][g], **F16)
@@ -302,7 +305,7 @@ def test_preview_option_writes_previews_of_each_committed_scene(runner, scenes, 
     previewing = UnitRunner(cfg, model=runner.model)
     store = ResultStore(out)
     (unit,) = plan_units(scenes["alpha"], cfg)
-    assert previewing.process(unit, store)["status"] == "done"
+    assert previewing.process(unit, store).status == "done"
     arrays = open_results(out).arrays("alpha")
     S, H, W = arrays["depth"].shape[:3]
     with Image.open(tmp_path / "out" / "previews" / "alpha.png") as png:

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from test_results_store import done_record
 
 from httm_dist.pipeline import preview
 from httm_dist.pipeline.preview import contact_sheet, read_ply, select_points, write_ply
@@ -86,7 +87,7 @@ def _commit_scene(output_url, scene_id, sc, frame_uris, conf, storage_options=No
         }
     )
     table = build_frame_table(scene_id, frame_uris, [(H, W)] * S, (H, W), sc.extrinsic, sc.intrinsic, sc.depth, conf)
-    ResultStore(output_url, storage_options).write_scene(scene_id, table, arrays, {"model_hash": "m", "merge_hash": "g"})
+    ResultStore(output_url, storage_options).write_scene(scene_id, table, arrays, done_record(scene_id, S))
 
 
 def test_write_scene_preview_from_results(tmp_path):

@@ -12,7 +12,7 @@ from test_results_frames import random_prediction, table_of
 
 import httm_dist.results as results
 from httm_dist.errors import ConfigError
-from httm_dist.results import FORMAT_VERSION, ResultStore, column_matrices, scene_arrays
+from httm_dist.results import ResultStore, RunSummary, SceneRecord, column_matrices, scene_arrays
 from httm_dist.results.store import table_bytes
 from httm_dist.storage import get_fs
 
@@ -28,10 +28,22 @@ def out(request, tmp_path):
     return f"{bucket}/out", opts
 
 
-def commit(store: ResultStore, scene_id: str, s: int = 3, seed: int = 0, **record) -> dict:
+def done_record(scene_id: str, num_frames: int = 3, **fields) -> SceneRecord:
+    """A done record with the identity every writer must give, plus ``fields``."""
+    return SceneRecord.done(scene_id, **{
+        "unit": "scene", "num_frames": num_frames, "chunks": 1, "attempts": 1, "seconds": 1.5,
+        "timings": {"run": 1.5}, **HASHES, **fields})
+
+
+def failed_record(scene_id: str, error: str, **fields) -> SceneRecord:
+    return SceneRecord.failed(scene_id, error, **{
+        "unit": "scene", "num_frames": 3, "chunks": 1, "attempts": 1, **HASHES, **fields})
+
+
+def commit(store: ResultStore, scene_id: str, s: int = 3, seed: int = 0, **fields) -> SceneRecord:
     pred = random_prediction(s=s, seed=seed)
     return store.write_scene(
-        scene_id, table_of(pred, scene_id), scene_arrays(pred), {**HASHES, "seconds": 1.5, **record}
+        scene_id, table_of(pred, scene_id), scene_arrays(pred), done_record(scene_id, s, **fields)
     )
 
 
@@ -47,9 +59,12 @@ def test_round_trip_through_reader(out):
     store = ResultStore(url, opts)
     preds = {sid: random_prediction(s=s, seed=i) for i, (sid, s) in enumerate([("0001", 2), ("b", 3)])}
     for sid, pred in preds.items():
-        rec = store.write_scene(sid, table_of(pred, sid), scene_arrays(pred), {**HASHES, "worker_host": "h"})
-        assert rec["status"] == "done" and rec["format_version"] == FORMAT_VERSION == 2 and rec["num_frames"] == len(pred["frame_uris"])
-        assert rec["frames_path"] == f"frames/scene_id={sid}/part-0.parquet" and "written_at" in rec
+        rec = store.write_scene(sid, table_of(pred, sid), scene_arrays(pred),
+                                done_record(sid, num_frames=99, worker_host="h"))
+        assert rec.status == "done" and rec.format_version == 2
+        assert rec.num_frames == len(pred["frame_uris"])  # the table's rows, not the caller's
+        assert rec.frames_path == f"frames/scene_id={sid}/part-0.parquet" and rec.written_at
+        assert rec.timings["commit"] > 0 and rec.seconds == pytest.approx(1.5 + rec.timings["commit"], abs=1e-3)
     reader = results.open(url, opts)
     assert reader.scene_ids == ["0001", "b"]
     table = reader.frames()
@@ -85,13 +100,13 @@ def test_no_record_means_not_committed(out):
     with pytest.raises(KeyError):
         reader.arrays("half")
     # the rerun then fails on that scene: its leftovers go, a failed record is written
-    rec = store.write_failure("half", {"error": "SceneError: corrupt image x.jpg", "attempts": 2})
-    assert rec["status"] == "failed" and rec["error"].startswith("SceneError")
+    rec = store.write_failure(failed_record("half", "SceneError: corrupt image x.jpg", attempts=2))
+    assert rec.status == "failed" and rec.error.startswith("SceneError")
     assert set(raw_frames(url, opts).column("scene_id").to_pylist()) == {"good"}
-    assert set(store.committed()) == {"good"} and store.records()["half"]["attempts"] == 2
+    assert set(store.committed()) == {"good"} and store.records()["half"].attempts == 2
     # a failure never overwrites a committed scene
-    assert store.write_failure("good", {"error": "late duplicate"}) is None
-    assert store.records()["good"]["status"] == "done"
+    assert store.write_failure(failed_record("good", "late duplicate")) is None
+    assert store.records()["good"].status == "done"
 
 
 def test_rerun_leaves_no_duplicates(out):
@@ -102,7 +117,7 @@ def test_rerun_leaves_no_duplicates(out):
     # a stale extra part from some older writer, then a rerun of "a" with fewer frames
     store._put("frames/scene_id=a/part-1.parquet", table_bytes(table_of(random_prediction(seed=9), "a")))
     rec = commit(store, "a", s=3, seed=2, model_hash="m2")
-    assert rec["model_hash"] == "m2"
+    assert rec.model_hash == "m2"
     raw = raw_frames(url, opts)
     assert raw.num_rows == 5
     assert sorted(raw.column("scene_id").to_pylist()) == ["a"] * 3 + ["b"] * 2
@@ -115,7 +130,7 @@ def test_rerun_leaves_no_duplicates(out):
     # Given the records it already read, it reads nothing more (the driver's resume start),
     # and failed records never conflict.
     records = store.records()
-    records["c"] = {"status": "failed", "model_hash": "other"}
+    records["c"] = failed_record("c", "boom", model_hash="other")
     store.records = lambda: pytest.fail("config_conflicts re-read the records")
     assert store.config_conflicts("m1", "g1", records) == ["a"]
 
@@ -142,17 +157,19 @@ def test_rewrite_uncommits_before_touching_data(tmp_path, monkeypatch):
 def test_records_and_summaries_hold_no_secrets(out):
     url, opts = out
     store = ResultStore(url, opts)
-    commit(store, "a", storage_options={"key": "AKIA123", "secret": "hunter2"})
+    commit(store, "a", worker={"storage_options": {"key": "AKIA123", "secret": "hunter2"}})
+    store.write_failure(failed_record("f", "cannot read s3://me:hunter2@bucket/x.png"))
     summary_url = store.write_run_summary(
-        "run-1", {"config": {"storage_options": {"secret": "hunter2"}}, "done": 1, "failed": 0}
+        RunSummary("run-1", config={"storage_options": {"secret": "hunter2"}}, done=1)
     )
     fs, path = get_fs(summary_url, opts)
-    text = fs.cat_file(path).decode() + json.dumps(store.records())
+    text = fs.cat_file(path).decode() + json.dumps(results.open(url, opts).records())
+    text += "".join(fs.cat_file(f"{store.root}/scenes/{s}.json").decode() for s in ("a", "f"))
     assert "hunter2" not in text and "AKIA123" not in text
     runs = results.open(url, opts).runs()
     assert [r["run_id"] for r in runs] == ["run-1"] and runs[0]["done"] == 1
     with pytest.raises(ConfigError):
-        store.write_run_summary("../evil", {})
+        store.write_run_summary(RunSummary("../evil"))
 
 
 def test_chunks(out):
@@ -180,9 +197,13 @@ def test_bad_scene_ids_and_tables(tmp_path):
     store = ResultStore(str(tmp_path))
     pred = random_prediction()
     with pytest.raises(ConfigError, match="a/b"):
-        store.write_scene("a/b", table_of(pred, "a/b"), {}, {})
+        store.write_scene("a/b", table_of(pred, "a/b"), {}, done_record("a/b"))
     with pytest.raises(ValueError, match="other"):
-        store.write_scene("x", table_of(pred, "other"), {}, {})
+        store.write_scene("x", table_of(pred, "other"), {}, done_record("x"))
+    with pytest.raises(ValueError, match="needs a done record"):
+        store.write_scene("x", table_of(pred, "x"), {}, done_record("y"))
+    with pytest.raises(ValueError, match="needs a failed record"):
+        store.write_failure(done_record("x"))
     assert results.open(str(tmp_path)).frames().num_rows == 0
 
 
@@ -209,5 +230,5 @@ def test_record_read_retries_a_path_the_batched_read_failed(tmp_path, monkeypatc
     monkeypatch.setattr(fs, "cat_file", flaky_cat_file)
     monkeypatch.setattr("httm_dist.storage.time.sleep", lambda s: None)
     records = store.records()
-    assert sorted(records) == ["a", "b"] and records["b"]["status"] == "done"
+    assert sorted(records) == ["a", "b"] and records["b"].status == "done"
     assert failures["left"] == 0

@@ -3,7 +3,8 @@
 ``run_job(cfg)`` is the whole job:
 
 1. validate the config's outside world (weights, input, output) before anything else;
-2. list scenes, skip those already committed (resume), apply ``on_config_change`` to scenes
+2. ``chunk.max_frames: auto`` is resolved from one worker's free GPU memory
+   (:mod:`~httm_dist.pipeline.memory`; Ray is connected first for it); list scenes, skip those already committed (resume), apply ``on_config_change`` to scenes
    committed under another model/merge config, and split the rest into units (a whole
    scene, or the chunks of a long one plus its "assemble" step); chunks already saved by an
    earlier run are not redone;
@@ -13,33 +14,39 @@
    a worker that dies gives its units back to the queue (the running one counts an attempt,
    up to ``max_attempts``) and is replaced; a scene's own failure is recorded and the job goes
    on; a chunked scene's "assemble" unit is queued once all its chunks are done; a unit that
-   runs out of memory re-plans its scene in chunks of half its frames (once none of the
-   scene's units is running, its old chunks discarded) instead of retrying the same unit;
+   ran out of memory re-plans its scene in smaller chunks (the driver removes the replaced
+   plan's saved chunks);
 5. write and return the run summary (counts, failures with their errors, seconds, frames/s).
 
-Workers write results themselves; the driver only sees small records. Scheduling is Ray's
-actors plus ``ray.wait``; the only state the driver keeps is which unit each actor holds.
+Workers write results themselves; the driver only sees small records. Step 2 is
+:mod:`~httm_dist.cluster.plan`, the dispatch policy of step 4 is the Ray-free
+:class:`~httm_dist.cluster.schedule.Scheduler`; this module is the Ray adapter around them
+(actors, ``ray.wait``, replacing dead actors) plus the summary.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
 
 import ray
 from ray import exceptions as rex
 
+from httm_dist.cluster.plan import Plan, plan_work, record_failure
 from httm_dist.cluster.progress import JobProgress
-from httm_dist.cluster.worker import (OutOfMemoryFault, ReconstructionWorker, WorkerFault, describe_unit,
-                                      test_hooks_from_env, unit_key)
-from httm_dist.errors import ConfigError, HttmDistError, SceneError
+from httm_dist.cluster.schedule import Assignment, FailureKind, GiveUp, Lease, Scheduler
+from httm_dist.cluster.worker import (OutOfMemoryFault, ReconstructionWorker, WorkerFault,
+                                     test_hooks_from_env)
+from httm_dist.config import JobConfig, validate_resources
+from httm_dist.errors import ConfigError, HttmDistError
+from httm_dist.pipeline.memory import probe_worker_free_bytes, resolve_max_frames, with_max_frames
+from httm_dist.pipeline.unit import failure_record, plan_units
+from httm_dist.results import ResultStore, RunSummary, SceneRecord
+from httm_dist.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -57,39 +64,7 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-@dataclass
-class _SceneState:
-    scene: Any
-    waiting_chunks: set = field(default_factory=set)  # chunk indices not yet done
-    assemble: Any = None  # the "assemble" unit, queued when waiting_chunks empties
-    failed: bool = False
-    finished: bool = False
-    replan: int | None = None  # out of memory: re-plan in chunks of this many frames when idle
-    replans: int = 0
-
-
-@dataclass
-class _Slot:
-    """One worker actor and the units it holds."""
-
-    actor: Any
-    ready: bool = False  # the actor answered info(): its model is loaded
-    info: dict = field(default_factory=dict)  # host, pid, device, units run by kind
-    current: tuple | None = None  # (unit, attempt, ObjectRef)
-    reserved: tuple | None = None  # (unit, attempt): prefetching, runs next
-
-
-@dataclass
-class _Plan:
-    queue: collections.deque
-    scenes: dict[str, _SceneState]
-    skipped: list[str]
-    failures: list[dict]
-    reused_chunks: int = 0
-    kept_failed: list[str] = field(default_factory=list)
-
-
-def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> dict:
+def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None) -> dict:
     """Runs (or resumes) the job described by ``cfg``; returns the run summary.
 
     Raises ConfigError/StorageError before any work when the config or its storage is wrong,
@@ -98,10 +73,6 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
     ``failed`` count and ``failures`` list report them (the CLI turns them into its exit
     status).
     """
-    from httm_dist.config import validate_resources
-    from httm_dist.results import ResultStore
-    from httm_dist.storage import redact
-
     validate_resources(cfg)
     run_id = run_id or new_run_id()
     started_wall = datetime.now(timezone.utc)
@@ -109,12 +80,10 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
     started_ray = False
     try:
         if cfg.chunk.max_frames == "auto":  # sized from a worker's GPU: ask one (needs Ray)
-            from httm_dist.pipeline.memory import probe_worker_free_bytes, resolve_max_frames, with_max_frames
-
             started_ray = _connect(cfg)
             cfg = with_max_frames(cfg, resolve_max_frames(cfg, probe_worker_free_bytes(cfg)))
             log.info("chunk.max_frames auto: %d frames per forward pass", cfg.chunk.max_frames)
-        plan = _plan_work(cfg, store, run_id)
+        plan = plan_work(cfg, store, run_id)
     except BaseException:
         if started_ray:
             ray.shutdown()
@@ -137,8 +106,7 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
             dispatcher = _Dispatcher(cfg, store, run_id, plan, bar)
             records = dispatcher.run()
             worker_info, units_run = dispatcher.worker_info, dispatcher.units_run
-            workers_lost = dispatcher.workers_lost
-            replanned = dispatcher.replanned
+            workers_lost, replanned = dispatcher.workers_lost, dispatcher.replanned
             max_parallel = max_overlap(dispatcher.spans)
             if dispatcher.first_up is not None:
                 startup_s = round(dispatcher.first_up - bar.started, 3)
@@ -151,154 +119,53 @@ def run_job(cfg: Any, *, progress: bool = True, run_id: str | None = None) -> di
     bar.close()
 
     failures = plan.failures + [
-        {"scene_id": sid, "error": rec.get("error", "unknown error"),
-         "attempts": rec.get("attempts")}
-        for sid, rec in records.items() if rec.get("status") != "done"
+        {"scene_id": sid, "error": rec.error, "attempts": rec.attempts}
+        for sid, rec in records.items() if not rec.is_done
     ]
-    done = [rec for rec in records.values() if rec.get("status") == "done"]
+    done = [rec for rec in records.values() if rec.is_done]
     seconds = bar.elapsed
-    summary = {
-        "run_id": run_id,
-        "started_at": started_wall.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "seconds": round(seconds, 3),
-        "startup_seconds": startup_s,  # until the first worker had its model loaded
-        "scenes": total + len(plan.skipped) + len(plan.kept_failed),
-        "skipped": len(plan.skipped),
-        "not_retried": len(plan.kept_failed),
-        "done": len(done),
-        "failed": len(failures),
-        "failures": failures,
-        "frames": bar.frames,
-        "frames_per_s": round(bar.frames / max(seconds, 1e-9), 4),
-        "units_run": units_run,
-        "reused_chunks": plan.reused_chunks,
-        "workers": len(worker_info),
-        "workers_lost": workers_lost,
-        "replanned": replanned,  # scenes re-planned in smaller chunks after running out of memory
-        "max_parallel_units": max_parallel,  # most units running at once (worker clocks)
-        "worker_hosts": sorted({w.get("host", "?") for w in worker_info}),
-        "worker_units": worker_info,
-        "model_hash": cfg.model_hash(),
-        "merge_hash": cfg.merge_hash(),
-        "input": cfg.input,
-        "output": cfg.output,
-        "config": cfg.to_dict(redacted=True),
-    }
-    summary = redact(summary)
-    summary["summary_url"] = redact(store.write_run_summary(run_id, summary))
+    summary = RunSummary(
+        run_id=run_id,
+        started_at=started_wall.isoformat(),
+        finished_at=datetime.now(timezone.utc).isoformat(),
+        seconds=round(seconds, 3),
+        startup_seconds=startup_s,
+        scenes=total + len(plan.skipped) + len(plan.kept_failed),
+        skipped=len(plan.skipped),
+        not_retried=len(plan.kept_failed),
+        done=len(done),
+        failed=len(failures),
+        failures=redact(failures),
+        frames=bar.frames,
+        frames_per_s=round(bar.frames / max(seconds, 1e-9), 4),
+        units_run=units_run,
+        reused_chunks=plan.reused_chunks,
+        workers=len(worker_info),
+        workers_lost=workers_lost,
+        replanned=replanned,
+        max_parallel_units=max_parallel,
+        worker_hosts=sorted({w.get("host", "?") for w in worker_info}),
+        worker_units=worker_info,
+        model_hash=cfg.model_hash(),
+        merge_hash=cfg.merge_hash(),
+        input=redact(cfg.input),
+        output=redact(cfg.output),
+        config=cfg.to_dict(redacted=True),
+    )
+    summary_url = redact(store.write_run_summary(summary))
+    out = redact({**summary.to_dict(), "summary_url": summary_url})
     log.info("run %s finished: %d done, %d failed, %d skipped, %d frames in %.1f s "
-             "(%.2f frames/s)", run_id, summary["done"], summary["failed"], summary["skipped"],
-             summary["frames"], seconds, summary["frames_per_s"])
-    for f in failures:
+             "(%.2f frames/s)", run_id, summary.done, summary.failed, summary.skipped,
+             summary.frames, seconds, summary.frames_per_s)
+    for f in summary.failures:
         log.warning("failed scene %r: %s", f["scene_id"], f["error"])
-    return summary
-
-
-# --------------------------------------------------------------------------- planning
-
-
-def _plan_work(cfg: Any, store: Any, run_id: str) -> _Plan:
-    """Scenes -> units still to run, honouring resume and ``on_config_change``."""
-    from httm_dist.data import discover_scenes
-    from httm_dist.pipeline.unit import assemble_unit, plan_units
-
-    scenes = discover_scenes(cfg.input, cfg.storage_options, frame_stride=cfg.frame_stride,
-                             max_frames=cfg.max_frames, include=cfg.include,
-                             exclude=cfg.exclude)
-    existing = store.records()  # done and failed
-    model_hash, merge_hash = cfg.model_hash(), cfg.merge_hash()
-    ids = {s.scene_id for s in scenes}
-    conflicts = sorted(set(store.config_conflicts(model_hash, merge_hash, existing)) & ids)
-    if conflicts and cfg.on_config_change == "refuse":
-        shown = ", ".join(repr(c) for c in conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
-        raise ConfigError(
-            f"{len(conflicts)} committed scene(s) in the output ({shown}) were made with a "
-            "different model or merge config than this job's. Set on_config_change: reprocess "
-            "(e.g. --set on_config_change=reprocess) to redo them, or write to another output."
-        )
-    redo = set(conflicts)
-    if redo:
-        log.warning("%d committed scenes were made under another model/merge config: "
-                    "reprocessing them (on_config_change: reprocess)", len(redo))
-
-    queue: collections.deque = collections.deque()
-    states: dict[str, _SceneState] = {}
-    skipped: list[str] = []
-    kept_failed: list[str] = []
-    failures: list[dict] = []
-    reused_chunks = 0
-    for scene in scenes:
-        sid = scene.scene_id
-        status = (existing.get(sid) or {}).get("status")
-        if status == "done" and sid not in redo:
-            skipped.append(sid)
-            continue
-        if status == "failed" and not cfg.retry_failed:
-            kept_failed.append(sid)
-            continue
-        try:
-            units = plan_units(scene, cfg)
-        except SceneError as exc:
-            failures.append(_driver_failure(store, run_id, sid, str(exc), attempt=0))
-            continue
-        state = _SceneState(scene)
-        chunks = [u for u in units if u.kind == "chunk"]
-        if chunks:
-            done = _reusable_chunks(store, sid, model_hash, merge_hash, sid in redo)
-            for u in chunks:
-                meta = done.get(u.chunk_index) or {}
-                # a chunk saved under another plan (another chunk.max_frames, an auto size on
-                # another GPU, an out-of-memory re-plan) covers other frames: redo it
-                if list(meta.get("frame_range") or ()) != list(u.frame_range):
-                    state.waiting_chunks.add(u.chunk_index)
-                    queue.append(u)
-            reused = len(chunks) - len(state.waiting_chunks)
-            if reused:
-                log.info("scene %r: reusing %d finished chunks of %d", sid, reused, len(chunks))
-            reused_chunks += reused
-            state.assemble = assemble_unit(scene, len(chunks))
-            if not state.waiting_chunks:
-                queue.append(state.assemble)
-        else:
-            queue.extend(units)
-        states[sid] = state
-    if kept_failed:
-        log.info("%d scenes recorded as failed by earlier runs are not retried "
-                 "(retry_failed: false)", len(kept_failed))
-    return _Plan(queue, states, skipped, failures, reused_chunks, kept_failed)
-
-
-def _reusable_chunks(store: Any, scene_id: str, model_hash: str, merge_hash: str,
-                     redo: bool) -> dict:
-    done = store.done_chunks(scene_id)
-    if redo:  # keep only chunks made under this job's config
-        done = {i: m for i, m in done.items()
-                if (m or {}).get("model_hash") == model_hash
-                and (m or {}).get("merge_hash") == merge_hash}
-    return done
-
-
-def _driver_failure(store: Any, run_id: str, scene_id: str, error: str, attempt: int) -> dict:
-    """Records a failure decided by the driver (bad plan, worker died too often)."""
-    from httm_dist.storage import redact
-
-    error = redact(error)
-    record = {"scene_id": scene_id, "status": "failed", "error": error, "run_id": run_id,
-              "attempt": attempt, "finished_at": time.time()}
-    try:
-        store.write_failure(scene_id, record)
-    except Exception as exc:  # noqa: BLE001 - the summary still carries the failure
-        log.error("could not write the failure record of scene %r: %s", scene_id,
-                  redact(str(exc)))
-    log.warning("scene %r failed: %s", scene_id, error)
-    return {"scene_id": scene_id, "error": error, "attempts": attempt}
+    return out
 
 
 # --------------------------------------------------------------------------- Ray
 
 
-def _connect(cfg: Any) -> bool:
+def _connect(cfg: JobConfig) -> bool:
     """Connects to Ray; returns True when this call started it (so the job shuts it down)."""
     if ray.is_initialized():
         return False
@@ -312,7 +179,7 @@ def _connect(cfg: Any) -> bool:
     return True
 
 
-def _worker_count(cfg: Any, n_units: int) -> tuple[int, float]:
+def _worker_count(cfg: JobConfig, n_units: int) -> tuple[int, float]:
     """(number of workers, GPUs per worker) for this cluster and config."""
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
@@ -341,57 +208,65 @@ def _worker_count(cfg: Any, n_units: int) -> tuple[int, float]:
 
 
 class _Dispatcher:
-    """Keeps each live worker busy with one unit and one prefetched; retries and replaces.
+    """The Ray adapter around :class:`~httm_dist.cluster.schedule.Scheduler`: starts actors,
+    turns its assignments into actor calls, and reports back what ``ray.wait`` returns.
 
-    A worker gets units only once it is up (its model loaded): a slow-starting or pending
-    actor (e.g. waiting for an autoscaled node) never holds work that a live one could do.
+    Worker ids are slots 0..n-1; a dead worker's slot gets a fresh actor, which gets work once
+    its ``info()`` answers (its model is loaded).
     """
 
-    def __init__(self, cfg: Any, store: Any, run_id: str, plan: _Plan, bar: JobProgress):
+    def __init__(self, cfg: JobConfig, store: ResultStore, run_id: str, plan: Plan,
+                 bar: JobProgress) -> None:
         self.cfg, self.store, self.run_id, self.bar = cfg, store, run_id, bar
-        self.queue: collections.deque = plan.queue
-        self.scenes = plan.scenes
-        self.attempts: collections.Counter = collections.Counter()
-        self.records: dict[str, dict] = {}
-        self.units_run = 0
         self.workers_lost = 0
         self.first_up: float | None = None  # time.monotonic() when the first worker was up
         self.spans: list[tuple[float, float]] = []  # (started_at, finished_at) of each unit
-        self.worker_info: list[dict] = []
+        self.worker_info: list[dict] = []  # one per actor that came up
         self.hooks = test_hooks_from_env()
         self.init_failures = 0
+        self.by_ref: dict[ray.ObjectRef, tuple[int, str]] = {}  # ref -> (worker, "probe" | "process")
+        n, self.gpw = _worker_count(cfg, len(plan.queue))
+        self.schedule = Scheduler(plan.queue, plan.scenes, cfg.max_attempts, n,
+                                  planner=lambda scene, size: plan_units(scene, with_max_frames(cfg, size)),
+                                  chunk_overlap=cfg.chunk.overlap)
         self.replanned: list[dict] = []  # scenes re-planned smaller after running out of memory
-        self.by_ref: dict[Any, tuple[_Slot, str]] = {}  # ref -> (slot, "probe" | "process")
-        n, self.gpw = _worker_count(cfg, len(self.queue))
         log.info("starting %d workers (%g GPU, %g CPU each)", n, self.gpw, cfg.cpus_per_worker)
-        self.slots = [_Slot(None) for _ in range(n)]
-        for slot in self.slots:
-            self._launch(slot)
+        self.actors: list[ray.actor.ActorHandle | None] = [None] * n
+        self.info: list[dict] = [{} for _ in range(n)]  # the current actor's info, per worker
+        for worker in range(n):
+            self._launch(worker)
 
-    def _launch(self, slot: _Slot) -> None:
-        """Starts a (new) actor in ``slot``; it gets work once its ``info()`` answers."""
-        slot.actor = ReconstructionWorker.options(
+    @property
+    def units_run(self) -> int:
+        return self.schedule.units_started
+
+    def _launch(self, worker: int) -> None:
+        """Starts a (new) actor for ``worker``; it gets work once its ``info()`` answers."""
+        actor = ReconstructionWorker.options(
             num_gpus=self.gpw, num_cpus=self.cfg.cpus_per_worker, max_restarts=0,
             max_concurrency=2,
         ).remote(self.cfg, self.run_id, self.hooks)
-        slot.ready = False
-        self.by_ref[slot.actor.info.remote()] = (slot, "probe")
+        self.actors[worker] = actor
+        self.by_ref[actor.info.remote()] = (worker, "probe")
 
     # -- main loop ----------------------------------------------------------------------
-    def run(self) -> dict[str, dict]:
+    def run(self) -> dict[str, SceneRecord]:
+        """Runs until no unit is queued or running; returns each scene's final record."""
         waiting_since = time.monotonic()
         try:
-            while self._work_left():
+            while self.schedule.work_left():
                 ready, _ = ray.wait(list(self.by_ref), num_returns=1, timeout=1.0)
                 for ref in ready:
-                    slot, what = self.by_ref.pop(ref)
+                    worker, what = self.by_ref.pop(ref)
                     if what == "probe":
-                        self._probed(slot, ref)
+                        self._probed(worker, ref)
                     else:
-                        self._collect(slot, ref)
-                self._fill()
+                        self._collect(worker, ref)
+                self._clear_replaced_chunks()
+                for assignment in self.schedule.fill():
+                    self._assign(assignment)
                 self.bar.tick()
-                if any(s.ready for s in self.slots):
+                if self.schedule.any_up():
                     waiting_since = time.monotonic()
                 elif time.monotonic() - waiting_since > WORKER_START_TIMEOUT_S:
                     raise HttmDistError(
@@ -400,215 +275,109 @@ class _Dispatcher:
                         f"{self.cfg.cpus_per_worker:g} CPU); check `ray status`")
         finally:
             self._stop_workers()
-        return self.records
+        return self.schedule.records
 
-    def _work_left(self) -> bool:
-        return bool(self.queue) or any(s.current is not None for s in self.slots)
+    def _clear_replaced_chunks(self) -> None:
+        """Scenes re-planned smaller since the last fill: their saved chunks belong to the
+        replaced plan; remove them before any chunk of the new plan starts."""
+        for r in self.schedule.take_replans():
+            self.store.clear_chunks(r.scene_id)
+            self.replanned.append({"scene_id": r.scene_id, "max_frames": r.max_frames, "chunks": len(r.units)})
+            log.warning("scene %r ran out of memory: re-planned as %d chunks of at most %d frames",
+                        r.scene_id, len(r.units), r.max_frames)
 
-    def _probed(self, slot: _Slot, ref: Any) -> None:
+    def _assign(self, assignment: Assignment) -> None:
+        actor, lease = self.actors[assignment.worker], assignment.lease
+        if assignment.action == "start":
+            ref = actor.process.remote(lease.unit, lease.attempt)
+            self.by_ref[ref] = (assignment.worker, "process")
+        else:
+            actor.prefetch.remote(lease.unit)
+
+    def _probed(self, worker: int, ref: ray.ObjectRef) -> None:
         try:
             info = ray.get(ref)
         except _WORKER_LOST as exc:
-            self._replace(slot, exc)
+            self._start_failed(worker, exc)
             return
         self.init_failures = 0
         self.first_up = self.first_up or time.monotonic()
-        slot.ready = True
-        slot.info = dict(info, units={})
-        self.worker_info.append(slot.info)
+        self.info[worker] = dict(info, units={})
+        self.worker_info.append(self.info[worker])
+        self.schedule.worker_up(worker)
         log.info("worker up: pid %s on %s (%s)", info.get("pid"), info.get("host"),
                  info.get("device"))
 
-    def _next_unit(self, steal: bool) -> tuple | None:
-        """Pops the next runnable (unit, attempt); may take another worker's reserved unit."""
-        while self.queue:
-            unit = self.queue.popleft()
-            if not self._dead_scene(unit):
-                return unit, self.attempts[unit_key(unit)] + 1
-        if steal:
-            for slot in self.slots:
-                if slot.reserved is not None:
-                    taken, slot.reserved = slot.reserved, None
-                    if not self._dead_scene(taken[0]):
-                        return taken
-        return None
-
-    def _dead_scene(self, unit: Any) -> bool:
-        state = self.scenes[unit.scene.scene_id]
-        return state.failed or state.finished
-
-    def _fill(self) -> None:
-        live = [s for s in self.slots if s.ready]
-        # Every idle worker gets a unit before any worker reserves a second one.
-        for slot in live:
-            if slot.current is None:
-                item, slot.reserved = slot.reserved, None
-                if item is None or self._dead_scene(item[0]):
-                    item = self._next_unit(steal=True)
-                if item is not None:
-                    self._start(slot, *item)
-        for slot in live:
-            if slot.current is not None and slot.reserved is None:
-                slot.reserved = self._next_unit(steal=False)
-                if slot.reserved is not None:
-                    slot.actor.prefetch.remote(slot.reserved[0])
-
-    def _start(self, slot: _Slot, unit: Any, attempt: int) -> None:
-        ref = slot.actor.process.remote(unit, attempt)
-        slot.current = (unit, attempt, ref)
-        self.by_ref[ref] = (slot, "process")
-        self.units_run += 1
-
     # -- results ------------------------------------------------------------------------
-    def _collect(self, slot: _Slot, ref: Any) -> None:
-        unit, attempt, _ = slot.current
-        slot.current = None
+    def _collect(self, worker: int, ref: ray.ObjectRef) -> None:
+        lease = self.schedule.current(worker)
         try:
             record = ray.get(ref)
-        except OutOfMemoryFault as exc:  # Ray re-raises it as itself
-            if not self._shrink(unit, exc.frames):
-                self._worker_lost(slot, unit, attempt, exc)
-            else:
-                self._replace(slot, exc)  # its memory state is unknown: a fresh worker
-                self._replan_if_idle(self.scenes[unit.scene.scene_id])
-            return
         except (WorkerFault, *_WORKER_LOST) as exc:  # Ray re-raises WorkerFault as itself
-            self._worker_lost(slot, unit, attempt, exc)
-            self._replan_if_idle(self.scenes[unit.scene.scene_id])
+            self._lost(worker, lease, exc)
             return
         except rex.RayTaskError as exc:  # a bug outside the worker's own error handling
-            record = {"status": "failed", "error": f"{type(exc).__name__}: {_first_line(exc)}",
-                      "attempts": attempt}
-        units = slot.info["units"]
-        units[unit.kind] = units.get(unit.kind, 0) + 1
-        state = self.scenes[unit.scene.scene_id]
-        if state.replan is not None:  # a unit of the plan being replaced: its result is moot
-            self._replan_if_idle(state)
-            return
-        if isinstance(record.get("started_at"), float) and isinstance(record.get("finished_at"), float):
-            self.spans.append((record["started_at"], record["finished_at"]))
-        self._unit_finished(unit, record)
+            record = failure_record(lease.unit, f"{type(exc).__name__}: {_first_line(exc)}",
+                                    self.cfg, lease.attempt, run_id=self.run_id)
+            record_failure(self.store, record)
+        units = self.info[worker]["units"]
+        units[lease.unit.kind] = units.get(lease.unit.kind, 0) + 1
+        if record.started_at is not None and record.finished_at is not None:
+            self.spans.append((record.started_at, record.finished_at))
+        final = self.schedule.unit_finished(worker, record)
+        if final is not None:
+            self.bar.scene_finished(final.is_done, final.num_frames or 0 if final.is_done else 0)
+            log.debug("%s %s", lease.unit.describe(), final.status)
 
-    def _unit_finished(self, unit: Any, record: dict) -> None:
-        state = self.scenes[unit.scene.scene_id]
-        if state.failed or state.finished:
-            return  # a sibling chunk already failed the scene
-        if record.get("status") == "failed":
-            self._scene_failed(state, record)
-        elif unit.kind == "chunk":
-            state.waiting_chunks.discard(unit.chunk_index)
-            log.debug("%s done", describe_unit(unit))
-            if not state.waiting_chunks:
-                self.queue.appendleft(state.assemble)  # finish started scenes first
-        else:
-            state.finished = True
-            self.records[unit.scene.scene_id] = record
-            self.bar.scene_finished(True, _frame_count(record, unit.scene))
-            log.debug("%s committed", describe_unit(unit))
-
-    # -- out of memory: smaller chunks ---------------------------------------------------
-    def _shrink(self, unit: Any, frames: int) -> bool:
-        """Marks ``unit``'s scene for re-planning in chunks of ``frames // 2`` frames; False
-        when that is impossible (an assembly, or chunks no longer than the overlap) and the
-        unit should be retried as a worker fault instead."""
-        state = self.scenes[unit.scene.scene_id]
-        size = frames // 2
-        if unit.kind == "assemble" or size <= self.cfg.chunk.overlap or size < 2:
-            return False
-        if state.failed or state.finished:
-            return True
-        state.replan = min(size, state.replan or size)
-        log.warning("%s ran out of memory with %d frames: re-planning the scene in chunks of at "
-                    "most %d frames", describe_unit(unit), frames, state.replan)
-        sid = unit.scene.scene_id
-        self.queue = collections.deque(u for u in self.queue if u.scene.scene_id != sid)
-        for slot in self.slots:
-            if slot.reserved is not None and slot.reserved[0].scene.scene_id == sid:
-                slot.reserved = None
-        return True
-
-    def _replan_if_idle(self, state: _SceneState) -> None:
-        """Once none of its units runs, queues the scene's new plan (see ``_shrink``): its
-        chunks from the replaced plan are removed from the store, attempts start afresh."""
-        from httm_dist.pipeline.memory import with_max_frames
-        from httm_dist.pipeline.unit import assemble_unit, plan_units
-
-        sid = state.scene.scene_id
-        if state.replan is None or state.failed or state.finished:
-            return
-        if any(s.current is not None and s.current[0].scene.scene_id == sid for s in self.slots):
-            return
-        size, state.replan = state.replan, None
-        state.replans += 1
-        self.store.clear_chunks(sid)
-        for key in [k for k in self.attempts if k[0] == sid]:
-            del self.attempts[key]
-        units = plan_units(state.scene, with_max_frames(self.cfg, size))
-        state.waiting_chunks = {u.chunk_index for u in units}
-        state.assemble = assemble_unit(state.scene, len(units))
-        self.queue.extendleft(reversed(units))  # started scenes first
-        self.replanned.append({"scene_id": sid, "max_frames": size, "chunks": len(units)})
-        log.warning("scene %r re-planned: %d chunks of at most %d frames", sid, len(units), size)
-
-    def _scene_failed(self, state: _SceneState, record: dict) -> None:
-        state.failed = True
-        record.setdefault("error", "unknown error")
-        self.records[state.scene.scene_id] = record
-        self.bar.scene_finished(False)
-
-    def _worker_lost(self, slot: _Slot, unit: Any, attempt: int, exc: BaseException) -> None:
-        """The worker died (or is unhealthy) running ``unit``: count the attempt, requeue."""
-        from httm_dist.storage import redact
-
+    def _lost(self, worker: int, lease: Lease, exc: BaseException) -> None:
+        """The worker died (or is unhealthy) running ``lease``: the schedule decides, the
+        actor is replaced."""
         error = redact(f"{type(exc).__name__}: {_first_line(exc)}")
+        kind = (FailureKind.OUT_OF_MEMORY if isinstance(exc, OutOfMemoryFault)
+                else FailureKind.WORKER_FAULT if isinstance(exc, WorkerFault)
+                else FailureKind.WORKER_LOST)
         self.workers_lost += 1
-        self.attempts[unit_key(unit)] = attempt
-        log.warning("worker lost on %s (attempt %d of %d): %s", describe_unit(unit), attempt,
-                    self.cfg.max_attempts, error)
-        state = self.scenes[unit.scene.scene_id]
-        if state.replan is not None:
-            pass  # its scene is being re-planned smaller (out of memory): this unit is moot
-        elif attempt < self.cfg.max_attempts:
-            self.queue.appendleft(unit)
-        else:
-            if not (state.failed or state.finished):
-                err = (f"{describe_unit(unit)} failed: its worker died on each of {attempt} "
-                       f"attempts (max_attempts); last error: {error}")
-                _driver_failure(self.store, self.run_id, unit.scene.scene_id, err, attempt)
-                self._scene_failed(state, {"status": "failed", "error": err,
-                                           "attempts": attempt})
-        self._replace(slot, exc)
+        log.warning("worker lost on %s (attempt %d of %d): %s", lease.unit.describe(),
+                    lease.attempt, self.cfg.max_attempts, error)
+        decision = self.schedule.unit_failed(worker, kind, error)
+        if isinstance(decision, GiveUp) and not self.schedule.scenes[lease.scene_id].over:
+            record = failure_record(lease.unit, decision.reason, self.cfg, lease.attempt,
+                                    run_id=self.run_id)
+            record_failure(self.store, record)
+            self.schedule.scene_failed(record)
+            self.bar.scene_finished(False)
+        self._restart(worker)
 
-    def _replace(self, slot: _Slot, exc: BaseException) -> None:
-        """Gives the slot's reserved unit back, kills its actor and starts a fresh one."""
-        from httm_dist.storage import redact
+    def _start_failed(self, worker: int, exc: BaseException) -> None:
+        """The worker's actor died before its model was up: stop the job when that is a
+        config error (every worker would fail the same way) or happens too often in a row."""
+        self.init_failures += 1
+        cause = _init_error(exc)
+        log.warning("a worker failed to start: %s", cause)
+        config_error = re.search(r"httm_dist\.errors\.ConfigError: (.*)", cause)
+        if config_error:  # the same config fails the same way on every worker
+            raise ConfigError(f"workers cannot start: {config_error.group(1)}")
+        if self.init_failures >= max(2, self.cfg.max_attempts):
+            raise HttmDistError(f"workers fail to start ({self.init_failures} times in a "
+                                f"row); last error: {cause}")
+        self.schedule.worker_gone(worker)
+        self._restart(worker)
 
-        if not slot.ready:  # died before its model was up
-            self.init_failures += 1
-            cause = _init_error(exc)
-            log.warning("a worker failed to start: %s", cause)
-            config_error = re.search(r"httm_dist\.errors\.ConfigError: (.*)", cause)
-            if config_error:  # the same config fails the same way on every worker
-                raise ConfigError(f"workers cannot start: {config_error.group(1)}")
-            if self.init_failures >= max(2, self.cfg.max_attempts):
-                raise HttmDistError(f"workers fail to start ({self.init_failures} times in a "
-                                    f"row); last error: {cause}")
-        if slot.reserved is not None:
-            self.queue.appendleft(slot.reserved[0])
-            slot.reserved = None
+    def _restart(self, worker: int) -> None:
+        """Kills the worker's actor (and forgets its pending calls) and starts a fresh one."""
         for ref, (other, _) in list(self.by_ref.items()):
-            if other is slot:  # a pending probe of the dead actor
+            if other == worker:
                 del self.by_ref[ref]
         try:
-            ray.kill(slot.actor, no_restart=True)
+            ray.kill(self.actors[worker], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
-        self._launch(slot)
+        self._launch(worker)
 
     def _stop_workers(self) -> None:
-        for slot in self.slots:
+        for actor in self.actors:
             try:
-                ray.kill(slot.actor, no_restart=True)
+                ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
 
@@ -624,21 +393,9 @@ def max_overlap(spans: list[tuple[float, float]]) -> int:
     return best
 
 
-def _frame_count(record: dict, scene: Any) -> int:
-    for key in ("num_frames", "frames"):
-        value = record.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, (list, tuple)):
-            return len(value)
-    return len(getattr(scene, "frames", ()) or ())
-
-
 def _init_error(exc: BaseException) -> str:
     """The exception line of a worker's failed ``__init__`` (Ray only passes its text), or
     the first line of the error when the worker died some other way."""
-    from httm_dist.storage import redact
-
     text = str(exc)
     if getattr(exc, "actor_init_failed", False):
         lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]

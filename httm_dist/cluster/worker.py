@@ -5,8 +5,9 @@ fsspec URL, merge config applied) and then runs unit after unit; results are wri
 output store by the worker itself, so only a small JSON-like record travels back to the
 driver.
 
-I/O overlaps compute: ``process(unit, attempt, next_unit)`` hands ``next_unit`` to a
-background thread that fetches and decodes its images while the model runs on ``unit``.
+I/O overlaps compute: the driver calls ``prefetch(next_unit)`` while ``process(unit, attempt)``
+runs; a background thread fetches and decodes ``next_unit``'s images meanwhile, and its
+``process`` call takes them from there.
 
 Faults are sorted in two kinds:
 - the scene's own fault (``SceneError``: corrupt image, empty scene, ...; or any other
@@ -27,11 +28,14 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import ray
 
 from httm_dist.errors import HttmDistError, SceneError
+from httm_dist.config import JobConfig
+from httm_dist.pipeline.unit import LoadedUnit, UnitRunner, WorkUnit, failure_record
+from httm_dist.results import ResultStore, SceneRecord
+from httm_dist.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +61,8 @@ class WorkerFault(HttmDistError):
 
 
 class OutOfMemoryFault(WorkerFault):
-    """The unit did not fit the worker's memory: the driver re-plans its scene in smaller
-    chunks (``frames`` is how many the unit had) instead of retrying the same unit."""
-
-    def __init__(self, message: str, frames: int) -> None:
-        super().__init__(message)
-        self.frames = frames
-
-    def __reduce__(self) -> tuple:  # Ray pickles it back to the driver
-        return (type(self), (str(self), self.frames))
-
-
-def unit_key(unit: Any) -> tuple[str, str, int | None]:
-    """Identity of a unit of work: (scene id, kind, chunk index)."""
-    return (unit.scene.scene_id, unit.kind, unit.chunk_index)
-
-
-def describe_unit(unit: Any) -> str:
-    """Human-readable unit name for logs and errors, e.g. ``scene 'a' chunk 2/5``."""
-    text = f"scene {unit.scene.scene_id!r}"
-    if unit.kind == "chunk":
-        text += f" chunk {unit.chunk_index + 1}/{unit.num_chunks}"
-    elif unit.kind == "assemble":
-        text += " (assembling chunks)"
-    return text
+    """The unit did not fit the worker's memory: the scheduler re-plans its scene in smaller
+    chunks instead of retrying the same unit (``cluster.schedule``)."""
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -103,10 +85,7 @@ class ReconstructionWorker:
     while ``process`` runs (the plain class is ``ReconstructionWorker.__ray_actor_class__``).
     """
 
-    def __init__(self, cfg: Any, run_id: str, test_hooks: dict | None = None) -> None:
-        from httm_dist.pipeline.unit import UnitRunner
-        from httm_dist.results import ResultStore
-
+    def __init__(self, cfg: JobConfig, run_id: str, test_hooks: dict | None = None) -> None:
         self.cfg = cfg
         self.run_id = run_id
         self._test_hooks = dict(test_hooks or {})
@@ -114,7 +93,7 @@ class ReconstructionWorker:
         self.runner = UnitRunner(cfg)
         self.store = ResultStore(cfg.output, cfg.storage_options)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-        self._prefetched: dict[tuple, Future] = {}
+        self._prefetched: dict[str, Future] = {}  # unit_id -> its load
         self._lock = threading.Lock()
         self._info = {
             "host": socket.gethostname(),
@@ -129,11 +108,12 @@ class ReconstructionWorker:
         """Where this worker runs: host, pid, torch device, Ray node id."""
         return dict(self._info)
 
-    def prefetch(self, unit: Any) -> None:
-        """Starts fetching and decoding ``unit``'s images in the background; returns at once."""
-        if unit is None or unit.kind == "assemble":
+    def prefetch(self, unit: WorkUnit) -> None:
+        """Starts fetching and decoding ``unit``'s images in the background; returns at once
+        (an assemble unit has no images: nothing to fetch)."""
+        if unit.kind == "assemble":
             return
-        key = unit_key(unit)
+        key = unit.unit_id
         with self._lock:
             if key not in self._prefetched:
                 self._prefetched[key] = self._pool.submit(self.runner.load, unit)
@@ -142,12 +122,12 @@ class ReconstructionWorker:
             while len(self._prefetched) > 2:
                 self._prefetched.pop(next(iter(self._prefetched))).cancel()
 
-    def _take_loaded(self, unit: Any, extra: dict) -> Any:
+    def _take_loaded(self, unit: WorkUnit, extra: dict) -> LoadedUnit:
         """The unit's loaded images: from its prefetch when there was one, else loaded now.
         Notes in ``extra`` whether it was prefetched and how long the model waited for I/O."""
         t0 = time.monotonic()
         with self._lock:
-            future = self._prefetched.pop(unit_key(unit), None)
+            future = self._prefetched.pop(unit.unit_id, None)
         prefetched = future is not None and not future.cancelled()
         try:
             # future.result() re-raises the load's SceneError, if any
@@ -156,16 +136,14 @@ class ReconstructionWorker:
             extra["prefetched"] = prefetched
             extra["load_wait_s"] = round(time.monotonic() - t0, 4)
 
-    def process(self, unit: Any, attempt: int = 1, next_unit: Any = None) -> dict:
+    def process(self, unit: WorkUnit, attempt: int = 1) -> SceneRecord:
         """Runs one unit and writes its results; returns its (small) record.
 
-        ``next_unit`` (optional) is prefetched while this one runs. Scene faults come back as
-        a ``status: failed`` record; worker faults raise ``WorkerFault``.
+        Scene faults come back as a ``status: failed`` record (also written to the store);
+        worker faults raise ``WorkerFault``.
         """
-        started = time.time()
-        self.prefetch(next_unit)
-        extra = {"run_id": self.run_id, "attempt": attempt, "worker": self.info(),
-                 "started_at": started}
+        extra = {"run_id": self.run_id, "attempts": attempt, "worker": self.info(),
+                 "started_at": time.time()}
         try:
             if unit.kind == "assemble":
                 self._test_hook(unit, attempt)
@@ -179,36 +157,30 @@ class ReconstructionWorker:
         except Exception as exc:  # noqa: BLE001 - sorted below: worker fault or scene fault
             if _is_oom(exc):
                 log.error("worker %s out of memory on %s: %s", self._info["pid"],
-                          describe_unit(unit), exc)
-                raise OutOfMemoryFault(f"out of memory on {describe_unit(unit)}: {exc}",
-                                       len(unit.frames())) from None
+                          unit.describe(), exc)
+                raise OutOfMemoryFault(f"out of memory on {unit.describe()}: {exc}") from None
             return self._failed(unit, attempt, exc, extra)
-        record = dict(record or {})
-        for k, v in extra.items():
-            record.setdefault(k, v)
-        record.setdefault("finished_at", time.time())
+        if record.finished_at is None:
+            record = record.replace(finished_at=time.time())
         return record
 
-    def _failed(self, unit: Any, attempt: int, exc: Exception, extra: dict) -> dict:
-        from httm_dist.pipeline.unit import failure_record
-        from httm_dist.storage import redact
-
+    def _failed(self, unit: WorkUnit, attempt: int, exc: Exception, extra: dict) -> SceneRecord:
         if isinstance(exc, SceneError):
-            log.warning("%s failed: %s", describe_unit(unit), exc)
+            log.warning("%s failed: %s", unit.describe(), exc)
         else:
-            log.error("%s failed unexpectedly:\n%s", describe_unit(unit), traceback.format_exc())
-        record = failure_record(unit, exc, self.cfg, attempts=attempt)
-        record.update(extra, finished_at=time.time(), worker_host=self._info["host"])
-        record["error"] = redact(record["error"])
+            log.error("%s failed unexpectedly:\n%s", unit.describe(), traceback.format_exc())
+        extra = {k: v for k, v in extra.items() if k != "attempts"}
+        record = failure_record(unit, exc, self.cfg, attempt, finished_at=time.time(),
+                                worker_host=self._info["host"], **extra)
         try:
-            self.store.write_failure(unit.scene.scene_id, record)
+            self.store.write_failure(record)
         except Exception as write_exc:  # noqa: BLE001 - the driver still gets the record
-            log.error("could not write the failure record of %s: %s", describe_unit(unit),
+            log.error("could not write the failure record of %s: %s", unit.describe(),
                       redact(str(write_exc)))
-            record["failure_write_error"] = redact(str(write_exc))
+            record = record.replace(failure_write_error=redact(str(write_exc)))
         return record
 
-    def _test_hook(self, unit: Any, attempt: int) -> None:
+    def _test_hook(self, unit: WorkUnit, attempt: int) -> None:
         """Test-only behaviour (see ``TEST_HOOK_ENV``); nothing when no hook is set."""
         if not self._test_hooks:
             return
@@ -222,7 +194,7 @@ class ReconstructionWorker:
             raise torch.OutOfMemoryError(f"test fault injection: {len(unit.frames())} frames > {over}")
         if self._test_hooks.get("kill_scene") == unit.scene.scene_id and attempt == 1:
             log.warning("test fault injection: killing worker %s on %s", os.getpid(),
-                        describe_unit(unit))
+                        unit.describe())
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -5,8 +5,8 @@ cloud in any viewer (MeshLab, CloudCompare, Blender) says whether the run worked
 
 - ``OUTPUT/previews/<id>.png``: rows = input frames, depth (turbo, 2-98th percentile range over
   the scene), confidence (viridis, same rule); columns = up to ``max_frames`` evenly spaced frames.
-- ``OUTPUT/previews/<id>.ply``: binary little-endian PLY (x, y, z float32; red, green, blue
-  uchar), points whose confidence is at or above the scene's ``conf_percentile``-th percentile,
+- ``OUTPUT/previews/<id>.ply``: binary little-endian PLY written with plyfile (x, y, z
+  float32; red, green, blue uchar), points whose confidence is at or above the scene's ``conf_percentile``-th percentile,
   randomly subsampled (seeded) to ``max_points``, coloured from the input images.
 
 Colour maps come from matplotlib, image encoding from PIL.
@@ -22,12 +22,12 @@ from typing import Any, BinaryIO, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from httm_dist.export.points import ply_bytes, read_ply  # noqa: F401 - read_ply re-exported
 from httm_dist.storage import read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
 PREVIEW_DIR = "previews"
-PLY_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -97,40 +97,14 @@ def write_ply(
     storage_options: dict[str, Any] | None = None,
 ) -> int:
     """Write a binary little-endian PLY of points [N,3] with colours [N,3] (uint8, or float in
-    [0,1]) to a path/fsspec URL or a binary file object. Returns the number of bytes."""
-    p = np.asarray(points, dtype=np.float32).reshape(-1, 3)
-    c = np.asarray(colors)
-    if c.dtype != np.uint8:
-        c = np.clip(np.rint(c.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
-    c = c.reshape(-1, 3)
-    if len(c) != len(p):
-        raise ValueError(f"write_ply: {len(p)} points but {len(c)} colours")
-    header = (
-        "ply\nformat binary_little_endian 1.0\ncomment written by httm-dist\n"
-        f"element vertex {len(p)}\n"
-        "property float x\nproperty float y\nproperty float z\n"
-        "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
-    ).encode("ascii")
-    verts = np.empty(len(p), dtype=PLY_DTYPE)
-    verts["x"], verts["y"], verts["z"] = p[:, 0], p[:, 1], p[:, 2]
-    verts["red"], verts["green"], verts["blue"] = c[:, 0], c[:, 1], c[:, 2]
-    data = header + verts.tobytes()
+    [0,1]) to a path/fsspec URL (whole, atomically) or a binary file object, with plyfile (see
+    :func:`httm_dist.export.points.ply_bytes`). Returns the number of bytes."""
+    data = ply_bytes(points, colors)
     if isinstance(path_or_file, str):
         write_bytes_atomic(path_or_file, data, storage_options)
     else:
         path_or_file.write(data)
     return len(data)
-
-
-def read_ply(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Read back a PLY written by :func:`write_ply`: (points [N,3] float32, colours [N,3] uint8)."""
-    end = data.index(b"end_header\n") + len(b"end_header\n")
-    header = data[:end].decode("ascii").splitlines()
-    if header[0] != "ply" or "format binary_little_endian 1.0" not in header:
-        raise ValueError("not a binary little-endian PLY")
-    n = int(next(line.split()[2] for line in header if line.startswith("element vertex")))
-    verts = np.frombuffer(data, dtype=PLY_DTYPE, count=n, offset=end)
-    return np.stack([verts["x"], verts["y"], verts["z"]], -1), np.stack([verts["red"], verts["green"], verts["blue"]], -1)
 
 
 # ----------------------------------------------------------------------------- point selection
@@ -238,9 +212,7 @@ def write_preview_files(
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     write_bytes_atomic(png_url, buf.getvalue(), storage_options)
-    buf = io.BytesIO()
-    write_ply(buf, pts, cols)
-    write_bytes_atomic(ply_url, buf.getvalue(), storage_options)
+    write_ply(ply_url, pts, cols, storage_options)
     logger.info("preview of %s: %s (%dx%d), %s (%d points)", scene_id, png_url, sheet.width, sheet.height, ply_url, len(pts))
     return {"png": png_url, "ply": ply_url}
 

@@ -23,7 +23,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from httm_dist.config import JobConfig
 from httm_dist.data import SceneSpec, read_scene_frames
 from httm_dist.errors import ConfigError, SceneError
 from httm_dist.pipeline.chunks import PRED_KEYS, ChunkPrediction, assemble_chunks, plan_chunks
+from httm_dist.results.record import SceneRecord
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,15 @@ class WorkUnit:
         if self.kind == "assemble":
             return f"{self.scene_id}#assemble"
         return self.scene_id
+
+    def describe(self) -> str:
+        """Human-readable name for logs and errors, e.g. ``scene 'a' chunk 2/5``."""
+        text = f"scene {self.scene_id!r}"
+        if self.kind == "chunk":
+            text += f" chunk {self.chunk_index + 1}/{self.num_chunks}"
+        elif self.kind == "assemble":
+            text += " (assembling chunks)"
+        return text
 
     def frames(self) -> tuple:
         """The FrameRefs this unit reads (all of the scene's unless it is a chunk)."""
@@ -264,17 +274,16 @@ class UnitRunner:
         loaded: LoadedUnit,
         preds: dict[str, np.ndarray],
         store: Any,
-        record_extra: Optional[dict] = None,
-    ) -> dict:
+        record_extra: Optional[Mapping[str, Any]] = None,
+    ) -> SceneRecord:
         """Write the unit's results and return its record.
 
         A scene unit writes its frame table, its arrays and (last) its record, which commits
         it. A chunk unit stores its arrays and metadata until the scene is assembled. The
-        record's ``seconds`` is load + run (+ assemble): it is written before the commit ends.
-        ``record_extra`` (from the worker: ``attempt``, ``worker`` {host, ...}, run id...) is
-        merged into the record.
+        record's ``seconds`` is load + run + the commit's data writes (see
+        :meth:`ResultStore.write_scene`). ``record_extra`` (from the worker: ``attempts``,
+        ``worker`` {host, ...}, ``run_id``...) holds further :class:`SceneRecord` fields.
         """
-        t0 = time.perf_counter()
         scene_id = unit.scene_id
         if unit.kind == "chunk":
             meta = {
@@ -291,24 +300,25 @@ class UnitRunner:
                 "worker_host": self.host,
             }
             arrays = {k: np.asarray(v) for k, v in preds.items()}
-            store.write_chunk(scene_id, unit.chunk_index, arrays, meta)
-            loaded.timings["commit"] = time.perf_counter() - t0
-            record = self._record(unit, len(loaded.frame_uris), loaded.timings, record_extra)
-            record.update(status="chunk_done", chunk_index=unit.chunk_index,
-                          frame_range=meta["frame_range"])
-            return record
+            loaded.timings["commit"] = store.write_chunk(scene_id, unit.chunk_index, arrays, meta)
+            extra = self._extra(record_extra)
+            return SceneRecord.chunk_done(
+                scene_id, chunk_index=unit.chunk_index, frame_range=meta["frame_range"],
+                num_frames=len(loaded.frame_uris), chunks=unit.num_chunks,
+                model_hash=self.model_hash, merge_hash=self.merge_hash,
+                seconds=sum(loaded.timings.values()), timings=loaded.timings, **extra,
+            )
 
         record = self._record(unit, len(loaded.frame_uris), loaded.timings, record_extra)
-        self._write_scene(
+        return self._write_scene(
             scene_id, preds, loaded.frame_uris, loaded.frame_indices, loaded.original_hw,
             loaded.input_hw, store, record, loaded.geometry or None,
         )
-        loaded.timings["commit"] = time.perf_counter() - t0
-        return record
 
     # ------------------------------------------------------------------ whole units
 
-    def process(self, unit: WorkUnit, store: Any, record_extra: Optional[dict] = None) -> dict:
+    def process(self, unit: WorkUnit, store: Any,
+                record_extra: Optional[Mapping[str, Any]] = None) -> SceneRecord:
         """Load, run and commit one unit (or assemble it); returns its record."""
         if unit.kind == "assemble":
             return self.assemble(unit, store, record_extra)
@@ -316,7 +326,8 @@ class UnitRunner:
         preds = self.run(loaded)
         return self.commit(unit, loaded, preds, store, record_extra)
 
-    def assemble(self, unit: WorkUnit, store: Any, record_extra: Optional[dict] = None) -> dict:
+    def assemble(self, unit: WorkUnit, store: Any,
+                 record_extra: Optional[Mapping[str, Any]] = None) -> SceneRecord:
         """Align the scene's stored chunks into one reconstruction (Sim(3) on the overlaps),
         commit it with the alignment residuals in its record, then delete the chunks.
 
@@ -382,46 +393,37 @@ class UnitRunner:
                 ch.min_inlier_fraction,
             )
         timings = {"assemble": time.perf_counter() - t0}
-        record = self._record(unit, n, timings, record_extra)
-        record.update(
+        record = self._record(unit, n, timings, record_extra).replace(
             alignment=alignment,
             alignment_flagged=bool(flagged),
             chunk_ranges=summary["chunk_ranges"],
             frame_source_chunk=assembled.source_chunk.tolist(),
         )
-        self._write_scene(
+        written = self._write_scene(
             scene_id, preds, uris, indices, original_hw, input_hw, store, record,
             geometry if len(geometry) == n else None,
         )
         store.clear_chunks(scene_id)
-        return record
+        return written
 
     # ------------------------------------------------------------------ helpers
 
-    def _record(
-        self, unit: WorkUnit, frames: int, timings: dict, record_extra: Optional[dict]
-    ) -> dict:
+    def _extra(self, record_extra: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+        """The worker's record fields, with this runner's host and device as defaults."""
         extra = dict(record_extra or {})
-        worker = extra.get("worker") or {}
-        record = {
-            "scene_id": unit.scene_id,
-            "status": "done",
-            "error": None,
-            "unit": unit.kind,
-            "frames": int(frames),
-            "seconds": round(float(sum(timings.values())), 4),
-            "timings": {k: round(float(v), 4) for k, v in timings.items()},
-            "worker_host": worker.get("host", self.host),
-            "device": str(self.device),
-            "model_hash": self.model_hash,
-            "merge_hash": self.merge_hash,
-            "attempts": int(extra.get("attempt", extra.get("attempts", 1))),
-            "chunks": unit.num_chunks if unit.kind != "scene" else 1,
-            "alignment": [],
-        }
-        for k, v in extra.items():
-            record.setdefault(k, v)
-        return record
+        extra.setdefault("attempts", 1)
+        extra.setdefault("worker_host", (extra.get("worker") or {}).get("host", self.host))
+        extra.setdefault("device", str(self.device))
+        return extra
+
+    def _record(self, unit: WorkUnit, num_frames: int, timings: Mapping[str, float],
+                record_extra: Optional[Mapping[str, Any]]) -> SceneRecord:
+        return SceneRecord.done(
+            unit.scene_id, unit=unit.kind, num_frames=num_frames,
+            chunks=unit.num_chunks if unit.kind != "scene" else 1,
+            model_hash=self.model_hash, merge_hash=self.merge_hash,
+            seconds=sum(timings.values()), timings=timings, **self._extra(record_extra),
+        )
 
     def _write_scene(
         self,
@@ -432,9 +434,9 @@ class UnitRunner:
         original_hw: list,
         input_hw: tuple[int, int],
         store: Any,
-        record: dict,
+        record: SceneRecord,
         geometry: Optional[list] = None,
-    ) -> None:
+    ) -> SceneRecord:
         from httm_dist.results import build_frame_table, scene_arrays
 
         table = build_frame_table(
@@ -452,9 +454,10 @@ class UnitRunner:
         arrays = scene_arrays({k: preds[k] for k in PRED_KEYS}, dense_dtype=self.cfg.output_dtype)
         arrays["frame_uris"] = np.asarray(frame_uris, dtype=str)
         arrays["frame_indices"] = np.asarray(frame_indices, dtype=np.int64)
-        store.write_scene(scene_id, table, arrays, record)
+        written = store.write_scene(scene_id, table, arrays, record)
         if self.cfg.preview:
             self._write_preview(scene_id, arrays)
+        return written
 
     def _write_preview(self, scene_id: str, arrays: dict[str, np.ndarray]) -> None:
         """PNG contact sheet + PLY next to the NPZ, from the ``arrays`` just written (reading
@@ -470,27 +473,18 @@ class UnitRunner:
 
 
 def failure_record(
-    unit: WorkUnit, error: BaseException | str, cfg: JobConfig, attempts: int = 1
-) -> dict:
-    """The record of a unit that failed (same schema as a done record), for
-    ``ResultStore.write_failure``. SceneErrors keep their message; other errors their type."""
-    if isinstance(error, BaseException):
-        text = str(error) if isinstance(error, SceneError) else f"{type(error).__name__}: {error}"
-    else:
-        text = str(error)
-    return {
-        "scene_id": unit.scene_id,
-        "status": "failed",
-        "error": text,
-        "unit": unit.kind,
-        "chunk_index": unit.chunk_index,
-        "frames": len(unit.frames()) if unit.kind != "assemble" else 0,
-        "seconds": 0.0,
-        "worker_host": socket.gethostname(),
-        "model_hash": cfg.model_hash(),
-        "merge_hash": cfg.merge_hash(),
-        "attempts": int(attempts),
-        "chunks": unit.num_chunks if unit.kind != "scene" else 1,
-        "alignment": [],
-    }
-
+    unit: WorkUnit, error: BaseException | str, cfg: JobConfig, attempts: int = 1,
+    **optional: Any,
+) -> SceneRecord:
+    """The record of a unit that failed (see :meth:`SceneRecord.failed`), for
+    ``ResultStore.write_failure``: the unit's identity, the config's hashes and ``attempts``.
+    ``optional``: further :class:`SceneRecord` fields (``run_id``, ``worker``, ...)."""
+    optional.setdefault("worker_host", socket.gethostname())
+    return SceneRecord.failed(
+        unit.scene_id, error, unit=unit.kind,
+        chunk_index=unit.chunk_index,
+        num_frames=len(unit.frames()) if unit.kind != "assemble" else len(unit.scene.frames),
+        chunks=unit.num_chunks if unit.kind != "scene" else 1,
+        model_hash=cfg.model_hash(), merge_hash=cfg.merge_hash(), attempts=attempts,
+        **optional,
+    )

@@ -14,6 +14,7 @@ from httm_dist.results.frames import (
     validity_mask,
 )
 from httm_dist.results.layout import FORMAT_VERSION
+from httm_dist.results.record import RunSummary, SceneRecord, read_run_summary, read_scene_record
 from httm_dist.results.reader import ResultsReader, open_results
 from httm_dist.results.store import ResultStore
 
@@ -24,11 +25,15 @@ __all__ = [
     "FRAME_SCHEMA",
     "ResultStore",
     "ResultsReader",
+    "RunSummary",
+    "SceneRecord",
     "build_frame_table",
     "column_matrices",
     "load_npz",
     "npz_bytes",
     "open_results",
+    "read_run_summary",
+    "read_scene_record",
     "scene_arrays",
     "validity_mask",
 ]

@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 
 from httm_dist.results.frames import FRAME_SCHEMA
 from httm_dist.results.layout import READABLE_VERSIONS
-from httm_dist.results.store import DONE, ResultStore
+from httm_dist.results.store import ResultStore
 from httm_dist.storage import redact
 
 
@@ -32,7 +32,7 @@ class ResultsReader:
         """Re-list the records (the job may still be writing). Raises ``ValueError`` for a
         committed scene written in a format this version cannot read."""
         self._records = self.store.records()
-        self._committed = self.records(DONE)
+        self._committed = {s: r for s, r in self._records.items() if r.is_done}
         newer = {s: r.get("format_version") for s, r in self._committed.items()
                  if r.get("format_version", 1) not in READABLE_VERSIONS}
         if newer:
@@ -48,8 +48,9 @@ class ResultsReader:
         return sorted(self._committed)
 
     def records(self, status: str | None = None) -> dict[str, dict]:
-        """Scene records keyed by id: all of them, or those with ``status`` (``"done"``/``"failed"``)."""
-        return {s: r for s, r in self._records.items() if status is None or r.get("status") == status}
+        """Scene records keyed by id, as plain dicts in the ``format_version`` 2 schema (older
+        records upgraded): all of them, or those with ``status`` (``"done"``/``"failed"``)."""
+        return {s: r.to_dict() for s, r in self._records.items() if status is None or r.status == status}
 
     def frames(self, scene_ids: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
         """The frame table of committed scenes (all, or ``scene_ids``), one row per frame.
@@ -66,7 +67,7 @@ class ResultsReader:
         schema = FRAME_SCHEMA if columns is None else pa.schema([FRAME_SCHEMA.field(c) for c in columns])
         if not ids:
             return schema.empty_table()
-        paths = [self.store.path(self._committed[s]["frames_path"]) for s in ids]
+        paths = [self.store.path(self._committed[s].frames_path) for s in ids]
         dataset = ds.dataset(paths, schema=FRAME_SCHEMA, format="parquet", filesystem=self.store.fs)
         keys = ["scene_id", "frame_index"]
         read = keys + [c for c in schema.names if c not in keys]
@@ -81,8 +82,8 @@ class ResultsReader:
         return self.store.read_arrays(scene_id, self._committed[scene_id])
 
     def runs(self) -> list[dict]:
-        """Run summaries, oldest first."""
-        return self.store.runs()
+        """Run summaries (plain dicts), oldest first."""
+        return [run.to_dict() for run in self.store.runs()]
 
 
 def open_results(url: str, storage_options: dict | None = None) -> ResultsReader:

@@ -9,10 +9,10 @@ records never sees partial or stale data. Rewriting a scene first removes its ol
 
 from __future__ import annotations
 
-import datetime as _dt
 import io
 import json
 import logging
+import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -21,30 +21,11 @@ import pyarrow.parquet as pq
 
 from httm_dist.results import layout
 from httm_dist.results.frames import FRAME_SCHEMA, load_npz, npz_bytes
+from httm_dist.results.record import (RunSummary, SceneRecord, read_run_summary,
+                                      read_scene_record, to_json_bytes, utc_now)
 from httm_dist.storage import full_url, get_fs, join_url, redact, retry, write_bytes_fs
 
 log = logging.getLogger(__name__)
-
-DONE = "done"
-FAILED = "failed"
-
-
-def utc_now() -> str:
-    """ISO-8601 UTC timestamp used for ``written_at``."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)
-
-
-def to_json_bytes(obj: Any) -> bytes:
-    """Secret-free, stable JSON for records and summaries."""
-    return json.dumps(redact(obj), indent=2, sort_keys=True, default=_json_default).encode()
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -132,24 +113,29 @@ class ResultStore:
 
     # ------------------------------------------------------------------ scene records
 
-    def records(self) -> dict[str, dict]:
-        """Every scene record (done and failed), keyed by scene id."""
+    def _parse_records(self, raw: Mapping[str, Any]) -> list[SceneRecord]:
+        out = []
+        for path, data in raw.items():
+            try:
+                out.append(read_scene_record(data))
+            except (ValueError, TypeError) as exc:
+                log.warning("skipping malformed record %s: %s", redact(full_url(self.fs, path)), exc)
+        return out
+
+    def records(self) -> dict[str, SceneRecord]:
+        """Every scene record (done and failed, any ``format_version``), keyed by scene id."""
         paths = [p for p in self._list(layout.SCENES_DIR) if p.endswith(".json")]
-        recs = self._read_json_many(paths)
-        out = {}
-        for path, rec in recs.items():
-            sid = path.rsplit("/", 1)[-1][: -len(".json")]
-            out[rec.get("scene_id", sid)] = rec
-        return dict(sorted(out.items()))
+        recs = self._parse_records(self._read_json_many(paths))
+        return dict(sorted((rec.scene_id, rec) for rec in recs))
 
-    def committed(self) -> dict[str, dict]:
+    def committed(self) -> dict[str, SceneRecord]:
         """Records of committed scenes (``status == "done"``), keyed by scene id."""
-        return {sid: r for sid, r in self.records().items() if r.get("status") == DONE}
+        return {sid: r for sid, r in self.records().items() if r.is_done}
 
-    def record(self, scene_id: str) -> dict | None:
+    def record(self, scene_id: str) -> SceneRecord | None:
         """One scene's record, or ``None`` when it has none."""
         try:
-            return json.loads(self._get(layout.record_key(scene_id)))
+            return read_scene_record(self._get(layout.record_key(scene_id)))
         except FileNotFoundError:
             return None
 
@@ -165,16 +151,22 @@ class ResultStore:
         scene_id: str,
         frames: pa.Table,
         arrays: Mapping[str, np.ndarray],
-        record: Mapping[str, Any],
-    ) -> dict:
+        record: SceneRecord,
+    ) -> SceneRecord:
         """Write one scene's results and commit it; returns the record as written.
 
         Order: remove the old record (uncommit), remove stale objects of the scene, write
         ``frames/scene_id=<id>/part-0.parquet``, then ``arrays/<id>.npz``, then the record
-        ``scenes/<id>.json`` with ``status="done"``, ``format_version``, ``written_at``,
-        ``num_frames`` and the keys of both data objects. ``record`` should carry at least
-        ``model_hash`` and ``merge_hash`` (see :meth:`config_conflicts`).
+        ``scenes/<id>.json`` (``record``, a :meth:`SceneRecord.done`, completed with
+        ``format_version``, ``written_at``, ``num_frames``, the keys of both data objects and
+        the commit's seconds so far: encoding and the two data writes, added to ``seconds``
+        and ``timings["commit"]``). Raises ValueError when the table holds another scene's rows
+        or ``record`` is not a done record of ``scene_id``.
         """
+        if record.scene_id != scene_id or not record.is_done:
+            raise ValueError(f"write_scene({scene_id!r}) needs a done record of that scene, got "
+                             f"{record.status!r} of {record.scene_id!r}")
+        t0 = time.perf_counter()
         frames_key, arrays_key, record_key = (
             layout.frames_key(scene_id), layout.arrays_key(scene_id), layout.record_key(scene_id),
         )
@@ -187,50 +179,47 @@ class ResultStore:
         self._remove_scene_data(scene_id, keep=(self.path(frames_key), self.path(arrays_key)))
         self._put(frames_key, parquet)
         self._put(arrays_key, npz)
-        rec = {
-            **dict(record),
-            "scene_id": scene_id,
-            "status": DONE,
-            "error": None,
-            "format_version": layout.FORMAT_VERSION,
-            "written_at": utc_now(),
-            "num_frames": table.num_rows,
-            "frames_path": frames_key,
-            "arrays_path": arrays_key,
-            "arrays": {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in arrays.items()},
-        }
-        body = to_json_bytes(rec)
+        commit_s = time.perf_counter() - t0
+        rec = record.replace(
+            error=None,
+            format_version=layout.FORMAT_VERSION,
+            written_at=utc_now(),
+            num_frames=table.num_rows,
+            frames_path=frames_key,
+            arrays_path=arrays_key,
+            arrays={k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)} for k, v in arrays.items()},
+            seconds=round(record.seconds + commit_s, 4),
+            timings={**record.timings, "commit": round(commit_s, 4)},
+        )
+        body = rec.to_json()
         self._put(record_key, body)
         log.debug("committed scene %s (%d frames)", scene_id, table.num_rows)
-        return json.loads(body)
+        return read_scene_record(body)
 
-    def write_failure(self, scene_id: str, record: Mapping[str, Any]) -> dict | None:
-        """Record ``scene_id`` as failed (``record`` should hold ``error``).
+    def write_failure(self, record: SceneRecord) -> SceneRecord | None:
+        """Record a scene as failed (``record``: a :meth:`SceneRecord.failed`).
 
         A committed scene is never downgraded: if a ``done`` record exists, nothing is written
         and ``None`` is returned. Otherwise leftovers of an interrupted write of this scene
         are removed (so raw readers of ``frames/`` see no orphan rows) and the failure record
-        is written and returned.
+        is written and returned. Raises ValueError when ``record`` is not a failure.
         """
+        if not record.is_failed or not record.error:
+            raise ValueError(f"write_failure needs a failed record with an error, got "
+                             f"{record.status!r} of {record.scene_id!r}")
+        scene_id = record.scene_id
         existing = self.record(scene_id)
-        if existing and existing.get("status") == DONE:
+        if existing is not None and existing.is_done:
             log.warning("scene %s is already committed; not recording a failure over it", scene_id)
             return None
         self._remove_scene_data(scene_id)
-        rec = {
-            **dict(record),
-            "scene_id": scene_id,
-            "status": FAILED,
-            "format_version": layout.FORMAT_VERSION,
-            "written_at": utc_now(),
-        }
-        rec.setdefault("error", "unknown error")
-        body = to_json_bytes(rec)
+        body = record.replace(format_version=layout.FORMAT_VERSION, written_at=utc_now()).to_json()
         self._put(layout.record_key(scene_id), body)
-        return json.loads(body)
+        return read_scene_record(body)
 
     def config_conflicts(
-        self, model_hash: str | None, merge_hash: str | None, records: Mapping[str, dict] | None = None
+        self, model_hash: str | None, merge_hash: str | None,
+        records: Mapping[str, SceneRecord] | None = None,
     ) -> list[str]:
         """Committed scene ids whose record's ``model_hash`` / ``merge_hash`` differ from these.
 
@@ -241,10 +230,10 @@ class ResultStore:
         out = []
         records = self.records() if records is None else records
         for sid, rec in records.items():
-            if rec.get("status") != DONE:
+            if not rec.is_done:
                 continue
-            if (model_hash is not None and rec.get("model_hash") != model_hash) or (
-                merge_hash is not None and rec.get("merge_hash") != merge_hash
+            if (model_hash is not None and rec.model_hash != model_hash) or (
+                merge_hash is not None and rec.merge_hash != merge_hash
             ):
                 out.append(sid)
         return out
@@ -253,11 +242,18 @@ class ResultStore:
 
     def write_chunk(
         self, scene_id: str, chunk_index: int, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
-    ) -> None:
-        """Save one chunk's intermediate arrays, then its JSON marker (the chunk's commit)."""
+    ) -> float:
+        """Save one chunk's intermediate arrays, then its JSON marker (the chunk's commit).
+
+        Returns the seconds spent encoding and writing the arrays (the marker PUT excluded),
+        which a chunk's record counts as its commit, as :meth:`write_scene` does for a scene.
+        """
+        t0 = time.perf_counter()
         self._put(layout.chunk_key(scene_id, chunk_index, "npz"), npz_bytes(arrays, compress=False))
+        commit_s = time.perf_counter() - t0
         marker = {**dict(meta), "chunk_index": chunk_index, "written_at": utc_now()}
         self._put(layout.chunk_key(scene_id, chunk_index, "json"), to_json_bytes(marker))
+        return commit_s
 
     def read_chunk(self, scene_id: str, chunk_index: int) -> tuple[dict[str, np.ndarray], dict]:
         """``(arrays, meta)`` of a committed chunk; ``FileNotFoundError`` if it has no marker."""
@@ -278,21 +274,27 @@ class ResultStore:
 
     # ------------------------------------------------------------------ runs
 
-    def write_run_summary(self, run_id: str, summary: Mapping[str, Any]) -> str:
+    def write_run_summary(self, summary: RunSummary) -> str:
         """Write ``runs/<run_id>.json`` (secrets redacted); returns its URL."""
-        key = layout.run_key(run_id)
-        rec = {**dict(summary), "run_id": run_id, "format_version": layout.FORMAT_VERSION, "written_at": utc_now()}
-        self._put(key, to_json_bytes(rec))
+        key = layout.run_key(summary.run_id)
+        rec = summary.replace(format_version=layout.FORMAT_VERSION, written_at=utc_now())
+        self._put(key, rec.to_json())
         return self.url_of(key)
 
-    def runs(self) -> list[dict]:
+    def runs(self) -> list[RunSummary]:
         """Every run summary, oldest first."""
-        recs = self._read_json_many([p for p in self._list(layout.RUNS_DIR) if p.endswith(".json")])
-        return sorted(recs.values(), key=lambda r: (str(r.get("written_at", "")), str(r.get("run_id", ""))))
+        raw = self._read_json_many([p for p in self._list(layout.RUNS_DIR) if p.endswith(".json")])
+        out = []
+        for path, data in raw.items():
+            try:
+                out.append(read_run_summary(data))
+            except ValueError as exc:
+                log.warning("skipping malformed run summary %s: %s", redact(full_url(self.fs, path)), exc)
+        return sorted(out, key=lambda r: (str(r.written_at or ""), r.run_id))
 
     # ------------------------------------------------------------------ reading data objects
 
-    def read_arrays(self, scene_id: str, record: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-        """The NPZ arrays a record names (default: the scene's current record)."""
-        key = (record or {}).get("arrays_path") or layout.arrays_key(scene_id)
+    def read_arrays(self, scene_id: str, record: SceneRecord | None = None) -> dict[str, np.ndarray]:
+        """The NPZ arrays a record names (default: the scene's usual key)."""
+        key = (record.arrays_path if record is not None else None) or layout.arrays_key(scene_id)
         return load_npz(self._get(key))

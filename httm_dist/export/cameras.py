@@ -1,0 +1,191 @@
+"""Cameras at the original photo's resolution, image names, and camera axes for the exporters.
+
+Pixel convention (COLMAP's, nerfstudio's, and PIL's resize): continuous coordinates with the
+top-left *corner* of the image at (0, 0), so the centre of pixel (row i, column j) is
+(j + 0.5, i + 0.5). The model's intrinsics put the principal point at (W/2, H/2), the image
+centre in this convention.
+
+A frame's model input was made by the official loader's arithmetic
+(:mod:`httm_dist.model.preprocess`): resize the original (w, h) to (new_w, new_h), then in
+``crop`` mode centre-crop the height to the target size, in ``pad`` mode pad white to a square,
+and in both pad white (centred) to the batch's largest H and W. Every step is a per-axis
+scale or shift, so input pixels map to original pixels by an affine map
+``A = [[sx, 0, tx], [0, sy, ty], [0, 0, 1]]`` (``x_orig = A @ x_input``, homogeneous) and the
+intrinsics at the original resolution are ``K_orig = A @ K_input``.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import fsspec
+import numpy as np
+
+from httm_dist.errors import ConfigError, SceneError
+
+log = logging.getLogger(__name__)
+
+MODES = ("crop", "pad")
+
+# OpenCV camera axes (x right, y down, z forward) -> OpenGL/nerfstudio (x right, y up, z back).
+OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where each frame's model input came from in its original photo, for S frames.
+
+    - ``input_to_original`` [S, 3, 3] float64: the affine ``A`` of the module doc.
+    - ``content_box`` [S, 4] int64: ``(x0, y0, x1, y1)`` of the input pixels that hold the
+      photo (not white padding), half-open, in input pixels.
+    - ``original_hw`` [S, 2] int64, ``input_hw`` [S, 2] int64: (height, width) of each.
+    """
+
+    input_to_original: np.ndarray
+    content_box: np.ndarray
+    original_hw: np.ndarray
+    input_hw: np.ndarray
+
+    def original_intrinsics(self, intrinsic: np.ndarray) -> np.ndarray:
+        """``K_orig = A @ K_input``: [S, 3, 3] input-size intrinsics -> original-size, float64."""
+        return self.input_to_original @ np.asarray(intrinsic, dtype=np.float64)
+
+    def to_original(self, frame: np.ndarray, xy_input: np.ndarray) -> np.ndarray:
+        """Input-pixel positions [M, 2] (corner convention) of frames ``frame`` [M] -> original [M, 2]."""
+        a = self.input_to_original[np.asarray(frame)]
+        xy = np.asarray(xy_input, dtype=np.float64)
+        return np.stack([a[:, 0, 0] * xy[:, 0] + a[:, 0, 2], a[:, 1, 1] * xy[:, 1] + a[:, 1, 2]], axis=-1)
+
+
+def derive_geometry(original_hw: Any, input_hw: Any, mode: str) -> FrameGeometry:
+    """The input->original geometry of frames preprocessed with ``mode`` (``crop``/``pad``).
+
+    ``original_hw`` [S, 2] and ``input_hw`` [S, 2] (height, width) are the frame table's
+    ``orig_*`` and ``input_*`` columns. The target size is the input width in crop mode (every
+    frame is resized to it) and the input side in pad mode (inputs are square); the resize
+    sizes come from :func:`httm_dist.model.preprocess._resized_size`, the official loader's
+    arithmetic, so they round exactly as the input was made.
+
+    Raises ``ValueError`` for an unknown mode or sizes that this mode cannot have produced
+    (e.g. a non-square input in pad mode).
+    """
+    from httm_dist.model.preprocess import _resized_size
+
+    if mode not in MODES:
+        raise ValueError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
+    orig = np.asarray(original_hw, dtype=np.int64).reshape(-1, 2)
+    inp = np.asarray(input_hw, dtype=np.int64).reshape(-1, 2)
+    if len(orig) != len(inp):
+        raise ValueError(f"original_hw has {len(orig)} frames but input_hw has {len(inp)}")
+    s = len(orig)
+    a = np.zeros((s, 3, 3))
+    a[:, 2, 2] = 1.0
+    box = np.zeros((s, 4), dtype=np.int64)
+    for k in range(s):  # a few integer operations per frame
+        (h, w), (in_h, in_w) = orig[k], inp[k]
+        if mode == "pad" and in_h != in_w:
+            raise ValueError(f"frame {k}: input {in_h}x{in_w} is not square, so not made in pad mode")
+        target = int(in_w)
+        new_w, new_h = _resized_size(int(w), int(h), mode, target)
+        if new_w <= 0 or new_h <= 0:
+            raise ValueError(f"frame {k}: a {w}x{h} photo cannot be resized to size {target} ({mode} mode)")
+        crop_top = (new_h - target) // 2 if mode == "crop" and new_h > target else 0
+        body_h = min(new_h, target) if mode == "crop" else new_h  # crop keeps `target` rows
+        if body_h > in_h or new_w > in_w:
+            raise ValueError(
+                f"frame {k}: a {w}x{h} photo in {mode} mode at size {target} gives {new_w}x{body_h}, "
+                f"larger than the stored input {in_w}x{in_h}"
+            )
+        top, left = (int(in_h) - body_h) // 2, (int(in_w) - new_w) // 2
+        sx, sy = w / new_w, h / new_h
+        a[k, 0, 0], a[k, 0, 2] = sx, 0.0 - sx * left
+        a[k, 1, 1], a[k, 1, 2] = sy, sy * (crop_top - top)
+        box[k] = (left, top, left + new_w, top + body_h)
+    return FrameGeometry(a, box, orig, inp)
+
+
+def ambiguous_mode(original_hw: Any, input_hw: Any) -> bool:
+    """Can ``crop`` and ``pad`` give different geometry for these frames?
+
+    Only for portrait photos (height > width) in square inputs: a non-square input is always
+    crop mode, and landscape or square photos are resized, placed and padded the same way by
+    both modes.
+    """
+    orig = np.asarray(original_hw).reshape(-1, 2)
+    inp = np.asarray(input_hw).reshape(-1, 2)
+    return bool((inp[:, 0] == inp[:, 1]).all() and (orig[:, 0] > orig[:, 1]).any())
+
+
+def resolve_mode(
+    scene_id: str,
+    original_hw: Any,
+    input_hw: Any,
+    record: Mapping[str, Any],
+    runs: Sequence[Mapping[str, Any]],
+    image_mode: str | None = None,
+) -> str:
+    """The preprocessing mode of a format-1 scene (whose frame table does not store it).
+
+    ``image_mode`` (the user's) wins. Else: a non-square input means crop; frames for which
+    both modes agree (see :func:`ambiguous_mode`) use crop; else the ``image.mode`` of the
+    run that wrote the scene (the record's ``run_id`` in the run summaries). Raises
+    ``SceneError`` naming ``--image-mode`` when none of these tells.
+    """
+    if image_mode is not None:
+        if image_mode not in MODES:
+            raise ConfigError(f"image mode must be one of {MODES}, got {image_mode!r}")
+        return image_mode
+    inp = np.asarray(input_hw).reshape(-1, 2)
+    if (inp[:, 0] != inp[:, 1]).any():
+        return "crop"
+    if not ambiguous_mode(original_hw, input_hw):
+        return "crop"
+    run_id = record.get("run_id")
+    for run in runs:
+        if run_id is not None and run.get("run_id") == run_id:
+            mode = ((run.get("config") or {}).get("image") or {}).get("mode")
+            if mode in MODES:
+                return mode
+    raise SceneError(
+        f"scene '{scene_id}' has portrait photos in square inputs and its preprocessing mode "
+        f"(crop or pad) is not recorded (run {run_id!r} has no summary with image.mode): pass "
+        "--image-mode (image_mode=) with the image.mode of the job that wrote it"
+    )
+
+
+def image_names(uris: Sequence[str]) -> list[str]:
+    """Names of the frames' images, unique within the scene: each image's path relative to the
+    deepest folder holding them all (the file names when they share one folder).
+
+    For a chained URL (``tar://f1.jpg::s3://bucket/scene.tar``) the path is the innermost
+    file's (``f1.jpg``); protocols are dropped. Raises ``SceneError`` if two frames have
+    the same path (e.g. the same member of two archives).
+    """
+    paths = []
+    for uri in uris:
+        first = str(uri).split("::", 1)[0]
+        paths.append(fsspec.core.strip_protocol(first) if "://" in first else first)
+    parts = [p.split("/") for p in paths]
+    common = 0
+    if parts:
+        folders = [q[:-1] for q in parts]
+        shortest = min(len(f) for f in folders)
+        while common < shortest and len({tuple(f[: common + 1]) for f in folders}) == 1:
+            common += 1
+    names = ["/".join(q[common:]) for q in parts]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise SceneError(f"frames share the image name(s) {dup[:3]}: their URIs name the same file")
+    return names
+
+
+def camera_to_world_opengl(extrinsic: Any) -> np.ndarray:
+    """[S, 3, 4] camera-from-world ``[R|t]`` (OpenCV axes) -> [S, 4, 4] camera-to-world in
+    OpenGL axes (nerfstudio's): ``inv([R|t; 0 0 0 1]) @ diag(1, -1, -1, 1)``."""
+    from httm_dist.model.geometry import closed_form_inverse_se3
+
+    c2w = closed_form_inverse_se3(np.asarray(extrinsic, dtype=np.float64))
+    return c2w @ OPENCV_TO_OPENGL
