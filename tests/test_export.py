@@ -19,10 +19,13 @@ from PIL import Image
 
 from httm_dist.errors import ConfigError, SceneError
 from httm_dist.export import derive_geometry, export_scenes, image_names, read_ply
+from httm_dist.export.cameras import derive_frames
 from httm_dist.export.points import unproject_pixels
 from httm_dist.model.geometry import unproject_depth_map_to_point_map
-from httm_dist.model.preprocess import load_and_preprocess_images_with_sizes
+from httm_dist.model.preprocess import load_and_preprocess_frames
 from httm_dist.results import ResultStore, build_frame_table, scene_arrays
+from httm_dist.results.frames import V2_COLUMNS
+from httm_dist.results.record import RunSummary, SceneRecord
 
 import pycolmap  # the test extra installs it (httm-dist[export])
 
@@ -30,13 +33,21 @@ TARGET = 56
 LANDSCAPE, PORTRAIT = (252, 168), (168, 252)  # (width, height); originals 4.5x the input
 
 
-def _coord_photo(path: Path, size: tuple[int, int]) -> None:
-    """A photo whose red is the pixel's column and green its row (sizes < 256)."""
+def _coord_photo(path: Path, size: tuple[int, int], exif_rotated: bool = False) -> None:
+    """A photo whose red is the pixel's column and green its row (sizes < 256). With
+    ``exif_rotated`` it is stored lying on its side with EXIF Orientation 6, so that viewers
+    (and the job, which applies the orientation) see the upright coordinate picture."""
     w, h = size
     a = np.zeros((h, w, 3), np.uint8)
     a[..., 0] = np.arange(w)[None, :]
     a[..., 1] = np.arange(h)[:, None]
-    Image.fromarray(a).save(path)
+    img = Image.fromarray(a)
+    if not exif_rotated:
+        img.save(path)
+        return
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    img.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
@@ -44,15 +55,16 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.linalg.det(q))
 
 
-def _write_scene(out: Path, scene_id: str, sizes, mode: str, rng, run_id: str = "run-1") -> dict:
-    """Photos + a committed scene; returns what the test needs to check the export."""
+def _write_scene(out: Path, scene_id: str, sizes, mode: str, rng, run_id: str = "run-1",
+                 exif_rotated: tuple[int, ...] = ()) -> dict:
+    """Photos + a committed format-2 scene; returns what the test needs to check the export."""
     folder = out.parent / "input" / scene_id
     folder.mkdir(parents=True)
     uris = []
     for i, size in enumerate(sizes):
         uris.append(str(folder / f"frame_{i:02d}.png"))
-        _coord_photo(Path(uris[-1]), size)
-    images, orig_hw = load_and_preprocess_images_with_sizes(uris, mode=mode, target_size=TARGET)
+        _coord_photo(Path(uris[-1]), size, i in exif_rotated)
+    images, geometry = load_and_preprocess_frames(uris, mode=mode, target_size=TARGET)
     s, _, h, w = images.shape
     extr = np.zeros((s, 3, 4), np.float32)
     extr[0, :, :3] = np.eye(3)
@@ -65,13 +77,27 @@ def _write_scene(out: Path, scene_id: str, sizes, mode: str, rng, run_id: str = 
     intr[:, 0, 2], intr[:, 1, 2], intr[:, 2, 2] = w / 2, h / 2, 1
     depth = rng.uniform(1, 5, (s, h, w, 1)).astype(np.float32)
     conf = rng.uniform(1, 3, (s, h, w)).astype(np.float32)
-    table = build_frame_table(scene_id, uris, orig_hw, (h, w), extr, intr, depth, conf)
+    orig_hw = [g.orig_hw for g in geometry]
+    table = build_frame_table(scene_id, uris, orig_hw, (h, w), extr, intr, depth, conf, geometry=geometry)
     arrays = scene_arrays({"depth": depth, "depth_conf": conf, "extrinsic": extr, "intrinsic": intr,
                            "frame_uris": uris}, dense_dtype="float32")
-    ResultStore(str(out)).write_scene(scene_id, table, arrays, {"model_hash": "m", "merge_hash": "h", "run_id": run_id})
+    record = SceneRecord.done(scene_id, unit="scene", num_frames=s, chunks=1, model_hash="m", merge_hash="h",
+                              attempts=1, seconds=0.0, timings={}, run_id=run_id)
+    ResultStore(str(out)).write_scene(scene_id, table, arrays, record)
     inputs = np.rint(images.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
     return {"uris": uris, "extrinsic": extr, "intrinsic": intr, "orig_hw": np.array(orig_hw), "inputs": inputs,
-            "conf": conf, "depth": depth[..., 0]}
+            "conf": conf, "depth": depth[..., 0], "geometry": geometry}
+
+
+def _as_format_1(out: Path, scene_id: str) -> None:
+    """Rewrite a committed scene as a format_version 1 job wrote it: no geometry columns."""
+    import pyarrow.parquet as pq
+
+    rec_path = out / "scenes" / f"{scene_id}.json"
+    rec = json.loads(rec_path.read_text())
+    frames = out / rec["frames_path"]
+    pq.write_table(pq.read_table(frames).drop_columns(list(V2_COLUMNS)), frames)
+    rec_path.write_text(json.dumps({**rec, "format_version": 1}))
 
 
 def _truth(scene: dict, frame: np.ndarray, xyz: np.ndarray):
@@ -91,19 +117,21 @@ def _interior(xy: np.ndarray, hw: np.ndarray, margin: float = 10.0) -> np.ndarra
     return (xy[:, 0] > margin) & (xy[:, 0] < hw[:, 1] - margin) & (xy[:, 1] > margin) & (xy[:, 1] < hw[:, 0] - margin)
 
 
-@pytest.mark.parametrize(
-    "mode, sizes",
-    [
-        ("crop", [LANDSCAPE, PORTRAIT, LANDSCAPE]),  # portrait centre-cropped; landscape padded
-        ("pad", [PORTRAIT, LANDSCAPE, PORTRAIT]),  # portrait padded left/right, landscape top/bottom
-        ("crop", [LANDSCAPE, (200, 150)]),  # non-square input: no padding at all
-    ],
-)
-def test_colmap_round_trip_through_pycolmap(tmp_path, mode, sizes):
-    rng = np.random.default_rng(len(sizes) * 7 + (mode == "pad"))
+CASES = [
+    ("crop", [LANDSCAPE, PORTRAIT, LANDSCAPE], ()),  # portrait centre-cropped; landscape padded
+    ("pad", [PORTRAIT, LANDSCAPE, PORTRAIT], ()),  # portrait padded left/right, landscape top/bottom
+    ("crop", [LANDSCAPE, (200, 150)], ()),  # non-square input: no padding at all
+    ("crop", [LANDSCAPE, PORTRAIT], (1,)),  # a portrait photo stored on its side + EXIF orientation
+]
+
+
+@pytest.mark.parametrize("mode, sizes, exif_rotated", CASES)
+def test_colmap_round_trip_through_pycolmap(tmp_path, mode, sizes, exif_rotated):
+    rng = np.random.default_rng(len(sizes) * 7 + (mode == "pad") + 3 * len(exif_rotated))
     out, dest = tmp_path / "out", tmp_path / "colmap"
-    scene = _write_scene(out, "scene_a", sizes, mode, rng)
-    result = export_scenes(str(out), str(dest), "colmap", image_mode=mode, max_points=3000)
+    scene = _write_scene(out, "scene_a", sizes, mode, rng, exif_rotated=exif_rotated)
+    assert [g.orientation_applied for g in scene["geometry"]] == [i in exif_rotated for i in range(len(sizes))]
+    result = export_scenes(str(out), str(dest), "colmap", max_points=3000)
     assert result == {"exported": {"scene_a": str(dest / "scene_a" / "sparse" / "0")}, "failed": {}}
     rec = pycolmap.Reconstruction(str(dest / "scene_a" / "sparse" / "0"))
     s = len(sizes)
@@ -133,7 +161,9 @@ def test_colmap_round_trip_through_pycolmap(tmp_path, mode, sizes):
     assert inside.sum() > 0.5 * len(ids)
     err = np.abs(proj - truth)[inside]
     assert err.max() <= 1.0, f"max reprojection error {err.max():.3f} px at the original resolution"
-    np.testing.assert_array_equal(np.array([rec.points3D[p].color for p in ids]), rgb)
+    # colours are the photo's pixel under each observation (red = column, green = row there)
+    colour = np.array([rec.points3D[p].color for p in ids]).astype(int)
+    np.testing.assert_array_equal(colour[:, :2], np.floor(observed).astype(int))
     assert not (rgb == 255).all(-1).any()  # no point comes from white padding
 
 
@@ -198,7 +228,9 @@ def test_only_committed_scenes_are_exported(tmp_path):
     _write_scene(out, "good", [LANDSCAPE], "crop", rng)
     _write_scene(out, "half", [LANDSCAPE], "crop", rng)
     (out / "scenes" / "half.json").unlink()  # frames + arrays written, the commit never came
-    ResultStore(str(out)).write_failure("bad", {"error": "SceneError: corrupt image"})
+    ResultStore(str(out)).write_failure(SceneRecord.failed(
+        "bad", "SceneError: corrupt image", unit="scene", num_frames=1, chunks=1, model_hash="m", merge_hash="h",
+        attempts=1))
     result = export_scenes(str(out), str(dest), "nerfstudio")
     assert list(result["exported"]) == ["good"]
     assert sorted(p.name for p in dest.iterdir()) == ["good"]
@@ -213,9 +245,10 @@ def test_format_1_mode_comes_from_the_run_summary_or_fails_clearly(tmp_path):
     rng = np.random.default_rng(4)
     out, dest = tmp_path / "out", tmp_path / "ns"
     _write_scene(out, "p", [PORTRAIT, LANDSCAPE], "pad", rng, run_id="r1")
+    _as_format_1(out, "p")
     result = export_scenes(str(out), str(dest), "nerfstudio")
     assert "--image-mode" in result["failed"]["p"] and not result["exported"]
-    ResultStore(str(out)).write_run_summary("r1", {"config": {"image": {"mode": "pad", "size": TARGET}}})
+    ResultStore(str(out)).write_run_summary(RunSummary(run_id="r1", config={"image": {"mode": "pad", "size": TARGET}}))
     result = export_scenes(str(out), str(dest), "nerfstudio")
     assert list(result["exported"]) == ["p"]
     frames = {}
@@ -228,14 +261,23 @@ def test_format_1_mode_comes_from_the_run_summary_or_fails_clearly(tmp_path):
     assert frames["pad"][0]["fl_y"] / frames["crop"][0]["fl_y"] == pytest.approx(4.5 / 3, rel=1e-6)
 
 
-def test_geometry_matches_the_loader_and_rejects_impossible_sizes():
-    # portrait 168x252 in crop mode at 56: resized 56x84, rows 14..70 kept -> y_orig = 3 (y_in + 14)
-    g = derive_geometry([(252, 168)], [(56, 56)], "crop")
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+def test_derived_frame_geometry_is_the_loaders(tmp_path, mode):
+    # odd sizes whose resize rounds up and down, portrait and landscape, in one batch
+    sizes = [(251, 167), (167, 251), (200, 61), (99, 240), (140, 140)]
+    uris = []
+    for i, size in enumerate(sizes):
+        uris.append(str(tmp_path / f"{i}.png"))
+        _coord_photo(Path(uris[-1]), size)
+    images, geometry = load_and_preprocess_frames(uris, mode=mode, target_size=TARGET)
+    input_hw = [tuple(images.shape[-2:])] * len(sizes)
+    assert derive_frames([g.orig_hw for g in geometry], input_hw, mode) == geometry
+
+
+def test_geometry_rejects_impossible_sizes():
+    g = derive_geometry([(252, 168)], [(56, 56)], "crop")  # resized 56x84, rows 14..70 kept
     np.testing.assert_allclose(g.input_to_original[0], [[3, 0, 0], [0, 3, 42], [0, 0, 1]])
-    np.testing.assert_array_equal(g.content_box[0], [0, 0, 56, 56])
-    g = derive_geometry([(252, 168)], [(56, 56)], "pad")  # resized 42x56, 7 white columns left
-    np.testing.assert_allclose(g.input_to_original[0], [[4, 0, -28], [0, 4.5, 0], [0, 0, 1]])
-    np.testing.assert_array_equal(g.content_box[0], [7, 0, 49, 56])
+    np.testing.assert_array_equal(g.valid_box[0], [0, 0, 56, 56])
     with pytest.raises(ValueError, match="not square"):
         derive_geometry([(252, 168)], [(42, 56)], "pad")
     with pytest.raises(ValueError, match="larger than the stored input"):
@@ -244,6 +286,33 @@ def test_geometry_matches_the_loader_and_rejects_impossible_sizes():
         derive_geometry([(10, 1000)], [(42, 56)], "crop")
     with pytest.raises(ValueError, match="mode"):
         derive_geometry([(10, 10)], [(14, 14)], "stretch")
+
+
+@pytest.mark.parametrize("mode, sizes, exif_rotated", CASES[:3])
+def test_stored_and_derived_geometry_export_the_same(tmp_path, mode, sizes, exif_rotated):
+    rng = np.random.default_rng(21)
+    out = tmp_path / "out"
+    _write_scene(out, "v", sizes, mode, rng)
+    models = {}
+    for version in (2, 1):
+        if version == 1:
+            _as_format_1(out, "v")
+        dest = tmp_path / f"v{version}"
+        assert list(export_scenes(str(out), str(dest), "colmap", image_mode=mode, max_points=400)["exported"]) == ["v"]
+        models[version] = pycolmap.Reconstruction(str(dest / "v" / "sparse" / "0"))
+    new, old = models[2], models[1]
+    assert sorted(new.cameras) == sorted(old.cameras) and new.num_points3D() == old.num_points3D() == 400
+    for cid in new.cameras:
+        assert (new.cameras[cid].width, new.cameras[cid].height) == (old.cameras[cid].width, old.cameras[cid].height)
+        np.testing.assert_allclose(new.cameras[cid].params, old.cameras[cid].params, rtol=1e-6)
+    for pid in new.points3D:
+        a, b = new.points3D[pid], old.points3D[pid]
+        np.testing.assert_allclose(a.xyz, b.xyz, rtol=1e-12)
+        np.testing.assert_array_equal(a.color, b.color)
+        ea, eb = a.track.elements[0], b.track.elements[0]
+        assert ea.image_id == eb.image_id
+        np.testing.assert_allclose(new.images[ea.image_id].points2D[ea.point2D_idx].xy,
+                                   old.images[eb.image_id].points2D[eb.point2D_idx].xy, atol=1e-4)
 
 
 def test_unproject_pixels_is_the_geometry_helper_at_pixel_centres():

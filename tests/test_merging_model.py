@@ -134,3 +134,16 @@ def test_bf16_aggregator():
             out = [t for t in agg(x)[0] if t is not None]
         assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in out)
         assert merge_stats(agg)[0]["kv_kept"] < 3 * 17
+
+
+def test_unknown_models_are_refused_naming_what_is_expected(model):
+    """Not a silent no-op: a model no adapter knows (even one shaped like a VGGT, with
+    ``aggregator.global_blocks``) is a TypeError listing the supported classes."""
+    look_alike = torch.nn.Module()
+    look_alike.aggregator = torch.nn.Module()
+    look_alike.aggregator.global_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    for unknown in (torch.nn.Linear(2, 2), look_alike, model.camera_head):
+        for call in (lambda m: apply_merging(m, MergeConfig()), merge_stats):
+            with pytest.raises(TypeError, match=r"cannot patch a .*; expected one of httm_dist\.model\.vggt\.VGGT, "
+                                                r"httm_dist\.model\.aggregator\.Aggregator, vggt\.models\.vggt\.VGGT"):
+                call(unknown)

@@ -16,12 +16,14 @@ from httm_dist.merging import apply_merging
 from httm_dist.model import VGGT, VGGTConfig, load_vggt
 from httm_dist.model.geometry import pose_encoding_to_extri_intri
 from httm_dist.model.preprocess import load_and_preprocess_frames, load_and_preprocess_images_with_sizes
-from httm_dist.pipeline.unit import (
-    UnitRunner,
+from httm_dist.pipeline import (
+    ModelRunner,
+    ResultPublisher,
     WorkUnit,
     assemble_unit,
     failure_record,
     plan_units,
+    process_unit,
     resolve_device,
 )
 from httm_dist.results import ResultStore, column_matrices
@@ -76,9 +78,14 @@ def _cfg(dataset: dict, out: str, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def runner(dataset, tmp_path_factory) -> UnitRunner:
+def runner(dataset, tmp_path_factory) -> ModelRunner:
     out = str(tmp_path_factory.mktemp("out-default"))
-    return UnitRunner(_cfg(dataset, out, "chunk.max_frames=4", "chunk.overlap=2"))
+    return ModelRunner(_cfg(dataset, out, "chunk.max_frames=4", "chunk.overlap=2"))
+
+
+def process(runner: ModelRunner, unit: WorkUnit, store: ResultStore, extra: dict | None = None):
+    """One whole unit, as a worker runs it: the runner's model, then a publisher to ``store``."""
+    return process_unit(runner, ResultPublisher(runner.cfg, store, str(runner.device)), unit, extra)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +140,7 @@ def test_scene_units_commit_rows_and_values_equal_to_the_model(runner, scenes, d
     records = {}
     for sid in ("alpha", "beta"):
         (unit,) = plan_units(scenes[sid], runner.cfg)
-        records[sid] = runner.process(unit, store, {"attempts": 2, "worker": {"host": "node-7"}})
+        records[sid] = process(runner, unit, store, {"attempts": 2, "worker": {"host": "node-7"}})
 
     reader = open_results(runner.cfg.output)
     assert reader.scene_ids == ["alpha", "beta"]
@@ -184,14 +191,17 @@ def test_scene_units_commit_rows_and_values_equal_to_the_model(runner, scenes, d
         assert rec["merge_hash"] == runner.cfg.merge_hash()
         assert rec["worker_host"] == "node-7" and rec["attempts"] == 2
         assert rec["chunks"] == 1 and rec["alignment"] == [] and rec["seconds"] > 0
+        # seconds = load + run + commit (the data writes), the same sum a chunk's record has
+        assert set(rec["timings"]) == {"load", "run", "commit"} and rec["timings"]["commit"] > 0
+        assert rec["seconds"] == pytest.approx(sum(rec["timings"].values()), abs=1e-3)
         assert records[sid].status == "done" and records[sid].to_dict() == rec
 
 
 def test_float32_output_and_dense_merging(dataset, scenes, tmp_path, reference_model):
     cfg = _cfg(dataset, str(tmp_path / "out"), "output_dtype=float32", "merging.strategy=dense")
-    dense = UnitRunner(cfg, model=load_vggt("tiny", weights=dataset["weights"], device="cpu"))
+    dense = ModelRunner(cfg, model=load_vggt("tiny", weights=dataset["weights"], device="cpu"))
     store = ResultStore(cfg.output)
-    dense.process(plan_units(scenes["beta"], cfg)[0], store)
+    process(dense, plan_units(scenes["beta"], cfg)[0], store)
     arrays = store.read_arrays("beta")
     assert arrays["depth"].dtype == np.float32
     paths = sorted((dataset["scenes"] / "beta").glob("*.png"))
@@ -210,7 +220,7 @@ def test_corrupt_empty_and_short_scenes_raise_scene_errors(runner, scenes, datas
     with pytest.raises(SceneError, match=r"'empty'.* (no image frames|empty)"):
         runner.load(plan_units(scenes["empty"], runner.cfg)[0])
 
-    strict = UnitRunner(load_config(runner.cfg.to_dict(), ["min_frames=4"]), model=runner.model)
+    strict = ModelRunner(load_config(runner.cfg.to_dict(), ["min_frames=4"]), model=runner.model)
     with pytest.raises(SceneError, match=r"'beta' has 2 frame\(s\), fewer than min_frames=4"):
         strict.load(plan_units(scenes["beta"], strict.cfg)[0])
 
@@ -227,17 +237,17 @@ def test_chunked_scene_assembles_every_frame_once(runner, scenes, dataset, refer
     units = plan_units(scene, runner.cfg)
     done = assemble_unit(scene, len(units))
     for unit in units[:-1]:
-        chunk = runner.process(unit, store)
+        chunk = process(runner, unit, store)
         assert chunk.status == "chunk_done" and chunk.num_frames == unit.frame_range[1] - unit.frame_range[0]
         assert chunk.timings["commit"] > 0 and chunk.seconds == pytest.approx(sum(chunk.timings.values()), abs=1e-3)
     assert "long" not in store.committed()
     with pytest.raises(RuntimeError, match=r"chunk\(s\) \[%d\]" % (len(units) - 1)):
-        runner.assemble(done, store)
-    runner.process(units[-1], store)
+        ResultPublisher(runner.cfg, store).assemble(done)
+    process(runner, units[-1], store)
     assert sorted(store.done_chunks("long")) == list(range(len(units)))
     assert "long" not in store.committed()  # chunks alone never commit the scene
 
-    record = runner.process(done, store)
+    record = process(runner, done, store)
     assert record.status == "done" and record.chunks == len(units) and record.num_frames == 9
     assert len(record.alignment) == len(units) - 1
     assert all(np.isfinite(a["residual"]) and "flagged" in a for a in record.alignment)
@@ -268,13 +278,11 @@ def test_assemble_drops_chunks_of_another_config(runner, scenes, tmp_path):
     store = ResultStore(str(tmp_path / "out"))
     units = plan_units(scenes["long"], runner.cfg)
     for unit in units:
-        runner.process(unit, store)
-    # assemble() does not run the model: any tiny VGGT will do for the second config
-    other = UnitRunner(
-        load_config(runner.cfg.to_dict(), ["merging.q_keep=0.9"]), model=VGGT(VGGTConfig.preset("tiny"))
-    )
+        process(runner, unit, store)
+    # assembling needs no model: a publisher under the second config is enough
+    other = ResultPublisher(load_config(runner.cfg.to_dict(), ["merging.q_keep=0.9"]), store)
     with pytest.raises(SceneError, match="another model/merge config"):
-        other.assemble(assemble_unit(scenes["long"], len(units)), store)
+        other.assemble(assemble_unit(scenes["long"], len(units)))
     assert store.done_chunks("long") == {}
 
 
@@ -302,10 +310,10 @@ def test_preview_option_writes_previews_of_each_committed_scene(runner, scenes, 
 
     out = str(tmp_path / "out")
     cfg = load_config(runner.cfg.to_dict(), [f"output={out}", "preview=true"])
-    previewing = UnitRunner(cfg, model=runner.model)
+    previewing = ModelRunner(cfg, model=runner.model)
     store = ResultStore(out)
     (unit,) = plan_units(scenes["alpha"], cfg)
-    assert previewing.process(unit, store).status == "done"
+    assert process(previewing, unit, store).status == "done"
     arrays = open_results(out).arrays("alpha")
     S, H, W = arrays["depth"].shape[:3]
     with Image.open(tmp_path / "out" / "previews" / "alpha.png") as png:

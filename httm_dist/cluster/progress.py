@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import TextIO
+
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,7 @@ class JobProgress:
     """
 
     def __init__(self, total_scenes: int, *, enabled: bool = True, interval_s: float = 10.0,
-                 stream: Any = None) -> None:
+                 stream: TextIO | None = None) -> None:
         self.total = total_scenes
         self.done = 0
         self.failed = 0
@@ -34,8 +36,6 @@ class JobProgress:
         stream = stream if stream is not None else sys.stderr
         self._log_lines = enabled and not _is_tty(stream)
         if enabled and not self._log_lines:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total_scenes, unit="scene", desc="scenes", file=stream,
                              dynamic_ncols=True)
 
@@ -80,7 +80,7 @@ class JobProgress:
             self._bar = None
 
 
-def _is_tty(stream: Any) -> bool:
+def _is_tty(stream: TextIO) -> bool:
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):

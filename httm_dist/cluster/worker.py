@@ -30,10 +30,13 @@ import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
+import torch
 
 from httm_dist.errors import HttmDistError, SceneError
 from httm_dist.config import JobConfig
-from httm_dist.pipeline.unit import LoadedUnit, UnitRunner, WorkUnit, failure_record
+from httm_dist.pipeline.publish import ResultPublisher
+from httm_dist.pipeline.runner import ModelRunner
+from httm_dist.pipeline.unit import LoadedUnit, WorkUnit, failure_record
 from httm_dist.results import ResultStore, SceneRecord
 from httm_dist.storage import redact
 
@@ -68,17 +71,14 @@ class OutOfMemoryFault(WorkerFault):
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
     return oom is not None and isinstance(exc, oom)
 
 
 @ray.remote
 class ReconstructionWorker:
-    """A Ray actor that owns one model (a ``UnitRunner``) for its life and runs units.
+    """A Ray actor that owns one model (a ``ModelRunner``) for its life and runs units,
+    publishing their results with a ``ResultPublisher``.
 
     Create with ``ReconstructionWorker.options(num_gpus=..., num_cpus=..., max_restarts=0,
     max_concurrency=2).remote(cfg, run_id)``: two threads, so ``info``/``prefetch`` are served
@@ -90,15 +90,16 @@ class ReconstructionWorker:
         self.run_id = run_id
         self._test_hooks = dict(test_hooks or {})
         t0 = time.monotonic()
-        self.runner = UnitRunner(cfg)
+        self.runner = ModelRunner(cfg)
         self.store = ResultStore(cfg.output, cfg.storage_options)
+        self.publisher = ResultPublisher(cfg, self.store, str(self.runner.device))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetched: dict[str, Future] = {}  # unit_id -> its load
         self._lock = threading.Lock()
         self._info = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "device": str(getattr(self.runner, "device", "unknown")),
+            "device": str(self.runner.device),
             "node_id": _node_id(),
         }
         log.info("worker %s ready on %s (model loaded in %.1f s)", self._info["pid"],
@@ -147,13 +148,13 @@ class ReconstructionWorker:
         try:
             if unit.kind == "assemble":
                 self._test_hook(unit, attempt)
-                record = self.runner.assemble(unit, self.store, extra)
+                record = self.publisher.assemble(unit, extra)
             else:
                 loaded = self._take_loaded(unit, extra)
                 preds = self.runner.run(loaded)
                 self._test_hook(unit, attempt)
                 extra["finished_at"] = time.time()
-                record = self.runner.commit(unit, loaded, preds, self.store, extra)
+                record = self.publisher.commit(unit, loaded, preds, extra)
         except Exception as exc:  # noqa: BLE001 - sorted below: worker fault or scene fault
             if _is_oom(exc):
                 log.error("worker %s out of memory on %s: %s", self._info["pid"],

@@ -9,14 +9,14 @@ committed scenes through :mod:`httm_dist.results` only, and writes per scene:
 Cameras are at the original photo's resolution; conventions are in docs/output-format.md.
 """
 
-from httm_dist.export.cameras import FrameGeometry, derive_geometry, image_names, resolve_mode
+from httm_dist.export.cameras import SceneGeometry, derive_geometry, image_names, resolve_mode, stored_geometry
 from httm_dist.export.points import ScenePoints, ply_bytes, read_ply, scene_points
 from httm_dist.export.scenes import FORMATS, ExportScene, export_scenes, load_scene
 
 __all__ = [
     "FORMATS",
     "ExportScene",
-    "FrameGeometry",
+    "SceneGeometry",
     "ScenePoints",
     "derive_geometry",
     "export_scenes",
@@ -26,4 +26,5 @@ __all__ = [
     "read_ply",
     "resolve_mode",
     "scene_points",
+    "stored_geometry",
 ]

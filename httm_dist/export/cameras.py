@@ -1,5 +1,9 @@
 """Cameras at the original photo's resolution, image names, and camera axes for the exporters.
 
+Format-2 frame tables store each frame's input->original geometry and original-size
+intrinsics (:func:`stored_geometry`); for format-1 tables they are rebuilt from the stored sizes
+and the preprocessing mode (:func:`derive_geometry`, :func:`resolve_mode`).
+
 Pixel convention (COLMAP's, nerfstudio's, and PIL's resize): continuous coordinates with the
 top-left *corner* of the image at (0, 0), so the centre of pixel (row i, column j) is
 (j + 0.5, i + 0.5). The model's intrinsics put the principal point at (W/2, H/2), the image
@@ -16,8 +20,6 @@ intrinsics at the original resolution are ``K_orig = A @ K_input``.
 
 from __future__ import annotations
 
-import logging
-import posixpath
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -26,8 +28,6 @@ import numpy as np
 
 from httm_dist.errors import ConfigError, SceneError
 
-log = logging.getLogger(__name__)
-
 MODES = ("crop", "pad")
 
 # OpenCV camera axes (x right, y down, z forward) -> OpenGL/nerfstudio (x right, y up, z back).
@@ -35,22 +35,32 @@ OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
 @dataclass(frozen=True)
-class FrameGeometry:
+class SceneGeometry:
     """Where each frame's model input came from in its original photo, for S frames.
 
-    - ``input_to_original`` [S, 3, 3] float64: the affine ``A`` of the module doc.
-    - ``content_box`` [S, 4] int64: ``(x0, y0, x1, y1)`` of the input pixels that hold the
-      photo (not white padding), half-open, in input pixels.
-    - ``original_hw`` [S, 2] int64, ``input_hw`` [S, 2] int64: (height, width) of each.
+    - ``input_to_original`` [S, 3, 3] float64: the affine ``A`` of the module doc;
+    - ``valid_box`` [S, 4] int64: ``(x0, y0, x1, y1)`` of the input pixels that hold the photo
+      (not white padding), half-open, in input pixels;
+    - ``original_hw`` [S, 2], ``input_hw`` [S, 2] int64: (height, width) of each;
+    - ``orientation_applied`` [S] bool: the photo's EXIF orientation was applied before
+      resizing (so the original is the upright image);
+    - ``intrinsic_original`` [S, 3, 3] float64 or None: stored original-size intrinsics;
+    - ``source``: ``"stored"`` (the frame table's format-2 columns) or ``"derived"``.
     """
 
     input_to_original: np.ndarray
-    content_box: np.ndarray
+    valid_box: np.ndarray
     original_hw: np.ndarray
     input_hw: np.ndarray
+    orientation_applied: np.ndarray
+    intrinsic_original: np.ndarray | None = None
+    source: str = "derived"
 
     def original_intrinsics(self, intrinsic: np.ndarray) -> np.ndarray:
-        """``K_orig = A @ K_input``: [S, 3, 3] input-size intrinsics -> original-size, float64."""
+        """[S, 3, 3] float64 intrinsics at the original size: the stored ones when there are,
+        else ``A @ K_input`` of the input-size ``intrinsic`` [S, 3, 3]."""
+        if self.intrinsic_original is not None:
+            return self.intrinsic_original
         return self.input_to_original @ np.asarray(intrinsic, dtype=np.float64)
 
     def to_original(self, frame: np.ndarray, xy_input: np.ndarray) -> np.ndarray:
@@ -60,19 +70,18 @@ class FrameGeometry:
         return np.stack([a[:, 0, 0] * xy[:, 0] + a[:, 0, 2], a[:, 1, 1] * xy[:, 1] + a[:, 1, 2]], axis=-1)
 
 
-def derive_geometry(original_hw: Any, input_hw: Any, mode: str) -> FrameGeometry:
-    """The input->original geometry of frames preprocessed with ``mode`` (``crop``/``pad``).
+def derive_frames(original_hw: Any, input_hw: Any, mode: str) -> list:
+    """Each frame's :class:`httm_dist.model.preprocess.FrameGeometry`, rebuilt from the sizes a
+    format-1 frame table stores and the preprocessing ``mode`` (``crop``/``pad``).
 
-    ``original_hw`` [S, 2] and ``input_hw`` [S, 2] (height, width) are the frame table's
-    ``orig_*`` and ``input_*`` columns. The target size is the input width in crop mode (every
-    frame is resized to it) and the input side in pad mode (inputs are square); the resize
-    sizes come from :func:`httm_dist.model.preprocess._resized_size`, the official loader's
-    arithmetic, so they round exactly as the input was made.
-
-    Raises ``ValueError`` for an unknown mode or sizes that this mode cannot have produced
-    (e.g. a non-square input in pad mode).
+    ``original_hw`` [S, 2] and ``input_hw`` [S, 2] (height, width) are the ``orig_*`` and
+    ``input_*`` columns. The target size is the input width in crop mode (every frame is
+    resized to it) and the input side in pad mode (inputs are square); the resized size is the
+    loader's own arithmetic (``preprocess._resized_size``), then the loader's crop and centred
+    padding. Raises ``ValueError`` for an unknown mode or sizes that this mode cannot have
+    produced (e.g. a non-square input in pad mode).
     """
-    from httm_dist.model.preprocess import _resized_size
+    from httm_dist.model.preprocess import FrameGeometry, _resized_size
 
     if mode not in MODES:
         raise ValueError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
@@ -80,16 +89,12 @@ def derive_geometry(original_hw: Any, input_hw: Any, mode: str) -> FrameGeometry
     inp = np.asarray(input_hw, dtype=np.int64).reshape(-1, 2)
     if len(orig) != len(inp):
         raise ValueError(f"original_hw has {len(orig)} frames but input_hw has {len(inp)}")
-    s = len(orig)
-    a = np.zeros((s, 3, 3))
-    a[:, 2, 2] = 1.0
-    box = np.zeros((s, 4), dtype=np.int64)
-    for k in range(s):  # a few integer operations per frame
-        (h, w), (in_h, in_w) = orig[k], inp[k]
+    frames = []
+    for k, ((h, w), (in_h, in_w)) in enumerate(zip(orig.tolist(), inp.tolist())):  # a few integer operations per frame
         if mode == "pad" and in_h != in_w:
             raise ValueError(f"frame {k}: input {in_h}x{in_w} is not square, so not made in pad mode")
-        target = int(in_w)
-        new_w, new_h = _resized_size(int(w), int(h), mode, target)
+        target = in_w
+        new_w, new_h = _resized_size(w, h, mode, target)
         if new_w <= 0 or new_h <= 0:
             raise ValueError(f"frame {k}: a {w}x{h} photo cannot be resized to size {target} ({mode} mode)")
         crop_top = (new_h - target) // 2 if mode == "crop" and new_h > target else 0
@@ -99,12 +104,44 @@ def derive_geometry(original_hw: Any, input_hw: Any, mode: str) -> FrameGeometry
                 f"frame {k}: a {w}x{h} photo in {mode} mode at size {target} gives {new_w}x{body_h}, "
                 f"larger than the stored input {in_w}x{in_h}"
             )
-        top, left = (int(in_h) - body_h) // 2, (int(in_w) - new_w) // 2
-        sx, sy = w / new_w, h / new_h
-        a[k, 0, 0], a[k, 0, 2] = sx, 0.0 - sx * left
-        a[k, 1, 1], a[k, 1, 2] = sy, sy * (crop_top - top)
-        box[k] = (left, top, left + new_w, top + body_h)
-    return FrameGeometry(a, box, orig, inp)
+        frames.append(FrameGeometry(
+            (h, w), (new_h, new_w), crop_top, (in_h - body_h) // 2, (in_w - new_w) // 2, (body_h, new_w),
+        ))
+    return frames
+
+
+def derive_geometry(original_hw: Any, input_hw: Any, mode: str) -> SceneGeometry:
+    """:class:`SceneGeometry` of a format-1 scene (see :func:`derive_frames`; EXIF orientation
+    was not applied in format 1)."""
+    frames = derive_frames(original_hw, input_hw, mode)
+    return SceneGeometry(
+        input_to_original=np.stack([f.input_to_original() for f in frames]).reshape(-1, 3, 3),
+        valid_box=np.asarray([f.valid_box() for f in frames], dtype=np.int64).reshape(-1, 4),
+        original_hw=np.asarray(original_hw, dtype=np.int64).reshape(-1, 2),
+        input_hw=np.asarray(input_hw, dtype=np.int64).reshape(-1, 2),
+        orientation_applied=np.zeros(len(frames), dtype=bool),
+    )
+
+
+def stored_geometry(table: Any) -> SceneGeometry | None:
+    """:class:`SceneGeometry` from a frame table's format-2 columns (``input_to_original``,
+    ``intrinsic_original``, ``valid_box``, ``orientation_applied``), or None when any row lacks
+    them (a format-1 scene, whose reader gives nulls)."""
+    from httm_dist.results import column_matrices
+
+    names = ("input_to_original", "intrinsic_original", "valid_box", "orientation_applied")
+    if any(n not in table.column_names or table.column(n).null_count for n in names):
+        return None
+    boxes = table.column("valid_box").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return SceneGeometry(
+        input_to_original=column_matrices(table, "input_to_original").astype(np.float64),
+        valid_box=boxes.astype(np.int64).reshape(-1, 4),
+        original_hw=np.stack([table.column("orig_height").to_numpy(), table.column("orig_width").to_numpy()], -1),
+        input_hw=np.stack([table.column("input_height").to_numpy(), table.column("input_width").to_numpy()], -1),
+        orientation_applied=table.column("orientation_applied").to_numpy(zero_copy_only=False).astype(bool),
+        intrinsic_original=column_matrices(table, "intrinsic_original").astype(np.float64),
+        source="stored",
+    )
 
 
 def ambiguous_mode(original_hw: Any, input_hw: Any) -> bool:

@@ -9,7 +9,6 @@ plus ``rigs`` and ``frames`` (COLMAP >= 3.12; older readers of the first three s
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +19,6 @@ from httm_dist.errors import ConfigError
 
 if TYPE_CHECKING:
     from httm_dist.export.scenes import ExportScene
-
-log = logging.getLogger(__name__)
 
 MODEL_FILES = ("cameras", "images", "points3D", "rigs", "frames")
 
@@ -44,7 +41,7 @@ def build_reconstruction(scene: "ExportScene") -> Any:
     rec = pycolmap.Reconstruction()
     k = scene.intrinsic_original
     pts = scene.points
-    xy_orig = scene.geometry.to_original(pts.frame, pts.pixel)
+    xy_orig = pts.original
     order = np.argsort(pts.frame, kind="stable")
     starts = np.searchsorted(pts.frame[order], np.arange(scene.num_frames + 1))
     point2d_idx = np.empty(len(pts), dtype=np.int64)

@@ -9,13 +9,10 @@ remembers the frame and pixel it came from, so an exporter can add it as an obse
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 PLY_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
 
@@ -66,16 +63,18 @@ class ScenePoints:
     """M selected points of a scene.
 
     - ``xyz`` [M, 3] float64: world position (the scene's world: the first camera's frame);
-    - ``rgb`` [M, 3] uint8: colour of the input pixel it came from;
+    - ``rgb`` [M, 3] uint8: colour of the original photo's pixel under it;
     - ``frame`` [M] int64: index (0..S-1) of the frame it came from;
     - ``pixel`` [M, 2] float64: its (x, y) in that frame's *input* image, corner convention
-      (the pixel centre, j + 0.5, i + 0.5).
+      (the pixel centre, j + 0.5, i + 0.5);
+    - ``original`` [M, 2] float64: that position in the original photo.
     """
 
     xyz: np.ndarray
     rgb: np.ndarray
     frame: np.ndarray
     pixel: np.ndarray
+    original: np.ndarray
 
     def __len__(self) -> int:
         return len(self.xyz)
@@ -103,21 +102,21 @@ def unproject_pixels(
 def select_pixels(
     depth: np.ndarray,
     conf: np.ndarray | None,
-    content_box: np.ndarray,
+    valid_box: np.ndarray,
     conf_percentile: float,
     max_points: int,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pixels to export: ``(frame [M], row [M], col [M])`` int64, sorted.
 
-    Keeps pixels inside each frame's ``content_box`` [S, 4] (x0, y0, x1, y1: no padding) with
+    Keeps pixels inside each frame's ``valid_box`` [S, 4] (x0, y0, x1, y1: no padding) with
     finite positive depth [S, H, W] and finite confidence, then per frame those whose
     confidence is at or above that frame's ``conf_percentile``-th percentile (0 keeps all),
     then a seeded random subset of at most ``max_points`` over the scene.
     """
     s, h, w = depth.shape
     rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
-    box = np.asarray(content_box)[:, :, None, None]
+    box = np.asarray(valid_box)[:, :, None, None]
     keep = (cols >= box[:, 0]) & (cols < box[:, 2]) & (rows >= box[:, 1]) & (rows < box[:, 3])
     keep &= np.isfinite(depth) & (depth > 0)
     if conf is not None:
@@ -140,28 +139,23 @@ def scene_points(
     conf: Any,
     extrinsic: Any,
     intrinsic: Any,
-    images: np.ndarray,
-    content_box: np.ndarray,
+    valid_box: np.ndarray,
     *,
     conf_percentile: float = 50.0,
     max_points: int = 200_000,
     seed: int = 0,
-) -> ScenePoints:
-    """Select (see :func:`select_pixels`), unproject (see :func:`unproject_pixels`) and colour
-    points of a scene.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Select (see :func:`select_pixels`) and unproject (see :func:`unproject_pixels`) the
+    points of a scene: ``(frame [M] int64, pixel [M, 2] input-pixel centres, xyz [M, 3])``.
 
     ``depth`` [S, H, W] or [S, H, W, 1], ``conf`` [S, H, W] or None, ``extrinsic`` [S, 3, 4],
-    ``intrinsic`` [S, 3, 3] (input size), ``images`` uint8 [S, H, W, 3] (the model inputs),
-    ``content_box`` [S, 4].
+    ``intrinsic`` [S, 3, 3] (input size), ``valid_box`` [S, 4].
     """
     d = np.asarray(depth, dtype=np.float32)
     if d.ndim == 4 and d.shape[-1] == 1:
         d = d[..., 0]
     if d.ndim != 3:
         raise ValueError(f"depth must be [S, H, W] or [S, H, W, 1], got {np.shape(depth)}")
-    if images.shape != d.shape + (3,):
-        raise ValueError(f"images {images.shape} do not match the depth maps {d.shape}")
-    f, r, c = select_pixels(d, conf, content_box, conf_percentile, max_points, seed)
+    f, r, c = select_pixels(d, conf, valid_box, conf_percentile, max_points, seed)
     xy = np.stack([c + 0.5, r + 0.5], axis=-1)
-    xyz = unproject_pixels(d[f, r, c], extrinsic, intrinsic, f, xy)
-    return ScenePoints(xyz=xyz, rgb=images[f, r, c], frame=f, pixel=xy)
+    return f, xy, unproject_pixels(d[f, r, c], extrinsic, intrinsic, f, xy)

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from httm_dist.errors import ConfigError, SceneError
-from httm_dist.export.cameras import FrameGeometry, derive_geometry, image_names, resolve_mode
+from httm_dist.export.cameras import SceneGeometry, derive_geometry, image_names, resolve_mode, stored_geometry
 from httm_dist.export.points import ScenePoints, scene_points
 from httm_dist.storage import get_fs, join_url, read_bytes, redact, retry, write_bytes_atomic
 
@@ -24,8 +24,9 @@ class ExportScene:
 
     ``extrinsic`` [S, 3, 4] float32 camera-from-world (OpenCV axes) and ``intrinsic`` [S, 3, 3]
     (model input size) as stored; ``intrinsic_original`` [S, 3, 3] float64 at the original
-    photo's size; ``uris`` / ``names`` / ``frame_index`` per frame; ``points`` the selected
-    coloured points.
+    photo's size; ``geometry`` the input->original mapping (stored, or derived with ``mode``
+    for a format-1 scene; ``mode`` is None when stored); ``uris`` / ``names`` /
+    ``frame_index`` per frame; ``points`` the selected coloured points.
     """
 
     scene_id: str
@@ -35,8 +36,8 @@ class ExportScene:
     extrinsic: np.ndarray
     intrinsic: np.ndarray
     intrinsic_original: np.ndarray
-    geometry: FrameGeometry
-    mode: str
+    geometry: SceneGeometry
+    mode: str | None
     points: ScenePoints
 
     @property
@@ -44,34 +45,41 @@ class ExportScene:
         return len(self.uris)
 
 
-def input_images(
-    uris: Sequence[str], geometry: FrameGeometry, mode: str, storage_options: dict | None = None
+def photo_colours(
+    uris: Sequence[str],
+    geometry: SceneGeometry,
+    frame: np.ndarray,
+    xy_original: np.ndarray,
+    storage_options: dict | None = None,
 ) -> np.ndarray:
-    """The frames as the model saw them, uint8 [S, H, W, 3]: each photo preprocessed with
-    ``mode`` at the scene's target size and placed in its content box on white.
+    """uint8 [M, 3] colours of the original photos' pixels under positions ``xy_original``
+    [M, 2] (corner convention) of frames ``frame`` [M].
 
-    Raises ``SceneError`` naming an image that cannot be read or decoded, or whose preprocessed
-    size is not its content box (the photo changed since the job ran).
+    Each photo is decoded as the job decoded it (:func:`httm_dist.model.preprocess.decode_image`,
+    with the frame's EXIF orientation applied exactly when the job applied it). Raises
+    ``SceneError`` naming a photo that is gone, cannot be decoded, or no longer has the stored
+    size (it changed since the job ran).
     """
-    from httm_dist.model.preprocess import preprocess_image
+    from httm_dist.model.preprocess import decode_image
 
-    in_h, in_w = (int(v) for v in geometry.input_hw[0])
-    out = np.full((len(uris), in_h, in_w, 3), 255, dtype=np.uint8)
-    for i, uri in enumerate(uris):  # one decode per frame
+    out = np.zeros((len(frame), 3), dtype=np.uint8)
+    for i in np.unique(frame).tolist():  # one decode per frame that has points
+        uri = str(uris[i])
         try:
-            data = read_bytes(str(uri), storage_options)
-        except FileNotFoundError:
-            raise SceneError(f"image {redact(str(uri))} of the scene no longer exists; it is needed for the colours") from None
-        tensor, _ = preprocess_image(data, mode=mode, target_size=int(geometry.input_hw[i][1]))
-        x0, y0, x1, y1 = (int(v) for v in geometry.content_box[i])
-        if mode == "pad":  # the loader padded it to the target square already
-            tensor = tensor[:, y0:y1, x0:x1]
-        if tuple(tensor.shape[1:]) != (y1 - y0, x1 - x0):
+            data = read_bytes(uri, storage_options)
+            photo = decode_image(data, exif_orientation=bool(geometry.orientation_applied[i]), max_pixels=None)
+        except (FileNotFoundError, SceneError) as exc:
+            raise SceneError(f"photo {redact(uri)} is needed for the point colours: {exc}") from None
+        rgb = np.asarray(photo.image)
+        h, w = (int(v) for v in geometry.original_hw[i])
+        if rgb.shape[:2] != (h, w):
             raise SceneError(
-                f"image {redact(str(uri))} preprocesses to {tuple(tensor.shape[1:])}, not the "
-                f"{(y1 - y0, x1 - x0)} the job stored: it changed since the job ran"
+                f"photo {redact(uri)} is {rgb.shape[1]}x{rgb.shape[0]}, not the {w}x{h} the job "
+                "stored: it changed since the job ran"
             )
-        out[i, y0:y1, x0:x1] = np.rint(tensor.permute(1, 2, 0).numpy() * 255.0).astype(np.uint8)
+        mine = frame == i
+        xy = np.floor(xy_original[mine]).astype(np.int64)
+        out[mine] = rgb[np.clip(xy[:, 1], 0, h - 1), np.clip(xy[:, 0], 0, w - 1)]
     return out
 
 
@@ -87,11 +95,11 @@ def load_scene(
     storage_options: dict | None = None,
 ) -> ExportScene:
     """One committed scene of ``reader`` (a :class:`httm_dist.results.ResultsReader`) ready to
-    export. ``runs`` are the output's run summaries (to find the preprocessing mode of a
-    format-1 scene, see :func:`httm_dist.export.cameras.resolve_mode`).
+    export. Its frame geometry is the frame table's (format 2), else derived (format 1; see
+    :func:`httm_dist.export.cameras.resolve_mode` for ``runs`` and ``image_mode``).
 
     Raises ``KeyError`` if the scene is not committed and ``SceneError`` when its data cannot
-    be exported (inconsistent sizes, unreadable images).
+    be exported (inconsistent sizes, unreadable photos).
     """
     from httm_dist.results import column_matrices
 
@@ -107,22 +115,31 @@ def load_scene(
     depth = np.asarray(arrays["depth"])
     if depth.shape[0] != len(uris) or (input_hw != depth.shape[1:3]).any():
         raise SceneError(f"scene '{scene_id}': depth maps {depth.shape} do not match its frame table")
-    mode = resolve_mode(scene_id, original_hw, input_hw, record, runs, image_mode)
-    try:
-        geometry = derive_geometry(original_hw, input_hw, mode)
-    except ValueError as exc:
-        raise SceneError(f"scene '{scene_id}': {exc}") from None
+    geometry, mode = stored_geometry(table), None
+    if geometry is None:
+        mode = resolve_mode(scene_id, original_hw, input_hw, record, runs, image_mode)
+        try:
+            geometry = derive_geometry(original_hw, input_hw, mode)
+        except ValueError as exc:
+            raise SceneError(f"scene '{scene_id}': {exc}") from None
+    if geometry.orientation_applied.any():
+        log.warning(
+            "scene '%s': %d photo(s) carry an EXIF orientation that the job applied; the exported "
+            "cameras are for the upright images, so give COLMAP/nerfstudio upright copies "
+            "(PIL.ImageOps.exif_transpose)", scene_id, int(geometry.orientation_applied.sum()),
+        )
     extrinsic, intrinsic = column_matrices(table, "extrinsic"), column_matrices(table, "intrinsic")
-    images = input_images(uris, geometry, mode, storage_options)
-    points = scene_points(
-        depth, arrays.get("depth_conf"), extrinsic, intrinsic, images, geometry.content_box,
+    frame, pixel, xyz = scene_points(
+        depth, arrays.get("depth_conf"), extrinsic, intrinsic, geometry.valid_box,
         conf_percentile=conf_percentile, max_points=max_points, seed=seed,
     )
+    original = geometry.to_original(frame, pixel)
+    rgb = photo_colours(uris, geometry, frame, original, storage_options)
     return ExportScene(
         scene_id=scene_id, uris=uris, names=image_names(uris),
         frame_index=table.column("frame_index").to_numpy(), extrinsic=extrinsic, intrinsic=intrinsic,
         intrinsic_original=geometry.original_intrinsics(intrinsic), geometry=geometry, mode=mode,
-        points=points,
+        points=ScenePoints(xyz=xyz, rgb=rgb, frame=frame, pixel=pixel, original=original),
     )
 
 

@@ -31,6 +31,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from httm_dist.errors import ConfigError, SceneError
+from httm_dist.model.geometry import pose_encoding_to_extri_intri
 from httm_dist.pipeline.align import (
     AlignmentReport,
     Sim3,
@@ -138,8 +139,6 @@ class ChunkPrediction:
                 raise ValueError("from_predictions takes one scene: the batch axis must be 1")
             arrays = {k: v[0] for k, v in arrays.items()}
         if "extrinsic" not in arrays:
-            from httm_dist.model.geometry import pose_encoding_to_extri_intri
-
             hw = image_size_hw if image_size_hw is not None else arrays["depth"].shape[1:3]
             arrays["extrinsic"], arrays["intrinsic"] = pose_encoding_to_extri_intri(arrays["pose_enc"], hw)
         return cls(**{k: arrays[k] for k in cls.__dataclass_fields__})

@@ -19,10 +19,14 @@ import logging
 import posixpath
 from typing import Any, BinaryIO, Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from PIL import Image
 
+from httm_dist import results
 from httm_dist.export.points import ply_bytes, read_ply  # noqa: F401 - read_ply re-exported
+from httm_dist.model.geometry import unproject_depth_map_to_point_map
+from httm_dist.model.preprocess import preprocess_image
 from httm_dist.storage import read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -50,8 +54,6 @@ def _to_uint8_images(images: np.ndarray) -> np.ndarray:
 def colorize(values: np.ndarray, cmap: str = "turbo", percentiles: tuple[float, float] = (2.0, 98.0)) -> np.ndarray:
     """Map values [...] to uint8 RGB [..., 3] with a matplotlib colour map, normalised to the
     given percentiles of the finite values (non-finite pixels are black)."""
-    import matplotlib
-
     v = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(v)
     if finite.any():
@@ -145,8 +147,6 @@ def _load_frames(uris: Sequence[str], height: int, width: int, storage_options: 
     """Frames as the model saw them, uint8 [S,H,W,3]: the project's preprocessing in crop
     mode (target width = W) or pad mode (target = max(H, W)) when that gives (H, W), else a
     plain resize. An unreadable frame is grey (logged): a preview must not fail on it."""
-    from httm_dist.model.preprocess import preprocess_image
-
     out = np.full((len(uris), height, width, 3), 128, dtype=np.uint8)
     for i, uri in enumerate(uris):  # one decode per frame
         try:
@@ -184,8 +184,6 @@ def write_preview_files(
     (the keys of the results NPZ). ``images`` uint8 [S,H,W,3] or float [0,1] in the model's
     input size; when None they are read from ``arrays["frame_uris"]``. ``point_source``:
     ``world_points`` (the point head) or ``depth`` (depth unprojected with the cameras)."""
-    from httm_dist.model.geometry import unproject_depth_map_to_point_map
-
     if point_source not in ("world_points", "depth"):
         raise ValueError(f"point_source must be 'world_points' or 'depth', got {point_source!r}")
     depth = np.asarray(arrays["depth"], dtype=np.float32)
@@ -229,8 +227,6 @@ def write_scene_preview(
     """Previews of a finished scene of a results folder (``httm-dist preview OUTPUT SCENE``):
     reads it with ``httm_dist.results.open(output_url).arrays(scene_id)`` and writes
     ``OUTPUT/previews/<scene_id>.png`` and ``.ply``; returns their URLs {"png", "ply"}."""
-    from httm_dist import results
-
     reader = results.open(output_url, storage_options=storage_options)
     arrays = reader.arrays(scene_id)
     return write_preview_files(

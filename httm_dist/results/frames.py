@@ -147,6 +147,7 @@ def build_frame_table(
     orig = np.asarray(original_hw, dtype=np.int64).reshape(s, 2)
     h, w = (int(v) for v in input_hw)
     if geometry is None:
+        # Not a cycle: imported here so that reading results never imports torch.
         from httm_dist.model.preprocess import FrameGeometry
 
         geometry = [FrameGeometry((int(oh), int(ow)), (h, w)) for oh, ow in orig]
