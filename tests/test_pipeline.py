@@ -135,66 +135,83 @@ def test_plan_units(runner, scenes, dataset):
     assert assemble_unit(scenes["long"], 4) == WorkUnit(scenes["long"], "assemble", None, None, 4)
 
 
-def test_scene_units_commit_rows_and_values_equal_to_the_model(runner, scenes, dataset, reference_model):
-    store = ResultStore(runner.cfg.output, runner.cfg.storage_options)
-    records = {}
+@pytest.fixture(scope="module")
+def committed(runner, scenes, tmp_path_factory) -> dict:
+    """Scenes alpha and beta processed as a worker does (attempt 2 on host node-7) into a
+    fresh output; returns ``{"reader", "records"}`` (records as process_unit returned them)."""
+    out = str(tmp_path_factory.mktemp("out-scenes"))
+    store = ResultStore(out)
+    recs = {}
     for sid in ("alpha", "beta"):
         (unit,) = plan_units(scenes[sid], runner.cfg)
-        records[sid] = process(runner, unit, store, {"attempts": 2, "worker": {"host": "node-7"}})
+        recs[sid] = process(runner, unit, store, {"attempts": 2, "worker": {"host": "node-7"}})
+    return {"reader": open_results(out), "records": recs}
 
-    reader = open_results(runner.cfg.output)
+
+def test_scene_units_commit_one_row_per_frame_in_scene_order(committed):
+    reader = committed["reader"]
     assert reader.scene_ids == ["alpha", "beta"]
     table = reader.frames()
-    assert table.num_rows == 5
     assert table.column("scene_id").to_pylist() == ["alpha"] * 3 + ["beta"] * 2
 
-    for sid in ("alpha", "beta"):
-        n, (h, w) = FRAMES[sid]
-        paths = sorted((dataset["scenes"] / sid).glob("*.png"))
-        ref = _reference(reference_model, paths)
-        H, W = ref["input_hw"]
-        rows = reader.frames([sid])
-        assert rows.column("frame_index").to_pylist() == list(range(n))
-        assert rows.column("image_uri").to_pylist() == [s.uri for s in scenes[sid].frames]
-        assert rows.column("orig_height").to_pylist() == [h] * n
-        assert rows.column("orig_width").to_pylist() == [w] * n
-        assert rows.column("input_height").to_pylist() == [H] * n
-        assert rows.column("input_width").to_pylist() == [W] * n
-        np.testing.assert_allclose(column_matrices(rows, "extrinsic"), ref["extrinsic"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(column_matrices(rows, "intrinsic"), ref["intrinsic"], rtol=1e-5)
-        _, geometry = load_and_preprocess_frames(paths, mode="crop", target_size=SIZE)
-        to_orig = np.stack([g.input_to_original() for g in geometry])
-        np.testing.assert_allclose(column_matrices(rows, "input_to_original"), to_orig, rtol=1e-6)
-        np.testing.assert_allclose(
-            column_matrices(rows, "intrinsic_original"), to_orig @ ref["intrinsic"], rtol=1e-5
-        )
-        assert rows.column("valid_box").to_pylist() == [[0, 0, W, H]] * n
-        assert rows.column("orientation_applied").to_pylist() == [False] * n
-        np.testing.assert_allclose(
-            rows.column("depth_mean").to_numpy(), ref["depth"].mean(axis=(1, 2)), rtol=1e-5
-        )
 
-        arrays = reader.arrays(sid)
-        for key, shape in [
-            ("depth", (n, H, W)), ("depth_conf", (n, H, W)),
-            ("world_points", (n, H, W, 3)), ("world_points_conf", (n, H, W)),
-        ]:
-            assert arrays[key].shape == shape and arrays[key].dtype == np.float16, key
-            np.testing.assert_allclose(arrays[key].astype(np.float32), ref[key], **F16, err_msg=key)
-        assert arrays["extrinsic"].dtype == np.float32
-        np.testing.assert_allclose(arrays["extrinsic"], ref["extrinsic"], rtol=1e-5, atol=1e-6)
-        assert list(arrays["frame_uris"]) == [s.uri for s in scenes[sid].frames]
+@pytest.mark.parametrize("sid", ["alpha", "beta"])
+def test_scene_unit_frame_table_equals_the_model(committed, scenes, dataset, reference_model, sid):
+    n, (h, w) = FRAMES[sid]
+    paths = sorted((dataset["scenes"] / sid).glob("*.png"))
+    ref = _reference(reference_model, paths)
+    H, W = ref["input_hw"]
+    rows = committed["reader"].frames([sid])
+    assert rows.column("frame_index").to_pylist() == list(range(n))
+    assert rows.column("image_uri").to_pylist() == [s.uri for s in scenes[sid].frames]
+    assert rows.column("orig_height").to_pylist() == [h] * n
+    assert rows.column("orig_width").to_pylist() == [w] * n
+    assert rows.column("input_height").to_pylist() == [H] * n
+    assert rows.column("input_width").to_pylist() == [W] * n
+    np.testing.assert_allclose(column_matrices(rows, "extrinsic"), ref["extrinsic"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(column_matrices(rows, "intrinsic"), ref["intrinsic"], rtol=1e-5)
+    _, geometry = load_and_preprocess_frames(paths, mode="crop", target_size=SIZE)
+    to_orig = np.stack([g.input_to_original() for g in geometry])
+    np.testing.assert_allclose(column_matrices(rows, "input_to_original"), to_orig, rtol=1e-6)
+    np.testing.assert_allclose(
+        column_matrices(rows, "intrinsic_original"), to_orig @ ref["intrinsic"], rtol=1e-5
+    )
+    assert rows.column("valid_box").to_pylist() == [[0, 0, W, H]] * n
+    assert rows.column("orientation_applied").to_pylist() == [False] * n
+    np.testing.assert_allclose(
+        rows.column("depth_mean").to_numpy(), ref["depth"].mean(axis=(1, 2)), rtol=1e-5
+    )
 
-        rec = reader.records()[sid]
-        assert rec["status"] == "done" and rec["error"] is None and rec["num_frames"] == n
-        assert rec["model_hash"] == runner.cfg.model_hash()
-        assert rec["merge_hash"] == runner.cfg.merge_hash()
-        assert rec["worker_host"] == "node-7" and rec["attempts"] == 2
-        assert rec["chunks"] == 1 and rec["alignment"] == [] and rec["seconds"] > 0
-        # seconds = load + run + commit (the data writes), the same sum a chunk's record has
-        assert set(rec["timings"]) == {"load", "run", "commit"} and rec["timings"]["commit"] > 0
-        assert rec["seconds"] == pytest.approx(sum(rec["timings"].values()), abs=1e-3)
-        assert records[sid].status == "done" and records[sid].to_dict() == rec
+
+@pytest.mark.parametrize("sid", ["alpha", "beta"])
+def test_scene_unit_arrays_equal_the_model(committed, scenes, dataset, reference_model, sid):
+    n = FRAMES[sid][0]
+    ref = _reference(reference_model, sorted((dataset["scenes"] / sid).glob("*.png")))
+    H, W = ref["input_hw"]
+    arrays = committed["reader"].arrays(sid)
+    for key, shape in [
+        ("depth", (n, H, W)), ("depth_conf", (n, H, W)),
+        ("world_points", (n, H, W, 3)), ("world_points_conf", (n, H, W)),
+    ]:
+        assert arrays[key].shape == shape and arrays[key].dtype == np.float16, key
+        np.testing.assert_allclose(arrays[key].astype(np.float32), ref[key], **F16, err_msg=key)
+    assert arrays["extrinsic"].dtype == np.float32
+    np.testing.assert_allclose(arrays["extrinsic"], ref["extrinsic"], rtol=1e-5, atol=1e-6)
+    assert list(arrays["frame_uris"]) == [s.uri for s in scenes[sid].frames]
+
+
+@pytest.mark.parametrize("sid", ["alpha", "beta"])
+def test_scene_unit_record_names_its_config_attempt_and_time(committed, runner, sid):
+    rec = committed["reader"].records()[sid]
+    assert rec["status"] == "done" and rec["error"] is None and rec["num_frames"] == FRAMES[sid][0]
+    assert rec["model_hash"] == runner.cfg.model_hash()
+    assert rec["merge_hash"] == runner.cfg.merge_hash()
+    assert rec["worker_host"] == "node-7" and rec["attempts"] == 2
+    assert rec["chunks"] == 1 and rec["alignment"] == [] and rec["seconds"] > 0
+    # seconds = load + run + commit (the data writes), the same sum a chunk's record has
+    assert set(rec["timings"]) == {"load", "run", "commit"} and rec["timings"]["commit"] > 0
+    assert rec["seconds"] == pytest.approx(sum(rec["timings"].values()), abs=1e-3)
+    assert committed["records"][sid].to_dict() == rec  # what the worker returns is what is written
 
 
 def test_float32_output_and_dense_merging(dataset, scenes, tmp_path, reference_model):

@@ -1,0 +1,170 @@
+"""The cluster room without Ray: planning, progress, worker sizing, and the worker actor's
+fault sorting run in-process. (The dispatch policy is in ``test_cluster_schedule.py``; jobs
+on Ray are in ``test_cluster_jobs.py``.)"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from cluster_data import FRAMES, GOOD, cfg_dict, dataset, job
+
+import httm_dist.cluster.driver as driver
+from httm_dist.cluster.driver import max_overlap, run_job
+from httm_dist.cluster.plan import plan_work
+from httm_dist.cluster.progress import JobProgress
+from httm_dist.cluster.worker import ReconstructionWorker, WorkerFault
+from httm_dist.config import load_config
+from httm_dist.data import discover_scenes
+from httm_dist.errors import ConfigError
+from httm_dist.pipeline.unit import plan_units
+from httm_dist.results import ResultStore
+
+__all__ = ["dataset"]  # fixtures used here
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_bad_config_fails_before_any_work(dataset, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="workerz"):
+        load_config(cfg_dict(dataset["root"], out, workerz=2))
+    with pytest.raises(ConfigError, match="model.weights"):
+        run_job(job(dataset["root"], out, weights=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(ConfigError, match="input"):
+        run_job(job(tmp_path / "nowhere", out))
+    assert not out.exists() or not any(out.rglob("*.json"))
+
+
+def test_config_change_is_refused_or_reprocessed_per_policy(dataset, tmp_path):
+    out = tmp_path / "out"
+    (out / "scenes").mkdir(parents=True)
+    old = {"scene_id": "a", "status": "done", "model_hash": "an-older-model", "merge_hash": "x"}
+    (out / "scenes" / "a.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"1 committed scene.*on_config_change: reprocess"):
+        run_job(job(dataset["root"], out, include=list(GOOD)), progress=False)
+    assert not (out / "runs").exists()  # refused before any work
+
+    cfg = job(dataset["root"], out, include=list(GOOD), on_config_change="reprocess")
+    plan = plan_work(cfg, ResultStore(str(out), {}), "run-x")
+    assert sorted(u.scene_id for u in plan.queue) == sorted(GOOD) and not plan.skipped
+    same = dict(old, model_hash=cfg.model_hash(), merge_hash=cfg.merge_hash())
+    (out / "scenes" / "a.json").write_text(json.dumps(same))
+    plan = plan_work(cfg, ResultStore(str(out), {}), "run-y")
+    assert sorted(u.scene_id for u in plan.queue) == ["b", "c"] and plan.skipped == ["a"]
+
+
+def test_max_overlap_counts_units_running_at_once():
+    assert max_overlap([]) == 0
+    assert max_overlap([(0.0, 1.0), (1.0, 2.0)]) == 1  # touching, not overlapping
+    assert max_overlap([(0.0, 2.0), (1.0, 3.0), (1.5, 1.6), (2.5, 4.0)]) == 3
+
+
+def test_progress_logs_lines_when_not_on_a_terminal(caplog):
+    stream = io.StringIO()  # not a TTY: no bar, log lines
+    bar = JobProgress(3, interval_s=3600, stream=stream)
+    with caplog.at_level("INFO", logger="httm_dist.cluster.progress"):
+        bar.scene_finished(True, frames=5)
+        bar.scene_finished(False)
+        assert not caplog.records  # the interval has not passed
+        bar.scene_finished(True, frames=7)  # the last scene forces a line
+    bar.close()
+    assert stream.getvalue() == ""
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "2/3 scenes done, 1 failed, 12 frames" in line
+    assert (bar.done, bar.failed, bar.frames) == (2, 1, 12)
+
+
+def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeypatch):
+    """In-process (no Ray): a scene's own error becomes a failed record (and a failure record
+    in the store); out of memory raises WorkerFault so the driver replaces the worker."""
+    out = tmp_path / "out"
+    cfg = job(dataset["root"], out)
+    scenes = {s.scene_id: s for s in discover_scenes(str(dataset["root"]))}
+    worker = ReconstructionWorker.__ray_actor_class__(cfg, "run-w")
+    unit_a, unit_b = (plan_units(scenes[s], cfg)[0] for s in ("a", "b"))
+
+    worker.prefetch(unit_b)  # decoded in the background while a runs
+    assert worker.process(unit_a, 1).status == "done"
+    rec_b = worker.process(unit_b, 1)
+    assert rec_b.status == "done" and rec_b.prefetched is True
+
+    bad = worker.process(plan_units(scenes["d_corrupt"], cfg)[0], 1)
+    assert bad.status == "failed" and "frame_01.png" in bad.error
+    written = ResultStore(str(out), {}).record("d_corrupt")
+    assert written.status == "failed" and written.run_id == "run-w"
+    assert (written.unit, written.num_frames, written.model_hash) == ("scene", FRAMES, cfg.model_hash())
+
+    def boom(loaded):
+        raise ValueError("a bug in the model")
+
+    monkeypatch.setattr(worker.runner, "run", boom)
+    rec = worker.process(unit_a, 2)
+    assert rec.status == "failed" and rec.error == "ValueError: a bug in the model"
+    assert rec.attempts == 2
+
+    def oom(loaded):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(worker.runner, "run", oom)
+    with pytest.raises(WorkerFault, match="out of memory on scene 'a'"):
+        worker.process(unit_a, 3)
+
+
+@pytest.mark.parametrize(
+    "resources, overrides, n_units, expected",
+    [
+        ({"GPU": 2, "CPU": 2}, {}, 10, (2, 1.0)),  # default: one worker per GPU
+        ({"CPU": 8}, {}, 10, (1, 0.0)),  # no GPU: one CPU worker
+        ({"GPU": 2, "CPU": 8}, {"workers": 5}, 10, (2, 1.0)),  # capped at what fits
+        ({"GPU": 2, "CPU": 8}, {"gpus_per_worker": 0.5}, 10, (4, 0.5)),  # fractional GPUs
+        ({"GPU": 2, "CPU": 8}, {}, 1, (1, 1.0)),  # never more workers than units
+        ({"GPU": 8, "CPU": 4}, {"cpus_per_worker": 2}, 10, (2, 1.0)),  # CPUs limit too
+    ],
+)
+def test_worker_count_follows_config_and_cluster(monkeypatch, tmp_path, resources, overrides,
+                                                 n_units, expected):
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: dict(resources))
+    cfg = job(tmp_path, tmp_path / "out", **overrides)
+    assert driver._worker_count(cfg, n_units) == expected
+
+
+def test_worker_count_refuses_workers_the_cluster_cannot_place(monkeypatch, tmp_path):
+    monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"GPU": 1, "CPU": 2})
+    with pytest.raises(ConfigError, match="cpus_per_worker"):
+        driver._worker_count(job(tmp_path, tmp_path / "o", cpus_per_worker=4), 3)
+    with pytest.raises(ConfigError, match="gpus_per_worker"):
+        driver._worker_count(job(tmp_path, tmp_path / "o", gpus_per_worker=2), 3)
+
+
+def test_progress_draws_a_bar_on_a_terminal(caplog):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Terminal()
+    bar = JobProgress(2, stream=stream)
+    with caplog.at_level("INFO", logger="httm_dist.cluster.progress"):
+        bar.scene_finished(True, frames=4)
+        bar.scene_finished(True, frames=4)
+    bar.close()
+    assert "2/2" in stream.getvalue() and "frames=8" in stream.getvalue()
+    assert not caplog.records  # the bar replaces the log lines
+
+
+def test_saved_chunks_are_reused_only_under_the_same_plan(dataset, tmp_path):
+    """A chunk saved under another chunk size (an auto size on another GPU, an out-of-memory
+    re-plan) covers other frames: resume redoes it instead of assembling mismatched chunks."""
+    import numpy as np
+    from cluster_data import CHUNK, LONG
+
+    out = tmp_path / "out"
+    store = ResultStore(str(out), {})
+    store.write_chunk(LONG, 0, {"depth": np.zeros(1, np.float32)}, {"frame_range": [0, 4]})
+    same = plan_work(job(dataset["root"], out, include=[LONG], chunk=CHUNK), store, "r1")
+    assert same.reused_chunks == 1 and 0 not in same.scenes[LONG].waiting_chunks
+    other = plan_work(job(dataset["root"], out, include=[LONG], chunk={"max_frames": 6, "overlap": 2}),
+                      store, "r2")
+    assert other.reused_chunks == 0 and 0 in other.scenes[LONG].waiting_chunks
