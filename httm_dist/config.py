@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
 import fsspec
 import yaml
@@ -95,8 +95,10 @@ class ImageSection(Section):
 class ChunkSection(Section):
     """Long scenes: overlapping chunks run as independent units, then aligned (Sim(3))."""
 
-    max_frames: Optional[int] = Field(None, ge=2)
-    """Frames per forward pass; a scene at or under it runs whole. null = never chunk."""
+    max_frames: Union[Annotated[int, Field(ge=2)], Literal["auto"], None] = None
+    """Frames per forward pass; a scene at or under it runs whole. null = never chunk.
+    ``auto``: the most frames one worker's free GPU memory fits, from the memory model with a
+    safety margin (``httm_dist.pipeline.memory``); a fixed 64 on CPU workers."""
     overlap: int = Field(30, ge=1)
     """Frames shared by consecutive chunks (alignment is estimated on them)."""
     residual_threshold: float = Field(0.05, gt=0)
@@ -123,7 +125,7 @@ class ChunkSection(Section):
 
     @model_validator(mode="after")
     def _overlap_below_chunk(self) -> "ChunkSection":
-        if self.max_frames is not None and self.overlap >= self.max_frames:
+        if isinstance(self.max_frames, int) and self.overlap >= self.max_frames:
             raise Invalid("overlap", f"({self.overlap}) must be less than 'chunk.max_frames' "
                           f"({self.max_frames})")
         return self

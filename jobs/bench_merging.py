@@ -109,7 +109,7 @@ def layer_part(frames: list[int], reps: int, device: torch.device, dtype: torch.
         t_dense = timed(lambda: F.scaled_dot_product_attention(q, k, v), r, device, warmup=small)
         f_dense = attention_flops(N, N, width)
         rows.append(dict(S=S, N=N, strategy="dense", time=t_dense, speedup=1.0, share=0.0, limit=1.0, pred=1.0))
-        cfgs = [("uniform", MergeConfig(strategy="uniform")), ("httm", MergeConfig())]
+        cfgs = [("uniform", MergeConfig(strategy="uniform", min_tokens=0)), ("httm", MergeConfig(min_tokens=0))]
         for name, cfg in cfgs:
             shared = SharedState(cfg)
             fn = (UniformAttention if name == "uniform" else HttmAttention)(cfg, 0, 0, shared)
@@ -126,7 +126,7 @@ def layer_part(frames: list[int], reps: int, device: torch.device, dtype: torch.
                 kv_kept=st["kv_kept"], match_gflop=f_match / 1e9,
             ))
             if name == "httm":  # a layer reusing an earlier layer's plan: no matching
-                reuse_cfg = MergeConfig(plan_reuse=2)
+                reuse_cfg = MergeConfig(plan_reuse=2, min_tokens=0)
                 shared_r = SharedState(reuse_cfg)
                 HttmAttention(reuse_cfg, 0, 0, shared_r)(q, k, v, ctx)
                 second = HttmAttention(reuse_cfg, 1, 1, shared_r)
@@ -171,10 +171,10 @@ def aggregator_part(frames: list[int], reps: int, device: torch.device) -> list[
     C = cfg_model.embed_dim
     variants = [
         ("dense", MergeConfig(strategy="dense")),
-        ("uniform", MergeConfig(strategy="uniform")),
-        ("httm", MergeConfig()),
-        ("httm reuse 2", MergeConfig(plan_reuse=2)),
-        ("httm reuse 4", MergeConfig(plan_reuse=4)),
+        ("uniform", MergeConfig(strategy="uniform", min_tokens=0)),
+        ("httm", MergeConfig(min_tokens=0)),
+        ("httm reuse 2", MergeConfig(plan_reuse=2, min_tokens=0)),
+        ("httm reuse 4", MergeConfig(plan_reuse=4, min_tokens=0)),
     ]
     rows = []
     for S in frames:
@@ -224,7 +224,7 @@ def memory_child(strategy: str, S: int, device: str) -> None:
     if strategy == "dense":
         fn: Callable = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
     else:
-        cfg = MergeConfig(strategy=strategy)
+        cfg = MergeConfig(strategy=strategy, min_tokens=0)
         fn = (HttmAttention if strategy == "httm" else UniformAttention)(cfg, 0, 0, SharedState(cfg))
         fn = (lambda f=fn: f(q, k, v, ctx))
     if dev.type == "cuda":

@@ -251,3 +251,23 @@ def test_killed_driver_resumes_scenes_and_chunks_without_recomputing(
     assert open_output(out).arrays(LONG)["depth"].shape == (LONG_FRAMES, H, W)
 
 
+
+
+OOM_ENV = "HTTM_DIST_TEST_OOM_OVER_FRAMES"
+
+
+def test_out_of_memory_re_plans_the_scene_in_smaller_chunks(ray_session, dataset, tmp_path, monkeypatch):
+    """Issue 14: a unit too big for its worker's memory is re-planned in chunks of half its
+    frames, not retried as it was; a scene that fits runs once."""
+    monkeypatch.setenv(OOM_ENV, "5")  # any unit of more than 5 frames runs out of memory
+    out = tmp_path / "out"
+    # the long scene (10 frames) runs whole (max_frames null), OOMs, becomes 3 chunks of <= 5
+    summary = run(job(dataset["root"], out, include=["a", LONG], chunk={"max_frames": None, "overlap": 2}))
+    assert summary["done"] == 2 and summary["failed"] == 0, summary["failures"]
+    assert summary["replanned"] == [{"scene_id": LONG, "max_frames": 5, "chunks": 3}]
+    recs = records(out)
+    assert recs[LONG]["status"] == "done" and recs[LONG]["chunks"] == 3
+    assert recs["a"]["attempts"] == 1
+    assert summary["units_run"] == 1 + 1 + 3 + 1  # a, the whole long scene, 3 chunks, assembly
+    rows = frame_rows(out)
+    assert frames_of(rows, LONG) == list(range(LONG_FRAMES)) and len(rows) == LONG_FRAMES + FRAMES

@@ -152,3 +152,19 @@ def test_progress_draws_a_bar_on_a_terminal(caplog):
     bar.close()
     assert "2/2" in stream.getvalue() and "frames=8" in stream.getvalue()
     assert not caplog.records  # the bar replaces the log lines
+
+
+def test_saved_chunks_are_reused_only_under_the_same_plan(dataset, tmp_path):
+    """A chunk saved under another chunk size (an auto size on another GPU, an out-of-memory
+    re-plan) covers other frames: resume redoes it instead of assembling mismatched chunks."""
+    import numpy as np
+    from cluster_data import CHUNK, LONG
+
+    out = tmp_path / "out"
+    store = ResultStore(str(out), {})
+    store.write_chunk(LONG, 0, {"depth": np.zeros(1, np.float32)}, {"frame_range": [0, 4]})
+    same = plan_work(job(dataset["root"], out, include=[LONG], chunk=CHUNK), store, "r1")
+    assert same.reused_chunks == 1 and 0 not in same.scenes[LONG].waiting_chunks
+    other = plan_work(job(dataset["root"], out, include=[LONG], chunk={"max_frames": 6, "overlap": 2}),
+                      store, "r2")
+    assert other.reused_chunks == 0 and 0 in other.scenes[LONG].waiting_chunks

@@ -183,3 +183,70 @@ def test_a_sibling_result_after_the_scene_failed_is_ignored():
 def test_max_attempts_below_one_is_refused():
     with pytest.raises(ValueError, match="max_attempts"):
         make(max_attempts=0)
+
+
+# -- out of memory: re-plan smaller (issue 14) ------------------------------------------------
+
+
+def _oom_sched(n_frames=10, workers=2, overlap=2):
+    """One whole 10-frame scene and a short one; the planner cuts scenes like plan_units."""
+    from httm_dist.pipeline.chunks import plan_chunks
+
+    def planner(s, size):
+        ranges = plan_chunks(len(s.frames), size, overlap)
+        return [WorkUnit(s, "chunk", i, (int(a), int(b)), len(ranges)) for i, (a, b) in enumerate(ranges)]
+
+    units = {"long": WorkUnit(scene("long", n_frames)), "a": WorkUnit(scene("a"))}
+    states = {sid: SceneState(u.scene) for sid, u in units.items()}
+    return Scheduler(list(units.values()), states, 3, workers, planner=planner, chunk_overlap=overlap), units, states
+
+
+def test_out_of_memory_re_plans_the_scene_in_half_size_chunks_instead_of_retrying():
+    from httm_dist.cluster.schedule import Shrink
+
+    sched, units, states = _oom_sched(workers=1)
+    sched.worker_up(0)
+    assert starts(sched.fill()) == {0: "long"}  # "a" reserved behind it
+    decision = sched.unit_failed(0, FailureKind.OUT_OF_MEMORY, "OutOfMemoryFault: cuda")
+    assert decision == Shrink(Lease(units["long"], 1), 5)
+    (r,) = sched.take_replans()
+    assert r.scene_id == "long" and r.max_frames == 5 and sched.take_replans() == []
+    assert [u.frame_range for u in r.units] == [(0, 5), (3, 8), (6, 10)]
+    assert states["long"].waiting_chunks == {0, 1, 2} and states["long"].assemble.num_chunks == 3
+    # the new chunks run first (a started scene), at attempt 1, then the reserved "a"
+    sched.worker_up(0)
+    out = sched.fill()
+    assert starts(out) == {0: "long#chunk-000"} and prefetches(out) == {0: "long#chunk-001"}
+    assert sched.current(0).attempt == 1
+    assert [u.unit_id for u in sched.queue] == ["long#chunk-002", "a"]
+
+
+def test_out_of_memory_waits_for_running_siblings_and_drops_their_results():
+    from httm_dist.pipeline.chunks import plan_chunks
+
+    s = scene("long", 10)
+    ranges = plan_chunks(10, 6, 2)
+    chunks = [WorkUnit(s, "chunk", i, r, len(ranges)) for i, r in enumerate(ranges)]
+    state = SceneState(s, waiting_chunks={0, 1}, assemble=assemble_unit(s, 2))
+    planner = lambda sc, size: [WorkUnit(sc, "chunk", i, r, 8) for i, r in enumerate(plan_chunks(10, size, 2))]
+    sched = Scheduler(chunks, {"long": state}, 3, 2, planner=planner, chunk_overlap=2)
+    sched.worker_up(0)
+    sched.worker_up(1)
+    assert starts(sched.fill()) == {0: "long#chunk-000", 1: "long#chunk-001"}
+    sched.unit_failed(0, FailureKind.OUT_OF_MEMORY, "oom")  # chunk 1 still runs: wait
+    assert sched.take_replans() == [] and not sched.queue
+    assert sched.unit_finished(1, done(chunks[1])) is None  # the old plan's result is moot
+    (r,) = sched.take_replans()
+    assert r.max_frames == 3 and len(r.units) == 8 and state.waiting_chunks == set(range(8))
+
+
+def test_out_of_memory_that_cannot_shrink_is_retried_like_a_worker_fault():
+    sched, units, states = _oom_sched(n_frames=5, workers=1)  # 5 // 2 = 2 frames <= overlap 2
+    sched.worker_up(0)
+    sched.fill()
+    assert sched.unit_failed(0, FailureKind.OUT_OF_MEMORY, "oom") == Retry(Lease(units["long"], 1))
+    assert sched.take_replans() == [] and sched.queue[0] is units["long"]
+    no_planner = Scheduler([units["a"]], {"a": SceneState(units["a"].scene)}, 3, 1)
+    no_planner.worker_up(0)
+    no_planner.fill()
+    assert isinstance(no_planner.unit_failed(0, FailureKind.OUT_OF_MEMORY, "oom"), Retry)

@@ -16,6 +16,13 @@ from httm_dist.merging.uniform import UniformAttention
 from httm_dist.model.hooks import AttentionContext
 
 
+def MC(**kw):
+    """A MergeConfig that merges at any length (min_tokens 0): these tests check the method on
+    tiny inputs, far below the default min_tokens."""
+    kw.setdefault("min_tokens", 0)
+    return MergeConfig(**kw)
+
+
 def make(S=4, grid=(4, 6), psi=5, B=2, H=4, d=16, C=32, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     P = psi + grid[0] * grid[1]
@@ -45,7 +52,7 @@ def rel(a, b):
 @pytest.mark.parametrize("S,bs,bf", [(1, 128, 30), (5, 7, 2), (3, 4, 30)])
 def test_keep_all_equals_dense(S, bs, bf):
     q, k, v, ctx = make(S=S)
-    cfg = MergeConfig(q_keep=1.0, kv_keep=1.0, outlier_frac=0.0, block_spatial=bs, block_frames=bf)
+    cfg = MC(q_keep=1.0, kv_keep=1.0, outlier_frac=0.0, block_spatial=bs, block_frames=bf)
     out = strategy(cfg)(q, k, v, ctx)
     assert rel(out, F.scaled_dot_product_attention(q, k, v)) < 1e-5
 
@@ -53,7 +60,7 @@ def test_keep_all_equals_dense(S, bs, bf):
 def test_effective_lengths_meet_the_ratios():
     S, grid, psi, H = 10, (4, 8), 5, 4
     q, k, v, ctx = make(S=S, grid=grid, psi=psi, H=H)
-    cfg = MergeConfig(block_spatial=32, block_frames=10)  # one block per 10 frames
+    cfg = MC(block_spatial=32, block_frames=10)  # one block per 10 frames
     f = strategy(cfg)
     f(q, k, v, ctx)
     st = f.last_stats
@@ -127,17 +134,18 @@ def test_chunked_source_gathers_agree_with_gathering_everything_first(budget, mo
     means = matching.slot_means(sums, sizes, (2, 2, plan.num_kept))
     ms = means.reshape(-1, means.shape[-1])[matching._flat(slots, plan.num_kept)]
     ref = (q[:, :, plan.src_tokens].float().reshape(-1, q.shape[-1]) - ms).norm(dim=-1)
-    mask = matching.select_outliers(q, means, plan, slots, 0.2)
+    count, _ = matching.outlier_budget(0.2, 2, q.shape[2], plan.num_src, 1.0)
+    mask, _ = matching.select_outliers(q, means, plan, slots, count, plan.num_src)
     assert 0 < int(mask.sum()) < mask.numel()
     monkeypatch.setattr(matching, "MATCH_CHUNK_ELEMENTS", {"cpu": budget, "cuda": budget})
     assert torch.equal(matching._chunked_argmax(table, xd, rows), full)
     assert torch.allclose(matching._src_distances(q, means, plan, slots), ref, rtol=1e-6, atol=1e-6)
-    assert torch.equal(matching.select_outliers(q, means, plan, slots, 0.2), mask)
+    assert torch.equal(matching.select_outliers(q, means, plan, slots, count, plan.num_src)[0], mask)
 
 
 def test_outlier_filtering_restores_the_top_deviations_and_recomputes_means():
     q, k, v, ctx = make(S=6, grid=(4, 4), H=4, B=2)
-    cfg = MergeConfig(block_spatial=8, block_frames=3, q_keep=0.3, outlier_frac=0.15)
+    cfg = MC(block_spatial=8, block_frames=3, q_keep=0.3, outlier_frac=0.15)
     f = strategy(cfg)
     a = f.plan(q, k, v, ctx, PhaseTimer(False))
     (plan_q, _) = f.layout_plans(ctx, q.device, 8, 3, (cfg.q_keep - cfg.outlier_frac, cfg.kv_keep))
@@ -174,17 +182,17 @@ def _unique_rows(out):
 def test_uniform_duplicates_rows_and_httm_does_not():
     q, k, v, ctx = make(S=6, grid=(4, 6), H=8, B=2)
     N = q.shape[2]
-    uni = strategy(MergeConfig(strategy="uniform", kv_keep=0.3))
+    uni = strategy(MC(strategy="uniform", kv_keep=0.3))
     out_u = uni(q, k, v, ctx)
     assert _unique_rows(out_u) == [uni.last_stats["kv_kept"]] * 2 and uni.last_stats["kv_kept"] < N
-    out_h = strategy(MergeConfig(q_keep=0.2, kv_keep=0.3, outlier_frac=0.0))(q, k, v, ctx)
+    out_h = strategy(MC(q_keep=0.2, kv_keep=0.3, outlier_frac=0.0))(q, k, v, ctx)
     assert _unique_rows(out_h) == [N, N]
 
 
 @pytest.mark.parametrize("name", ["httm", "uniform"])
 def test_bf16_batch_and_determinism(name):
     q, k, v, ctx = make(S=4, B=3, dtype=torch.bfloat16)
-    cfg = MergeConfig(strategy=name, block_spatial=8, block_frames=2)
+    cfg = MC(strategy=name, block_spatial=8, block_frames=2)
     f = strategy(cfg)
     a, b = f(q, k, v, ctx), strategy(cfg)(q, k, v, ctx)
     assert a.dtype == torch.bfloat16 and a.shape == q.shape and torch.isfinite(a).all()
@@ -200,7 +208,7 @@ def test_bf16_batch_and_determinism(name):
 
 def test_proportional_attention_equals_attention_over_duplicated_keys():
     q, k, v, ctx = make(S=4, H=2, B=1)
-    cfg = MergeConfig(block_spatial=8, block_frames=4, proportional_attention=True, outlier_frac=0.0)
+    cfg = MC(block_spatial=8, block_frames=4, proportional_attention=True, outlier_frac=0.0)
     f = strategy(cfg)
     out = f(q, k, v, ctx)
     a = f.plan(q, k, v, ctx, PhaseTimer(False))  # deterministic: the plan the call used
@@ -210,13 +218,13 @@ def test_proportional_attention_equals_attention_over_duplicated_keys():
     (qm,), _ = aggregate([q], a.q_assign, a.q_slots)
     ref = matching.unmerge(F.scaled_dot_product_attention(qm, *dup), a.q_assign)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    plain = strategy(MergeConfig(block_spatial=8, block_frames=4, outlier_frac=0.0))(q, k, v, ctx)
+    plain = strategy(MC(block_spatial=8, block_frames=4, outlier_frac=0.0))(q, k, v, ctx)
     assert rel(plain, out) > 1e-3
 
 
 def test_plan_reuse_shares_the_assignment_but_recomputes_means():
     q, k, v, ctx = make(S=4)
-    cfg = MergeConfig(block_spatial=8, block_frames=2, plan_reuse=2)
+    cfg = MC(block_spatial=8, block_frames=2, plan_reuse=2)
     shared = SharedState(cfg)
     first, second = strategy(cfg, 0, shared), strategy(cfg, 1, shared)
     first(q, k, v, ctx)
@@ -245,7 +253,7 @@ def test_hot_path_op_count_does_not_grow_with_tokens_heads_or_blocks(name):
     counts = []
     for S, H in [(2, 2), (8, 6)]:  # 4x the blocks, 3x the heads, 4x the tokens
         q, k, v, ctx = make(S=S, H=H, grid=(6, 8))
-        f = strategy(MergeConfig(strategy=name, block_spatial=12, block_frames=2))
+        f = strategy(MC(strategy=name, block_spatial=12, block_frames=2))
         f(q, k, v, ctx)  # builds and caches the static plan
         with _CountOps() as c:
             f(q, k, v, ctx)
@@ -257,11 +265,11 @@ def test_a_context_of_the_wrong_length_is_named():
     q, k, v, ctx = make(S=2)
     bad = AttentionContext(3, ctx.tokens_per_frame, ctx.patch_grid, ctx.patch_start_idx, 0, ctx.x)
     with pytest.raises(ValueError, match=r"q has 58 tokens but the context describes 3 frames x 29 tokens"):
-        strategy(MergeConfig())(q, k, v, bad)
+        strategy(MC())(q, k, v, bad)
 
 
 def test_uniform_without_the_block_input_is_named():
     q, k, v, ctx = make(S=2)
     nox = AttentionContext(2, ctx.tokens_per_frame, ctx.patch_grid, ctx.patch_start_idx, 0, None)
     with pytest.raises(ValueError, match=r"uniform.*carries no block input x.*AttentionContext\.x"):
-        strategy(MergeConfig(strategy="uniform"))(q, k, v, nox)
+        strategy(MC(strategy="uniform"))(q, k, v, nox)

@@ -11,6 +11,7 @@ def test_defaults_match_the_paper_settings():
     assert (cfg.strategy, cfg.q_keep, cfg.kv_keep, cfg.outlier_frac) == ("httm", 0.2, 0.3, 0.1)
     assert (cfg.block_spatial, cfg.block_frames, cfg.plan_reuse) == (128, 30, 1)
     assert cfg.anchor_first_frame and cfg.protect_special_tokens and not cfg.proportional_attention
+    assert (cfg.outlier_cap, cfg.min_tokens) == (1.5, 40000)  # issue 14: static length, dense below
 
 
 def test_round_trip_through_dict():
@@ -47,6 +48,11 @@ def test_unknown_key_is_named():
         ("layers", [0, -1]),
         ("layers", [1, 1]),
         ("layers", []),
+        ("outlier_cap", 0.9),
+        ("outlier_cap", "2"),
+        ("min_tokens", -1),
+        ("min_tokens", 1.5),
+        ("min_tokens", True),
     ],
 )
 def test_invalid_value_names_the_field(field, value):

@@ -123,7 +123,7 @@ def test_dense_patch_and_unpatch_leave_outputs_bit_identical(official):
     assert snapshot(official) == before
     assert all(torch.equal(run(official, x)[k], plain[k]) for k in OUTPUTS)
 
-    apply_merging(official, MergeConfig(block_spatial=4, block_frames=2))
+    apply_merging(official, MergeConfig(block_spatial=4, block_frames=2, min_tokens=0))
     assert all(type(b.attn) is not OfficialAttention for b in official.aggregator.global_blocks)
     merged = run(official, x)
     assert rel_err(merged["depth"], plain["depth"]) > 1e-3  # the patch is live
@@ -140,7 +140,7 @@ def test_dense_patch_and_unpatch_leave_outputs_bit_identical(official):
 def test_merging_the_official_model_equals_merging_ours(official, ours):
     """Same weights, same config: the same merge decisions in every layer and the same
     outputs, for two sequence shapes in a row on one patch (the layout is re-read per forward)."""
-    cfg = MergeConfig(block_spatial=4, block_frames=2)
+    cfg = MergeConfig(block_spatial=4, block_frames=2, min_tokens=0)
     first = images((4, 3, 42, 56), seed=2)
     dense = run(ours, first)
     for model in (official, ours):
@@ -156,10 +156,10 @@ def test_merging_the_official_model_equals_merging_ours(official, ours):
 
 
 OPTIONS = {
-    "keeps": dict(q_keep=0.5, kv_keep=0.6, outlier_frac=0.2, block_spatial=6, block_frames=3),
-    "layers": dict(layers=[1, 3], block_spatial=4, block_frames=2),
-    "plan-reuse": dict(plan_reuse=2, block_spatial=4, block_frames=2, proportional_attention=True),
-    "uniform": dict(strategy="uniform", kv_keep=0.4),
+    "keeps": dict(q_keep=0.5, kv_keep=0.6, outlier_frac=0.2, block_spatial=6, block_frames=3, min_tokens=0),
+    "layers": dict(layers=[1, 3], block_spatial=4, block_frames=2, min_tokens=0),
+    "plan-reuse": dict(plan_reuse=2, block_spatial=4, block_frames=2, proportional_attention=True, min_tokens=0),
+    "uniform": dict(strategy="uniform", kv_keep=0.4, min_tokens=0),
 }
 
 
@@ -197,7 +197,7 @@ def test_official_aggregator_under_bf16_autocast(official, ours, monkeypatch):
 
     monkeypatch.setattr(HttmAttention, "plan", spy)
     x = images((1, 4, 3, 42, 56), seed=4)
-    cfg = MergeConfig(block_spatial=4, block_frames=2)
+    cfg = MergeConfig(block_spatial=4, block_frames=2, min_tokens=0)
     out = {}
     for name, model in (("official", official.aggregator), ("ours", ours.aggregator)):
         apply_merging(model, cfg)

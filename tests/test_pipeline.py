@@ -70,7 +70,7 @@ def _cfg(dataset: dict, out: str, *overrides: str):
             "input": str(dataset["scenes"]),
             "output": out,
             "model": {"preset": "tiny", "weights": dataset["weights"], "device": "cpu"},
-            "merging": {"strategy": "httm", "q_keep": 0.5, "kv_keep": 0.5},
+            "merging": {"strategy": "httm", "q_keep": 0.5, "kv_keep": 0.5, "min_tokens": 0},
             "image": {"size": SIZE},
         },
         overrides,

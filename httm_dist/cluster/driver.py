@@ -3,7 +3,8 @@
 ``run_job(cfg)`` is the whole job:
 
 1. validate the config's outside world (weights, input, output) before anything else;
-2. list scenes, skip those already committed (resume), apply ``on_config_change`` to scenes
+2. ``chunk.max_frames: auto`` is resolved from one worker's free GPU memory
+   (:mod:`~httm_dist.pipeline.memory`; Ray is connected first for it); list scenes, skip those already committed (resume), apply ``on_config_change`` to scenes
    committed under another model/merge config, and split the rest into units (a whole
    scene, or the chunks of a long one plus its "assemble" step); chunks already saved by an
    earlier run are not redone;
@@ -12,7 +13,9 @@
 4. dispatch: each worker has one unit running and one reserved whose images it prefetches;
    a worker that dies gives its units back to the queue (the running one counts an attempt,
    up to ``max_attempts``) and is replaced; a scene's own failure is recorded and the job goes
-   on; a chunked scene's "assemble" unit is queued once all its chunks are done;
+   on; a chunked scene's "assemble" unit is queued once all its chunks are done; a unit that
+   ran out of memory re-plans its scene in smaller chunks (the driver removes the replaced
+   plan's saved chunks);
 5. write and return the run summary (counts, failures with their errors, seconds, frames/s).
 
 Workers write results themselves; the driver only sees small records. Step 2 is
@@ -31,16 +34,21 @@ import uuid
 from datetime import datetime, timezone
 
 import ray
+import torch
 from ray import exceptions as rex
 
 from httm_dist.cluster.plan import Plan, plan_work, record_failure
 from httm_dist.cluster.progress import JobProgress
 from httm_dist.cluster.schedule import Assignment, FailureKind, GiveUp, Lease, Scheduler
-from httm_dist.cluster.worker import ReconstructionWorker, WorkerFault, test_hooks_from_env
+from httm_dist.cluster.worker import (OutOfMemoryFault, ReconstructionWorker, WorkerFault,
+                                     probe_worker_free_bytes, test_hooks_from_env)
 from httm_dist.config import JobConfig, validate_resources
 from httm_dist.errors import ConfigError, HttmDistError
-from httm_dist.model.config import preset_weights as _preset_weights
-from httm_dist.pipeline.unit import failure_record
+from httm_dist.model import VGGT, VGGTConfig
+from httm_dist.model.config import PRESETS, preset_weights as _preset_weights
+from httm_dist.model.vggt import count_parameters
+from httm_dist.pipeline.memory import resolve_max_frames, with_max_frames
+from httm_dist.pipeline.unit import failure_record, plan_units
 from httm_dist.results import ResultStore, RunSummary, SceneRecord
 from httm_dist.storage import redact
 
@@ -75,7 +83,17 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     run_id = run_id or new_run_id()
     started_wall = datetime.now(timezone.utc)
     store = ResultStore(cfg.output, cfg.storage_options)
-    plan = plan_work(cfg, store, run_id)
+    started_ray = False
+    try:
+        if cfg.chunk.max_frames == "auto":  # sized from a worker's GPU: ask one (needs Ray)
+            started_ray = _connect(cfg)
+            cfg = with_max_frames(cfg, resolve_max_frames(cfg, probe_worker_free_bytes(cfg)))
+            log.info("chunk.max_frames auto: %d frames per forward pass", cfg.chunk.max_frames)
+        plan = plan_work(cfg, store, run_id)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     total = len(plan.scenes) + len(plan.failures)
     log.info("run %s: %d scenes to process (%d units), %d already committed, output %s",
              run_id, total, len(plan.queue), len(plan.skipped), redact(cfg.output))
@@ -86,14 +104,15 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     records: dict[str, dict] = {}
     worker_info: list[dict] = []
     units_run = workers_lost = max_parallel = 0
+    replanned: list[dict] = []
     startup_s = None
     if plan.queue:
-        started_ray = _connect(cfg)
+        started_ray = _connect(cfg) or started_ray
         try:
             dispatcher = _Dispatcher(cfg, store, run_id, plan, bar)
             records = dispatcher.run()
             worker_info, units_run = dispatcher.worker_info, dispatcher.units_run
-            workers_lost = dispatcher.workers_lost
+            workers_lost, replanned = dispatcher.workers_lost, dispatcher.replanned
             max_parallel = max_overlap(dispatcher.spans)
             if dispatcher.first_up is not None:
                 startup_s = round(dispatcher.first_up - bar.started, 3)
@@ -101,6 +120,8 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
             bar.close()
             if started_ray:
                 ray.shutdown()
+    elif started_ray:
+        ray.shutdown()
     bar.close()
 
     failures = plan.failures + [
@@ -127,6 +148,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
         reused_chunks=plan.reused_chunks,
         workers=len(worker_info),
         workers_lost=workers_lost,
+        replanned=replanned,
         max_parallel_units=max_parallel,
         worker_hosts=sorted({w.get("host", "?") for w in worker_info}),
         worker_units=worker_info,
@@ -150,11 +172,6 @@ def describe_model(cfg: JobConfig) -> str:
     """One line naming the model a job runs: preset (and what it is), weights source,
     parameter count (counted on the meta device: no memory, no weights read), device and
     merging. Logged by the driver at the start of every run."""
-    import torch
-
-    from httm_dist.model import VGGT, VGGTConfig
-    from httm_dist.model.config import PRESETS
-    from httm_dist.model.vggt import count_parameters
     preset = cfg.model.preset
     shipped = _preset_weights(preset)
     if cfg.model.weights:
@@ -251,7 +268,10 @@ class _Dispatcher:
         self.init_failures = 0
         self.by_ref: dict[ray.ObjectRef, tuple[int, str]] = {}  # ref -> (worker, "probe" | "process")
         n, self.gpw = _worker_count(cfg, len(plan.queue))
-        self.schedule = Scheduler(plan.queue, plan.scenes, cfg.max_attempts, n)
+        self.schedule = Scheduler(plan.queue, plan.scenes, cfg.max_attempts, n,
+                                  planner=lambda scene, size: plan_units(scene, with_max_frames(cfg, size)),
+                                  chunk_overlap=cfg.chunk.overlap)
+        self.replanned: list[dict] = []  # scenes re-planned smaller after running out of memory
         log.info("starting %d workers (%g GPU, %g CPU each)", n, self.gpw, cfg.cpus_per_worker)
         self.actors: list[ray.actor.ActorHandle | None] = [None] * n
         self.info: list[dict] = [{} for _ in range(n)]  # the current actor's info, per worker
@@ -284,6 +304,7 @@ class _Dispatcher:
                         self._probed(worker, ref)
                     else:
                         self._collect(worker, ref)
+                self._clear_replaced_chunks()
                 for assignment in self.schedule.fill():
                     self._assign(assignment)
                 self.bar.tick()
@@ -297,6 +318,15 @@ class _Dispatcher:
         finally:
             self._stop_workers()
         return self.schedule.records
+
+    def _clear_replaced_chunks(self) -> None:
+        """Scenes re-planned smaller since the last fill: their saved chunks belong to the
+        replaced plan; remove them before any chunk of the new plan starts."""
+        for r in self.schedule.take_replans():
+            self.store.clear_chunks(r.scene_id)
+            self.replanned.append({"scene_id": r.scene_id, "max_frames": r.max_frames, "chunks": len(r.units)})
+            log.warning("scene %r ran out of memory: re-planned as %d chunks of at most %d frames",
+                        r.scene_id, len(r.units), r.max_frames)
 
     def _assign(self, assignment: Assignment) -> None:
         actor, lease = self.actors[assignment.worker], assignment.lease
@@ -345,7 +375,9 @@ class _Dispatcher:
         """The worker died (or is unhealthy) running ``lease``: the schedule decides, the
         actor is replaced."""
         error = redact(f"{type(exc).__name__}: {_first_line(exc)}")
-        kind = FailureKind.WORKER_FAULT if isinstance(exc, WorkerFault) else FailureKind.WORKER_LOST
+        kind = (FailureKind.OUT_OF_MEMORY if isinstance(exc, OutOfMemoryFault)
+                else FailureKind.WORKER_FAULT if isinstance(exc, WorkerFault)
+                else FailureKind.WORKER_LOST)
         self.workers_lost += 1
         log.warning("worker lost on %s (attempt %d of %d): %s", lease.unit.describe(),
                     lease.attempt, self.cfg.max_attempts, error)

@@ -95,7 +95,10 @@ def plan_work(cfg: JobConfig, store: ResultStore, run_id: str) -> Plan:
         if chunks:
             done = _reusable_chunks(store, sid, model_hash, merge_hash, fingerprints[sid])
             for u in chunks:
-                if u.chunk_index not in done:
+                meta = done.get(u.chunk_index) or {}
+                # a chunk saved under another plan (another chunk.max_frames, an auto size on
+                # another GPU, an out-of-memory re-plan) covers other frames: redo it
+                if list(meta.get("frame_range") or ()) != list(u.frame_range):
                     state.waiting_chunks.add(u.chunk_index)
                     queue.append(u)
             reused = len(chunks) - len(state.waiting_chunks)

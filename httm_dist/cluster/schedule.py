@@ -21,7 +21,13 @@ The policy:
   (:meth:`Scheduler.worker_up` with the same id, for its replacement);
 - **chunked scenes**: once every chunk of a scene is done, its "assemble" unit is put at the
   front of the queue (finish started scenes first); units of a scene that already failed or
-  finished are dropped.
+  finished are dropped;
+- **out of memory**: a unit that did not fit its worker's memory is not retried as it was:
+  its scene is re-planned in chunks of half the unit's frames (``planner``), once none of the
+  scene's units runs any more (their results belong to the replaced plan and are dropped);
+  the driver clears the replaced plan's saved chunks (:meth:`Scheduler.take_replans`) before
+  the new ones start. A unit that cannot shrink (an assembly, or chunks that would not be
+  longer than the overlap) is retried like any worker fault.
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ from __future__ import annotations
 import collections
 import enum
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from httm_dist.data import SceneSpec
-from httm_dist.pipeline.unit import WorkUnit
+from httm_dist.pipeline.unit import WorkUnit, assemble_unit
 from httm_dist.results import SceneRecord
 
 
@@ -63,7 +69,8 @@ class FailureKind(enum.Enum):
     comes back as a failed record through :meth:`Scheduler.unit_finished`)."""
 
     WORKER_LOST = "worker_lost"  # the process or its node died (Ray actor/worker errors)
-    WORKER_FAULT = "worker_fault"  # the worker raised WorkerFault (e.g. out of memory)
+    WORKER_FAULT = "worker_fault"  # the worker raised WorkerFault
+    OUT_OF_MEMORY = "out_of_memory"  # the unit did not fit the worker's memory
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,28 @@ class GiveUp:
     reason: str
 
 
-Decision = Retry | GiveUp
+@dataclass(frozen=True)
+class Shrink:
+    """The lease's unit ran out of memory (or belongs to a scene being re-planned after one):
+    its scene will run in chunks of at most ``max_frames`` frames once none of its units runs."""
+
+    lease: Lease
+    max_frames: int
+
+
+@dataclass(frozen=True)
+class Replanned:
+    """A scene's new plan, queued: the driver removes the saved chunks of the replaced plan."""
+
+    scene_id: str
+    max_frames: int
+    units: tuple[WorkUnit, ...]
+
+
+Planner = Callable[[SceneSpec, int], list[WorkUnit]]
+"""``planner(scene, max_frames)``: the scene's units in chunks of at most ``max_frames``."""
+
+Decision = Retry | GiveUp | Shrink
 
 
 @dataclass
@@ -94,6 +122,7 @@ class SceneState:
     assemble: Optional[WorkUnit] = None  # queued when ``waiting_chunks`` empties
     failed: bool = False
     finished: bool = False
+    replan: Optional[int] = None  # out of memory: re-plan in chunks of this size when idle
 
     @property
     def over(self) -> bool:
@@ -111,9 +140,13 @@ class Scheduler:
     """The dispatch state of one run (see the module doc). Not thread-safe; one per run."""
 
     def __init__(self, queue: Iterable[WorkUnit], scenes: dict[str, SceneState],
-                 max_attempts: int, workers: int) -> None:
+                 max_attempts: int, workers: int, planner: Optional[Planner] = None,
+                 chunk_overlap: int = 1) -> None:
         """``queue``: runnable units in order; ``scenes``: the state of every scene they
-        belong to; ``max_attempts`` >= 1; ``workers``: how many worker ids (0..n-1) exist."""
+        belong to; ``max_attempts`` >= 1; ``workers``: how many worker ids (0..n-1) exist;
+        ``planner`` re-plans a scene smaller after an out-of-memory (None: out of memory is
+        retried like a worker fault); ``chunk_overlap``: frames consecutive chunks share (a
+        chunk must be longer)."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.queue: collections.deque[WorkUnit] = collections.deque(queue)
@@ -123,10 +156,13 @@ class Scheduler:
         self.records: dict[str, SceneRecord] = {}  # scene id -> its final record (done/failed)
         self.units_started = 0
         self._workers = {w: _Worker() for w in range(workers)}
-        # One decision per failure kind; a new kind (e.g. re-plan on OOM) adds a method here.
+        self.planner, self.chunk_overlap = planner, chunk_overlap
+        self._replans: list[Replanned] = []
+        # One decision per failure kind.
         self._on_failure = {
             FailureKind.WORKER_LOST: self._retry_or_give_up,
             FailureKind.WORKER_FAULT: self._retry_or_give_up,
+            FailureKind.OUT_OF_MEMORY: self._shrink_or_retry,
         }
 
     # ------------------------------------------------------------------ queries
@@ -215,6 +251,9 @@ class Scheduler:
         if lease is None:
             raise RuntimeError(f"worker {worker} finished a unit it was not running")
         scene = self.scenes[lease.scene_id]
+        if scene.replan is not None:  # a unit of the replaced plan: its result is moot
+            self._replan_if_idle(scene)
+            return None
         if scene.over:
             return None
         if record.is_failed:
@@ -237,14 +276,58 @@ class Scheduler:
             raise RuntimeError(f"worker {worker} lost a unit it was not running")
         self.attempts[lease.unit.unit_id] = lease.attempt
         self.worker_gone(worker)  # its reserved unit back first, so a retry goes before it
-        return self._on_failure[kind](lease, error)
+        decision = self._on_failure[kind](lease, error)
+        self._replan_if_idle(self.scenes[lease.scene_id])
+        return decision
 
     def _retry_or_give_up(self, lease: Lease, error: str) -> Decision:
+        scene = self.scenes[lease.scene_id]
+        if scene.replan is not None:  # being re-planned smaller: this unit is not retried
+            return Shrink(lease, scene.replan)
         if lease.attempt < self.max_attempts:
             self.queue.appendleft(lease.unit)
             return Retry(lease)
         return GiveUp(lease, f"{lease.unit.describe()} failed: its worker died on each of "
                              f"{lease.attempt} attempts (max_attempts); last error: {error}")
+
+    def _shrink_or_retry(self, lease: Lease, error: str) -> Decision:
+        """Out of memory: mark the scene for a plan in chunks of half the unit's frames and
+        drop its queued and reserved units; a unit that cannot shrink is retried."""
+        unit, scene = lease.unit, self.scenes[lease.scene_id]
+        size = len(unit.frames()) // 2
+        if self.planner is None or unit.kind == "assemble" or size <= self.chunk_overlap or size < 2:
+            return self._retry_or_give_up(lease, error)
+        scene.replan = min(size, scene.replan or size)
+        self.queue = collections.deque(u for u in self.queue if u.scene_id != lease.scene_id)
+        for state in self._workers.values():
+            if state.reserved is not None and state.reserved.scene_id == lease.scene_id:
+                state.reserved = None
+        return Shrink(lease, scene.replan)
+
+    def _replan_if_idle(self, scene: SceneState) -> None:
+        """Queue the scene's smaller plan once none of its units runs (see the module doc)."""
+        sid = scene.scene.scene_id
+        if scene.replan is None:
+            return
+        if scene.over:
+            scene.replan = None
+            return
+        if any(w.current is not None and w.current.scene_id == sid for w in self._workers.values()):
+            return
+        size, scene.replan = scene.replan, None
+        units = self.planner(scene.scene, size)
+        for key in [k for k in self.attempts if k == sid or k.startswith(f"{sid}#")]:
+            del self.attempts[key]  # a new plan: its units start at attempt 1
+        chunks = [u for u in units if u.kind == "chunk"]
+        scene.waiting_chunks = {u.chunk_index for u in chunks}
+        scene.assemble = assemble_unit(scene.scene, len(chunks)) if chunks else None
+        self.queue.extendleft(reversed(units))  # started scenes first
+        self._replans.append(Replanned(sid, size, tuple(units)))
+
+    def take_replans(self) -> list[Replanned]:
+        """The re-plans queued since the last call (the driver clears the replaced chunks)."""
+        out, self._replans = self._replans, []
+        return out
 
     def scene_failed(self, record: SceneRecord) -> Optional[SceneRecord]:
         """Mark the record's scene failed (its queued units are dropped); returns the record,

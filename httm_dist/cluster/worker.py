@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
 
 import ray
 import torch
@@ -38,7 +39,8 @@ from httm_dist.pipeline.publish import ResultPublisher
 from httm_dist.pipeline.runner import ModelRunner
 from httm_dist.pipeline.unit import LoadedUnit, WorkUnit, failure_record
 from httm_dist.results import ResultStore, SceneRecord
-from httm_dist.storage import redact
+from httm_dist.pipeline.memory import local_free_bytes
+from httm_dist.storage import install_log_redaction, redact, register_secrets
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,12 @@ log = logging.getLogger(__name__)
 #: them outside tests. ``HTTM_DIST_TEST_KILL_SCENE=<scene id>``: a worker SIGKILLs itself on
 #: the first attempt of that scene's units (after the model ran, before committing).
 #: ``HTTM_DIST_TEST_UNIT_DELAY_S=<seconds>``: every unit sleeps that long before committing, so
-#: tests can observe (and interrupt) a run in flight.
+#: tests can observe (and interrupt) a run in flight. ``HTTM_DIST_TEST_OOM_OVER_FRAMES=<n>``:
+#: a unit of more than n frames raises torch's out-of-memory error after the model ran, as a
+#: GPU too small for it would.
 TEST_HOOK_ENV = {"kill_scene": "HTTM_DIST_TEST_KILL_SCENE",
-                 "unit_delay_s": "HTTM_DIST_TEST_UNIT_DELAY_S"}
+                 "unit_delay_s": "HTTM_DIST_TEST_UNIT_DELAY_S",
+                 "oom_over_frames": "HTTM_DIST_TEST_OOM_OVER_FRAMES"}
 
 
 def test_hooks_from_env() -> dict:
@@ -58,6 +63,11 @@ def test_hooks_from_env() -> dict:
 
 class WorkerFault(HttmDistError):
     """The worker itself is unhealthy (e.g. out of memory): replace it and retry the unit."""
+
+
+class OutOfMemoryFault(WorkerFault):
+    """The unit did not fit the worker's memory: the scheduler re-plans its scene in smaller
+    chunks instead of retrying the same unit (``cluster.schedule``)."""
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -78,8 +88,6 @@ class ReconstructionWorker:
     """
 
     def __init__(self, cfg: JobConfig, run_id: str, test_hooks: dict | None = None) -> None:
-        from httm_dist.storage import install_log_redaction, register_secrets
-
         install_log_redaction()  # this worker process's log lines pass the same redaction
         register_secrets(cfg.storage_options)
         self.cfg = cfg
@@ -155,7 +163,7 @@ class ReconstructionWorker:
             if _is_oom(exc):
                 log.error("worker %s out of memory on %s: %s", self._info["pid"],
                           unit.describe(), exc)
-                raise WorkerFault(f"out of memory on {unit.describe()}: {exc}") from None
+                raise OutOfMemoryFault(f"out of memory on {unit.describe()}: {exc}") from None
             return self._failed(unit, attempt, exc, extra)
         if record.finished_at is None:
             record = record.replace(finished_at=time.time())
@@ -184,6 +192,9 @@ class ReconstructionWorker:
         delay = float(self._test_hooks.get("unit_delay_s", 0) or 0)
         if delay > 0:
             time.sleep(delay)
+        over = int(self._test_hooks.get("oom_over_frames", 0) or 0)
+        if over and unit.kind != "assemble" and len(unit.frames()) > over:
+            raise torch.OutOfMemoryError(f"test fault injection: {len(unit.frames())} frames > {over}")
         if self._test_hooks.get("kill_scene") == unit.scene.scene_id and attempt == 1:
             log.warning("test fault injection: killing worker %s on %s", os.getpid(),
                         unit.describe())
@@ -194,3 +205,19 @@ def _node_id() -> str | None:
     if not ray.is_initialized():  # in-process use; asking would start a Ray
         return None
     return ray.get_runtime_context().get_node_id()
+
+
+def probe_worker_free_bytes(cfg: JobConfig) -> Optional[int]:
+    """Free GPU bytes one worker will get, read by a Ray task placed like a worker (Ray must
+    be initialised); None when workers run on CPU. A fractional ``gpus_per_worker`` gets that
+    share of the GPU; more than one GPU per worker still runs the model on one."""
+    gpw = float(cfg.gpus_per_worker)
+    if gpw <= 0 or float(ray.cluster_resources().get("GPU", 0)) == 0 or cfg.model.device == "cpu":
+        return None
+
+    @ray.remote(num_gpus=gpw, num_cpus=0)
+    def _free() -> Optional[int]:
+        return local_free_bytes("auto")
+
+    free = ray.get(_free.remote())
+    return None if free is None else int(free * min(1.0, gpw))

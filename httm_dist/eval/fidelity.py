@@ -168,7 +168,9 @@ def run_fidelity(
     :func:`render_scene`) or, with ``gt_scenes``, ground-truth scene folders (URLs, read with
     ``storage_options``; the first ``num_frames`` frames of each, preprocessed to ``width``;
     ``height`` then follows the images' aspect). ``strategies``: (name, MergeConfig dict or
-    MergeConfig) pairs; a dense baseline is added first when none is given. The model is seeded
+    MergeConfig) pairs; a dense baseline is added first when none is given. A dict without
+    ``min_tokens`` gets ``min_tokens: 0``: fidelity measures the merging method itself, and the
+    speed rule would run the short evaluation scenes dense. The model is seeded
     with ``seed`` before loading so random weights are reproducible; one untimed warm-up pass
     precedes the timed ones.
     """
@@ -176,7 +178,7 @@ def run_fidelity(
         raise ValueError(f"need num_scenes >= 1 and num_frames >= 2, got {num_scenes}, {num_frames}")
     specs = []
     for name, cfg in strategies if strategies is not None else DEFAULT_STRATEGIES:
-        mc = cfg if isinstance(cfg, MergeConfig) else MergeConfig.from_dict(dict(cfg))
+        mc = cfg if isinstance(cfg, MergeConfig) else MergeConfig.from_dict({"min_tokens": 0, **dict(cfg)})
         specs.append((str(name), mc))
     if not any(mc.strategy == "dense" for _, mc in specs):
         specs.insert(0, ("dense", MergeConfig.from_dict({"strategy": "dense"})))

@@ -7,6 +7,12 @@ plan of an earlier patched layer, ``MergeConfig.plan_reuse``), (2) aggregates q,
 slot means, (3) runs ``scaled_dot_product_attention`` on the reduced tensors, (4) unmerges the
 output by copy. ``merge_stats`` reads what the last call recorded.
 
+A layer whose sequence is shorter than ``MergeConfig.min_tokens`` calls the dense kernel
+exactly as the unpatched block does (merging would cost more than it saves there).
+
+No host syncs when ``profile`` is off: shapes follow from the sequence shape and config, and
+the stats are kept as device tensors until ``last_stats`` is read.
+
 Timing uses ``time.perf_counter``. On CUDA the kernels are asynchronous, so the phases are only
 synchronised (``torch.cuda.synchronize``) when ``MergeConfig.profile`` is on; otherwise the CUDA
 times are launch times and no sync is added to the forward pass.
@@ -95,10 +101,33 @@ class MergedAttention:
         self.layer_idx = layer_idx
         self.position = position  # rank among the patched layers, for plan reuse
         self.shared = shared
-        self.last_stats: Optional[dict[str, Any]] = None
+        self._last: Optional[dict[str, Any]] = None
+
+    @property
+    def last_stats(self) -> Optional[dict[str, Any]]:
+        """What the last call recorded (see ``merge_stats``), or None before any call.
+
+        Device values (``q_kept``) are read here, not in the forward: reading them is a host sync.
+        """
+        if self._last is None:
+            return None
+        out = dict(self._last)
+        out["q_kept"] = out["q_kept"].float().mean(0).tolist()
+        return out
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, timer: PhaseTimer) -> Assignment:
         raise NotImplementedError
+
+    def plans(self, ctx: AttentionContext, device: torch.device) -> tuple[MergePlan, ...]:
+        """The static plans of the sequence ``ctx`` describes (built once, then cached)."""
+        raise NotImplementedError
+
+    def prepare(self, ctx: AttentionContext, device: torch.device) -> None:
+        """Build and cache the static plans for the sequence shape ``ctx`` describes, so the
+        first forward of that shape does not pay for them (benchmarks; a no-op for shapes
+        under ``min_tokens``, which run dense)."""
+        if ctx.num_frames * ctx.tokens_per_frame >= self.cfg.min_tokens:
+            self.plans(ctx, device)
 
     def layout_plans(self, ctx: AttentionContext, device: torch.device, block_spatial: int, block_frames: int, fracs: tuple[float, ...]) -> tuple[MergePlan, ...]:
         """Cached dst plans (one per keep fraction) for the sequence ``ctx`` describes."""
@@ -121,6 +150,9 @@ class MergedAttention:
                 f"merging ({self.name}, layer {self.layer_idx}): q has {N} tokens but the context "
                 f"describes {ctx.num_frames} frames x {ctx.tokens_per_frame} tokens"
             )
+        if N < self.cfg.min_tokens:  # merging does not pay: the unpatched block's exact call
+            self._record(N, torch.full((1, 1), N, device=q.device).expand(B, H), N, N, False, None, merged=False)
+            return F.scaled_dot_product_attention(q, k, v)
         timer = PhaseTimer(self.cfg.profile and q.is_cuda)
         last = self.shared.last
         reused = self.position % self.cfg.plan_reuse != 0 and last is not None and last.fits(q)
@@ -148,16 +180,25 @@ class MergedAttention:
         with timer("aggregate"):
             out = unmerge(out, a.q_assign)
         a.q_means = None  # only valid for the tensors it was computed from
-        self.last_stats = {
+        self._record(N, a.q_kept.expand(B, H), a.q_slots, a.kv_slots, reused, timer)
+        return out
+
+    def _record(
+        self, N: int, q_kept: torch.Tensor, q_len: int, kv_kept: int, reused: bool,
+        timer: Optional[PhaseTimer], merged: bool = True,
+    ) -> None:
+        """Keep this call's stats; ``q_kept`` stays a device tensor (read in ``last_stats``)."""
+        times = timer.times if timer is not None else {"match": 0.0, "aggregate": 0.0, "attention": 0.0}
+        self._last = {
             "layer": self.layer_idx,
             "strategy": self.name,
+            "merged": merged,
             "tokens": N,
-            "q_kept": a.q_kept.expand(B, H).float().mean(0).tolist(),
-            "q_len": a.q_slots,
-            "kv_kept": a.kv_slots,
+            "q_kept": q_kept,
+            "q_len": q_len,
+            "kv_kept": kv_kept,
             "plan_reused": reused,
-            "match_s": timer.times["match"],
-            "aggregate_s": timer.times["aggregate"],
-            "attention_s": timer.times["attention"],
+            "match_s": times["match"],
+            "aggregate_s": times["aggregate"],
+            "attention_s": times["attention"],
         }
-        return out

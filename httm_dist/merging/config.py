@@ -58,6 +58,20 @@ class MergeConfig(Section):
     """Compute the merge plan (matches, outliers) in one patched layer and reuse it for the
     next ``plan_reuse - 1`` patched layers (1 = off); the merged tokens are always recomputed
     from the current layer's q/k/v."""
+    outlier_cap: float = Field(1.5, ge=1)
+    """The most outliers one head may restore, as a multiple of the mean per head
+    (``outlier_frac * N``). It bounds the padded query length (``num_kept + cap``) by the shape
+    and config alone, so the kernel sees one static length (issue 14); a head past its cap
+    leaves its budget to the other heads' next-farthest queries. Default 1.5: not measured
+    (docs/benchmarks.md, GPU section)."""
+    min_tokens: int = Field(40000, ge=0)
+    """A patched layer whose sequence (frames x tokens per frame) is shorter runs the plain
+    dense kernel, exactly as unpatched: below it merging does not pay. 0 = always merge.
+    Default 40000 (~51 frames of 294x518): NOT measured on a GPU in this project; it is the
+    crossover of a per-layer cost model fitted to the H200 figures in issue 14 (one 1000-frame
+    layer: dense 6.40 s, httm 0.161 s linear + 0.382 s quadratic; the whole aggregator lost at
+    32 frames even with static shapes, 0.89x, and won at 100, 1.68x), with a margin. Re-measure
+    with ``jobs/bench_gpu.py`` (docs/benchmarks.md, GPU section)."""
     profile: bool = False
     """On CUDA, synchronise around each timed phase so ``merge_stats`` times are real GPU
     times (adds syncs; off by default, when the CUDA times only cover launches)."""

@@ -4,8 +4,10 @@ Per head and per merging block (one spatial tile x one run of frames, see ``reor
 and keys are matched independently by cosine similarity to their block's destinations; values
 follow the key matches. The queries farthest from their merged token, across all heads, are
 restored as their own tokens (outlier filtering) and the merged queries are recomputed without
-them; heads then have different query counts, padded to the longest head for one
-``scaled_dot_product_attention`` call. Unmerging copies each merged query's output row back to
+them; heads then have different query counts, padded for one ``scaled_dot_product_attention``
+call to a static length, ``num_kept + cap`` (``MergeConfig.outlier_cap``): the same for every
+layer and input of one shape, with no host sync (issue 14). Padding slots are empty and their
+output rows are never copied back. Unmerging copies each merged query's output row back to
 every position that folded into it, per head, so the heads of one token stay distinct.
 """
 
@@ -15,9 +17,11 @@ import torch
 
 from httm_dist.merging.base import Assignment, MergedAttention, PhaseTimer
 from httm_dist.merging.matching import (
+    MergePlan,
     aggregate_sums,
     assignment,
     match,
+    outlier_budget,
     restore_outliers,
     select_outliers,
     slot_means,
@@ -31,24 +35,31 @@ class HttmAttention(MergedAttention):
 
     name = "httm"
 
+    def plans(self, ctx: AttentionContext, device: torch.device) -> tuple[MergePlan, ...]:
+        """The query plan (``q_keep - outlier_frac`` dst) and the key/value plan (``kv_keep``)."""
+        cfg = self.cfg
+        return self.layout_plans(
+            ctx, device, cfg.block_spatial, cfg.block_frames, (cfg.q_keep - cfg.outlier_frac, cfg.kv_keep)
+        )
+
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, timer: PhaseTimer) -> Assignment:
         cfg = self.cfg
-        plan_q, plan_kv = self.layout_plans(
-            ctx, q.device, cfg.block_spatial, cfg.block_frames, (cfg.q_keep - cfg.outlier_frac, cfg.kv_keep)
-        )
+        plan_q, plan_kv = self.plans(ctx, q.device)
         with timer("match"):
             q_src = match(q, plan_q)
             k_src = match(k, plan_kv)
+        B, H, N, _ = q.shape
+        filtering = cfg.outlier_frac > 0 and plan_q.num_src > 0
+        count, cap = outlier_budget(cfg.outlier_frac, H, N, plan_q.num_src, cfg.outlier_cap) if filtering else (0, 0)
         with timer("aggregate"):
-            filtering = cfg.outlier_frac > 0 and plan_q.num_src > 0
             outliers = torch.zeros(q_src.shape, dtype=torch.bool, device=q.device)
             q_means = None
-            if filtering:
+            if count:
                 (sums,), sizes = aggregate_sums([q], assignment(plan_q, q_src), plan_q.num_kept)
-                means = slot_means(sums, sizes, (q.shape[0], q.shape[1], plan_q.num_kept))
-                outliers = select_outliers(q, means, plan_q, q_src, cfg.outlier_frac)
-            q_assign, q_slots, q_kept = restore_outliers(plan_q, q_src, outliers)
-            if filtering:
-                q_means = split_outliers(q, sums, sizes, plan_q, q_src, outliers, q_slots)
+                means = slot_means(sums, sizes, (B, H, plan_q.num_kept))
+                outliers, sel = select_outliers(q, means, plan_q, q_src, count, cap)
+            q_assign, q_slots, q_kept = restore_outliers(plan_q, q_src, outliers, cap)
+            if count:
+                q_means = split_outliers(q, sums, sizes, plan_q, q_src, outliers, sel, q_slots)
             kv_assign = assignment(plan_kv, k_src)
         return Assignment(q_assign, q_slots, q_kept, kv_assign, plan_kv.num_kept, q_means)

@@ -8,10 +8,11 @@ over batch, heads and blocks (ToMe-style, with index ops only):
 - :func:`match`: cosine similarity of every src to the dst of its block, argmax -> the slot of
   the reduced sequence each src folds into;
 - :func:`assignment`: the full token -> slot map (dst and protected tokens map to their own);
-- :func:`aggregate`: slot means and sizes by ``index_add_`` / ``bincount`` (a merged token is the
+- :func:`aggregate`: slot means and sizes by ``index_add_`` (a merged token is the
   mean of its dst and every src that chose it, even across blocks, e.g. anchor frame 0);
 - :func:`select_outliers`: the top fraction of query distances to their merged token across
-  all heads; :func:`restore_outliers` / :func:`split_outliers` give them slots of their own;
+  all heads, at most :func:`outlier_budget`'s cap per head; :func:`restore_outliers` /
+  :func:`split_outliers` give them slots of their own;
 - :func:`unmerge`: every original position takes the output row of its slot (a gather, which
   also undoes the temporal reordering since the map is indexed in the original order).
 
@@ -23,6 +24,7 @@ are extra dst of every later block of that tile.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -259,8 +261,16 @@ def aggregate_sums(
     sums = []
     for x in xs:  # q, k, v: at most three tensors
         s = torch.zeros(B * H * num_slots, x.shape[-1], dtype=acc, device=x.device)
-        sums.append(s.index_add_(0, idx, x.reshape(-1, x.shape[-1]).to(acc)))
-    return sums, torch.bincount(idx, minlength=B * H * num_slots)
+        # one copy at most: v arrives as a strided view of the qkv projection, and reshape
+        # then .to(acc) would copy it twice under autocast
+        if x.dtype != acc:
+            x = x.to(acc, memory_format=torch.contiguous_format)
+        rows = x.reshape(-1, x.shape[-1])
+        sums.append(s.index_add_(0, idx, rows))
+    # sizes by index_add_ into a known length: bincount reads max(idx) on the host on CUDA
+    ones = torch.ones(1, dtype=torch.long, device=idx.device).expand(idx.numel())
+    sizes = torch.zeros(B * H * num_slots, dtype=torch.long, device=idx.device).index_add_(0, idx, ones)
+    return sums, sizes
 
 
 def slot_means(
@@ -318,39 +328,66 @@ def _src_distances(q: torch.Tensor, means: torch.Tensor, plan: MergePlan, src_sl
     return dist
 
 
-def select_outliers(
-    q: torch.Tensor, means: torch.Tensor, plan: MergePlan, src_slots: torch.Tensor, frac: float
-) -> torch.Tensor:
-    """Mask ``[B, H, n_src]`` of the queries restored as their own tokens.
+def outlier_budget(frac: float, heads: int, num_tokens: int, num_src: int, cap_factor: float) -> tuple[int, int]:
+    """``(count, cap)``: outliers restored per batch element, and the most one head may restore.
 
-    Per batch element, across all heads, the ``round(frac * H * N)`` src queries farthest (L2)
-    from the merged token they were folded into (dst and protected tokens have distance 0 and
-    are never picked; the count is capped at the number of src).
+    ``count = round(frac * heads * num_tokens)`` (at most ``heads * num_src``), chosen across
+    all heads; ``cap = ceil(cap_factor * count / heads)`` (at least the mean ``ceil(count /
+    heads)``, at most ``num_src``). The kernel's padded query length is ``num_kept + cap``: it
+    depends on the shape and the config only, never on the data (issue 14: a data-dependent
+    length was a new cuDNN plan and a host sync in every layer). ``cap_factor >= 1``.
+    """
+    count = min(round_half_up(frac * heads * num_tokens), heads * num_src)
+    if count == 0:
+        return 0, 0
+    mean = math.ceil(count / heads)
+    return count, min(num_src, max(mean, math.ceil(cap_factor * count / heads)))
+
+
+def select_outliers(
+    q: torch.Tensor, means: torch.Tensor, plan: MergePlan, src_slots: torch.Tensor, count: int, cap: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries restored as their own tokens: mask ``[B, H, n_src]`` and flat index ``[B, count]``.
+
+    Per batch element, across all heads, the ``count`` src queries farthest (L2) from the merged
+    token they were folded into, with at most ``cap`` per head (:func:`outlier_budget`): the
+    ``count`` largest among each head's ``cap`` largest, which is the greedy global choice with
+    a per-head cap (a head past its cap leaves its budget to the next-farthest queries of the
+    other heads). With ``cap >= n_src`` it is the plain global top ``count``. The index is
+    ``h * n_src + j`` for src ``j`` of head ``h``, so callers never need ``nonzero``.
     """
     B, H, N, d = q.shape
     n_src = plan.num_src
-    count = min(round_half_up(frac * H * N), H * n_src)
     mask = torch.zeros(B, H * n_src, dtype=torch.bool, device=q.device)
     if count == 0:
-        return mask.view(B, H, n_src)
-    dist = _src_distances(q, means, plan, src_slots).view(B, H * n_src)
-    mask.scatter_(1, dist.topk(count, dim=1).indices, True)
-    return mask.view(B, H, n_src)
+        return mask.view(B, H, n_src), torch.zeros(B, 0, dtype=torch.long, device=q.device)
+    if count > H * min(cap, n_src):
+        raise ValueError(f"select_outliers: {count} outliers cannot fit {H} heads x cap {cap}")
+    dist = _src_distances(q, means, plan, src_slots).view(B, H, n_src)
+    if cap >= n_src:
+        sel = dist.view(B, H * n_src).topk(count, dim=1).indices
+    else:
+        cand_d, cand_j = dist.topk(cap, dim=2)  # [B, H, cap]: each head's farthest
+        pick = cand_d.view(B, H * cap).topk(count, dim=1).indices
+        head = torch.div(pick, cap, rounding_mode="floor")
+        sel = head * n_src + cand_j.view(B, H * cap).gather(1, pick)
+    mask.scatter_(1, sel, True)
+    return mask.view(B, H, n_src), sel
 
 
 def restore_outliers(
-    plan: MergePlan, src_slots: torch.Tensor, outliers: torch.Tensor
+    plan: MergePlan, src_slots: torch.Tensor, outliers: torch.Tensor, cap: int
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Give every outlier a slot of its own after the ``plan.num_kept`` shared ones.
 
-    Returns the final assignment ``[B, H, N]``, the padded slot count (``num_kept`` plus the
-    largest per-head outlier count) and the per-head query count ``[B, H]``.
+    Returns the final assignment ``[B, H, N]``, the padded slot count ``num_kept + cap`` (static:
+    ``cap`` bounds every head's outlier count, :func:`outlier_budget`) and the per-head query
+    count ``[B, H]`` (a device tensor; slots past it are empty padding).
     """
     rank = outliers.cumsum(-1) - 1
     n_out = outliers.sum(-1)
     slots = torch.where(outliers, plan.num_kept + rank, src_slots)
-    num_slots = plan.num_kept + int(n_out.max()) if n_out.numel() else plan.num_kept
-    return assignment(plan, slots), num_slots, plan.num_kept + n_out
+    return assignment(plan, slots), plan.num_kept + cap, plan.num_kept + n_out
 
 
 def split_outliers(
@@ -360,6 +397,7 @@ def split_outliers(
     plan: MergePlan,
     src_slots: torch.Tensor,
     outliers: torch.Tensor,
+    sel: torch.Tensor,
     num_slots: int,
 ) -> torch.Tensor:
     """Query means ``[B, H, num_slots, d]`` after taking the outliers out of their merged tokens.
@@ -367,13 +405,16 @@ def split_outliers(
     ``sums`` / ``sizes`` are the first aggregation (``plan.num_kept`` slots per head): each
     outlier's contribution is subtracted there and it becomes the slot after the shared ones
     (in token order), as :func:`restore_outliers` numbers them. Cheaper than aggregating again.
+    ``outliers`` / ``sel`` are :func:`select_outliers`' mask and ``[B, count]`` index.
     """
     B, H, N, d = q.shape
     M, n_src = plan.num_kept, plan.num_src
-    sel = outliers.flatten().nonzero().squeeze(1)
-    bh, j = sel // n_src, sel % n_src
+    b = torch.arange(B, device=q.device).view(B, 1)
+    bh = (b * H + torch.div(sel, n_src, rounding_mode="floor")).flatten()
+    j = (sel % n_src).flatten()
+    flat = (b * (H * n_src) + sel).flatten()  # index into outliers.flatten()
     rows = q.reshape(B * H, N, d)[bh, plan.src_tokens[j]].to(sums.dtype)
-    new = M + (outliers.cumsum(-1) - 1).flatten()[sel]
+    new = M + (outliers.cumsum(-1) - 1).flatten()[flat]
     # one fresh buffer: the shared slots copied in, outliers subtracted there in place
     out_sums = sums.new_empty(B * H, num_slots, d)
     out_sizes = sizes.new_empty(B * H, num_slots)
@@ -381,7 +422,7 @@ def split_outliers(
     out_sums[:, M:] = 0
     out_sizes[:, :M] = sizes.view(B * H, M)
     out_sizes[:, M:] = 0
-    old = bh * num_slots + src_slots.flatten()[sel]
+    old = bh * num_slots + src_slots.flatten()[flat]
     out_sums.view(-1, d).index_add_(0, old, rows, alpha=-1)
     out_sizes.view(-1).index_add_(0, old, torch.ones_like(old), alpha=-1)
     out_sums[bh, new] = rows
@@ -390,8 +431,14 @@ def split_outliers(
 
 
 def unmerge(out: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
-    """Every original position takes its slot's row: ``[B, H, M, d] -> [B, H, N, d]``."""
+    """Every original position takes its slot's row: ``[B, H, M, d] -> [B, H, N, d]``.
+
+    The result is a ``[B, N, H, d]``-contiguous tensor seen as ``[B, H, N, d]`` (a transposed
+    view): the attention block's next step, ``out.transpose(1, 2).reshape(B, N, C)``, is then
+    a view instead of a copy of the whole output. Values are the same either way.
+    """
     B, H, M, d = out.shape
     N = assign.shape[-1]
-    idx = _flat(assign.expand(B, H, N), M)
-    return out.reshape(-1, d).index_select(0, idx).view(B, H, N, d)
+    offsets = torch.arange(B * H, device=out.device).view(B, 1, H) * M
+    idx = (assign.expand(B, H, N).transpose(1, 2) + offsets).flatten()  # [B, N, H] order
+    return out.reshape(-1, d).index_select(0, idx).view(B, N, H, d).transpose(1, 2)

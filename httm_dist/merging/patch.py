@@ -86,8 +86,10 @@ def merge_stats(model: nn.Module) -> list[dict[str, Any]]:
     """Per patched layer, what its last call recorded (empty for dense / never run).
 
     ``model``: as for :func:`apply_merging` (anything else raises ``TypeError``).
-    Each dict: ``layer``, ``strategy``, ``tokens`` (N), ``q_kept`` (query tokens kept per head,
-    averaged over the batch), ``q_len`` (padded query length the kernel saw), ``kv_kept``,
+    Each dict: ``layer``, ``strategy``, ``merged`` (False where the layer ran dense because its
+    sequence was under ``MergeConfig.min_tokens``), ``tokens`` (N), ``q_kept`` (query tokens
+    kept per head, averaged over the batch), ``q_len`` (padded query length the kernel saw:
+    static per sequence shape), ``kv_kept``,
     ``plan_reused``, ``match_s``, ``aggregate_s`` (merge, outlier filtering and unmerge),
     ``attention_s``. On CUDA the times are real only with ``MergeConfig.profile``.
     """

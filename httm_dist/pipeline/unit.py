@@ -19,6 +19,7 @@ import torch
 from httm_dist.config import JobConfig
 from httm_dist.data import SceneSpec
 from httm_dist.pipeline.chunks import plan_chunks
+from httm_dist.pipeline.memory import local_free_bytes, resolve_max_frames
 from httm_dist.results.record import SceneRecord
 
 
@@ -74,9 +75,12 @@ class WorkUnit:
 def plan_units(scene: SceneSpec, cfg: JobConfig) -> list[WorkUnit]:
     """The units that process ``scene``: one ``scene`` unit, or, when ``chunk.max_frames`` is
     set and the scene is longer, one ``chunk`` unit per overlapping chunk (run them anywhere,
-    then :func:`assemble_unit`)."""
+    then :func:`assemble_unit`). ``auto`` not yet resolved by the driver is resolved here for
+    this process's device (``pipeline.memory``)."""
     n = len(scene.frames)
     max_frames = cfg.chunk.max_frames
+    if max_frames == "auto":
+        max_frames = resolve_max_frames(cfg, local_free_bytes(cfg.model.device))
     if max_frames is None or n <= max_frames:
         return [WorkUnit(scene, "scene")]
     ranges = plan_chunks(n, max_frames, cfg.chunk.overlap)

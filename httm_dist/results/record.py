@@ -279,6 +279,7 @@ class RunSummary(_Record):
     reused_chunks: int = 0
     workers: int = 0
     workers_lost: int = 0
+    replanned: list = field(default_factory=list)  # [{scene_id, max_frames, chunks}] after out of memory
     max_parallel_units: int = 0  # most units running at once (worker clocks)
     worker_hosts: list = field(default_factory=list)
     worker_units: list = field(default_factory=list)

@@ -1,0 +1,479 @@
+"""GPU speed of token merging in the whole model (issue 14): prints Markdown tables.
+
+    python jobs/bench_gpu.py                     # on a CUDA machine: the issue's table, < 8 min on an H200
+    python jobs/bench_gpu.py --profile 100       # + torch.profiler of one httm forward at 100 frames
+    python jobs/bench_gpu.py --quick             # tiny model on CPU, a smoke run in seconds
+
+What it measures, in ONE run so the speedups compare like with like (random VGGT-1B weights,
+frames of 294x518 = 782 tokens, bf16 autocast as the model runs on CUDA):
+
+1. The whole aggregator (its head layers kept, as in VGGT) and the whole model (aggregator and
+   heads), for dense / uniform / httm / httm with plan reuse (``plan_reuse=2``) under the
+   default MergeConfig (so below ``min_tokens`` merging runs dense), and ``httm always``
+   (``min_tokens=0``) at the short lengths, to re-measure the crossover. Time (median of 3
+   after a warm-up below ``LONG_S``, else one run), speedup over dense, peak GPU memory
+   (``max_memory_allocated``, weights included), and the issue's targets.
+2. Per-layer phase split of the merged strategies (one extra forward with
+   ``MergeConfig.profile``, which synchronises around each phase): match / aggregate /
+   attention ms per layer, padded query length and kept keys as shares of N, and the share of
+   heads whose outliers reached the cap. Next to it, the same attention step alone (q, k, v of
+   that size, outside the model) at the largest length: the gap is issue 14's point 4.
+3. The memory model (``httm_dist.pipeline.memory``) against the measured peaks, with the
+   refitted ``WORK_BYTES_PER_CHANNEL`` to paste there.
+
+A time budget (``--budget-s``, default 400 s of measuring) skips a run whose time, predicted
+quadratically from the same strategy's previous length, would exceed what is left; runs go in
+priority order (``job_order``: the aggregator's dense and httm rows first, the whole model and
+the extras after), so the call ends in under 8 minutes with what matters most (skips are
+printed). On an H200, dense alone at 1000 frames takes ~154 s of it.
+Plans are built before timing (``MergedAttention.prepare``), as a long-running worker has them
+cached after its first scene of a shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from httm_dist.merging import MergeConfig, apply_merging, merge_stats  # noqa: E402
+from httm_dist.merging.base import MergedAttention  # noqa: E402
+from httm_dist.model import VGGT, VGGTConfig  # noqa: E402
+from httm_dist.model.hooks import AttentionContext  # noqa: E402
+from httm_dist.pipeline import memory  # noqa: E402
+
+log = logging.getLogger("bench_gpu")
+
+LONG_S = 5.0
+"""A run predicted longer than this is timed once without warm-up (its noise is small)."""
+TARGETS = {32: 0.97, 100: 2.2, 300: 3.8, 500: 5.2, 1000: 7.5}
+"""Issue 14's httm-vs-dense targets for the whole aggregator (H200/H100, same run)."""
+UNIFORM_TARGET = {1000: 3.5}
+
+
+def strategies() -> list[tuple[str, MergeConfig]]:
+    """(name, config) of every strategy the benchmark compares, in table order."""
+    return [
+        ("dense", MergeConfig(strategy="dense")),
+        ("httm", MergeConfig()),
+        ("uniform", MergeConfig(strategy="uniform")),
+        ("httm+reuse", MergeConfig(plan_reuse=2)),
+        ("httm always", MergeConfig(min_tokens=0)),  # the crossover: merging at every length
+    ]
+
+
+@dataclass
+class Bench:
+    device: torch.device
+    budget_s: float
+    reps: int = 3
+    """Timed runs (after one warm-up) of a run shorter than ``LONG_S``; their median counts."""
+    started: float = field(default_factory=time.perf_counter)
+    last: dict = field(default_factory=dict)  # (part, strategy) -> (frames, seconds)
+    skipped: list = field(default_factory=list)
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.started)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def predict(self, key: tuple, frames: int) -> Optional[float]:
+        if key not in self.last:
+            return None
+        f0, t0 = self.last[key]
+        return t0 * (frames / f0) ** 2  # attention-bound: at most quadratic in frames
+
+    def timed(self, key: tuple, frames: int, fn: Callable[[], Any]) -> Optional[float]:
+        """Median wall time of ``fn`` (see ``LONG_S``), or None when the budget cannot afford it."""
+        guess = self.predict(key, frames)
+        long = guess is not None and guess > LONG_S
+        n = 1 if long else self.reps + 1
+        cost = (guess or 0.0) * n
+        if guess is not None and cost > self.left():
+            self.skipped.append(f"{key[0]} {key[1]} at {frames} frames (predicted {cost:.0f} s, {self.left():.0f} s left)")
+            return None
+        times = []
+        for i in range(n):
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn()
+            self.sync()
+            del out
+            if long or i > 0:  # the first of reps + 1 is the warm-up
+                times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        self.last[key] = (frames, t)
+        return t
+
+
+def peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> Optional[int]:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def prepare(model: torch.nn.Module, frames: int, tokens: int, grid: tuple[int, int], psi: int, device: torch.device) -> None:
+    """Build every patched layer's static plans for this shape before timing."""
+    for block in model.aggregator.global_blocks:
+        fn = block.attn.attn_fn
+        if isinstance(fn, MergedAttention):
+            fn.prepare(AttentionContext(frames, tokens, grid, psi, 0), device)
+
+
+def images_for(frames: int, height: int, width: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """``[1, S, 3, H, W]`` frames panning across one smooth random image (neighbouring frames
+    alike, as in a video; uniform noise would be an unrealistically easy case for nobody)."""
+    g = torch.Generator().manual_seed(seed)
+    base = F.interpolate(torch.rand(1, 3, height // 8, (width + frames * 4) // 8, generator=g),
+                         size=(height, width + frames * 4), mode="bilinear", align_corners=False)[0]
+    idx = torch.arange(width).view(1, -1) + 4 * torch.arange(frames).view(-1, 1)  # [S, W]
+    out = base[:, :, idx].permute(2, 0, 1, 3)  # [S, 3, H, W]
+    return out.unsqueeze(0).to(device)
+
+
+def phase_split(model: torch.nn.Module, cfg: MergeConfig, run: Callable[[], Any], device: torch.device,
+                ctx_shape: tuple[int, int], grid: tuple[int, int]) -> dict:
+    """One forward with ``profile`` on: per-layer mean phase times and shapes."""
+    apply_merging(model, MergeConfig.from_dict({**cfg.to_dict(), "profile": True}))
+    agg = model.aggregator
+    S, tokens = ctx_shape
+    prepare(model, S, tokens, grid, agg.patch_start_idx, device)
+    run()
+    stats = [s for s in merge_stats(model) if s["merged"]]
+    apply_merging(model, cfg)
+    if not stats:
+        return {}
+    n = len(stats)
+    N = stats[0]["tokens"]
+    qk = [q for s in stats for q in s["q_kept"]]
+    at_cap = sum(1 for s in stats for q in s["q_kept"] if q >= s["q_len"]) / max(1, len(qk))
+    return {
+        "layers": n,
+        "match_ms": 1e3 * sum(s["match_s"] for s in stats) / n,
+        "aggregate_ms": 1e3 * sum(s["aggregate_s"] for s in stats) / n,
+        "attention_ms": 1e3 * sum(s["attention_s"] for s in stats) / n,
+        "q_len": stats[0]["q_len"] / N,
+        "q_kept": sum(qk) / len(qk) / N,
+        "kv_kept": stats[0]["kv_kept"] / N,
+        "heads_at_cap": at_cap if stats[0]["strategy"] == "httm" else None,
+    }
+
+
+def layer_alone(frames: int, tokens: int, grid: tuple[int, int], psi: int, arch: VGGTConfig, cfg: MergeConfig,
+                device: torch.device, dtype: torch.dtype, bench: Bench) -> Optional[float]:
+    """The attention step of one global layer alone (q, k, v in, output out), seconds."""
+    from httm_dist.merging.patch import _STRATEGIES
+    from httm_dist.merging.base import SharedState
+
+    H, d = arch.num_heads, arch.embed_dim // arch.num_heads
+    N = frames * tokens
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, H, N, d, generator=g).to(device, dtype) for _ in range(3))
+    x = torch.randn(1, N, arch.embed_dim, generator=g).to(device)
+    ctx = AttentionContext(frames, tokens, grid, psi, 0, x)
+    fn = _STRATEGIES[cfg.strategy](cfg, 0, 0, SharedState(cfg))
+    fn.prepare(ctx, device)
+    return bench.timed(("alone", cfg.strategy), frames, lambda: fn(q, k, v, ctx))
+
+
+def job_order(frames: list[int], model_frames: list[int], names: list[str], always_max: int,
+              split: bool) -> list[tuple[str, int, str]]:
+    """(part, frames, strategy) in priority order, so the budget skips the least needed:
+    (1) aggregator dense and httm at every length (the issue's targets), (2) aggregator
+    uniform, (3) whole model dense and httm, (4) plan reuse and ``httm always``, (5) whole
+    model uniform and reuse, (6) the profiled phase splits (part ``split``)."""
+    has = set(names)
+    jobs = [("aggregator", f, n) for f in frames for n in ("dense", "httm") if n in has]
+    jobs += [("aggregator", f, "uniform") for f in frames if "uniform" in has]
+    jobs += [("model", f, n) for f in model_frames for n in ("dense", "httm") if n in has]
+    jobs += [("aggregator", f, "httm+reuse") for f in frames if "httm+reuse" in has]
+    jobs += [("aggregator", f, "httm always") for f in frames if f <= always_max and "httm always" in has]
+    jobs += [("model", f, n) for f in model_frames for n in ("uniform", "httm+reuse") if n in has]
+    if split:
+        jobs += [("split", f, n) for f in frames for n in ("httm", "httm+reuse", "uniform") if n in has]
+    return jobs
+
+
+def run_jobs(model: torch.nn.Module, jobs: list[tuple[str, int, str]], height: int, width: int,
+             strats: list, bench: Bench) -> list[dict]:
+    """One row per (part, frames, strategy) job that ran (time None when the budget skipped
+    it); ``split`` jobs add the phase split to their aggregator row."""
+    device = bench.device
+    psi = model.aggregator.patch_start_idx
+    grid = (height // model.aggregator.patch_size, width // model.aggregator.patch_size)
+    tokens = psi + grid[0] * grid[1]
+    cfgs = dict(strats)
+    rows: dict[tuple[str, int, str], dict] = {}
+    x, x_frames = None, None
+    for part, frames, name in jobs:
+        if x_frames != frames:
+            x = None
+            x, x_frames = images_for(frames, height, width, device), frames
+        cfg = cfgs[name]
+        target = model if part == "model" else model.aggregator
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return target(x)
+
+        if part == "split":
+            row = rows.get(("aggregator", frames, name))
+            t = None if row is None else row["seconds"]
+            if t is None or bench.left() < 2 * t:
+                if t is not None:
+                    bench.skipped.append(f"phase split {name} at {frames} frames")
+                continue
+            row["split"] = phase_split(model, cfg, run, device, (frames, tokens), grid)
+            continue
+        apply_merging(model, cfg)
+        prepare(model, frames, tokens, grid, psi, device)
+        peak_reset(device)
+        t = bench.timed((part, name), frames, run)
+        rows[(part, frames, name)] = {
+            "part": part, "frames": frames, "tokens": frames * tokens, "strategy": name, "seconds": t,
+            "peak_bytes": peak_bytes(device) if t is not None else None}
+        log.info("%s %d frames %s: %s s", part, frames, name, "skipped" if t is None else f"{t:.3f}")
+    apply_merging(model, MergeConfig(strategy="dense"))
+    order = {n: i for i, n in enumerate(cfgs)}
+    return sorted(rows.values(), key=lambda r: (r["part"] != "aggregator", r["frames"], order[r["strategy"]]))
+
+
+# -- reports --------------------------------------------------------------------------------
+def _fmt(t: Optional[float], spec: str = ".3f") -> str:
+    return "-" if t is None else format(t, spec)
+
+
+def speed_table(rows: list[dict], part: str) -> str:
+    names = [n for n in dict.fromkeys(r["strategy"] for r in rows if r["part"] == part)]
+    by = {(r["frames"], r["strategy"]): r for r in rows if r["part"] == part}
+    frames = sorted({r["frames"] for r in rows if r["part"] == part})
+    head = ["frames", "tokens"] + [f"{n} s" for n in names] + [f"{n} x" for n in names if n != "dense"]
+    head += [f"{n} GB" for n in names] + ["httm target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for f in frames:
+        dense = by.get((f, "dense"), {}).get("seconds")
+        cells = [str(f), str(next(r["tokens"] for k, r in by.items() if k[0] == f))]
+        cells += [_fmt(by.get((f, n), {}).get("seconds")) for n in names]
+        for n in names:
+            if n == "dense":
+                continue
+            t = by.get((f, n), {}).get("seconds")
+            cells.append("-" if t is None or dense is None else f"{dense / t:.2f}x")
+        for n in names:
+            b = by.get((f, n), {}).get("peak_bytes")
+            cells.append("-" if b is None else f"{b / 1e9:.1f}")
+        t, tgt = by.get((f, "httm"), {}).get("seconds"), TARGETS.get(f)
+        if tgt is None or t is None or dense is None or part != "aggregator":
+            cells.append("-")
+        else:
+            cells.append(f">= {tgt}x: {'met' if dense / t >= tgt else 'MISSED'}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def split_table(rows: list[dict]) -> str:
+    head = ["part", "frames", "strategy", "match ms", "aggregate ms", "attention ms", "q_len/N",
+            "q kept/N", "kv/N", "heads at cap"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s = r.get("split")
+        if not s:
+            continue
+        cap = "-" if s["heads_at_cap"] is None else f"{s['heads_at_cap']:.0%}"
+        lines.append(f"| {r['part']} | {r['frames']} | {r['strategy']} | {s['match_ms']:.2f} | "
+                     f"{s['aggregate_ms']:.2f} | {s['attention_ms']:.2f} | {s['q_len']:.3f} | "
+                     f"{s['q_kept']:.3f} | {s['kv_kept']:.3f} | {cap} |")
+    return "\n".join(lines)
+
+
+def memory_report(rows: list[dict], arch: VGGTConfig, height: int, width: int) -> str:
+    """Measured peaks next to the memory model; the refitted work constant (least squares on
+    the aggregator's dense peaks, the other terms as in the model)."""
+    lines = ["| part | frames | strategy | measured GB | model GB |", "|---|---|---|---|---|"]
+    refit = []
+    for r in rows:
+        if r["peak_bytes"] is None:
+            continue
+        mm = memory.memory_model(arch, height, width, "dense" if r["strategy"] == "dense" else
+                                 ("uniform" if r["strategy"] == "uniform" else "httm"),
+                                 whole_model=r["part"] == "model")
+        lines.append(f"| {r['part']} | {r['frames']} | {r['strategy']} | {r['peak_bytes'] / 1e9:.2f} | "
+                     f"{mm.peak_bytes(r['frames']) / 1e9:.2f} |")
+        if r["part"] == "aggregator" and r["strategy"] == "dense":
+            # peak = fixed + frames * (tokens * (kept + w * C) + pixels * 24): solve for w
+            base = memory.memory_model(arch, height, width, "dense", whole_model=False)
+            tokens = r["tokens"]
+            explained = base.peak_bytes(r["frames"]) - tokens * memory.WORK_BYTES_PER_CHANNEL * arch.embed_dim
+            refit.append((r["peak_bytes"] - explained) / (tokens * arch.embed_dim))
+    if refit:
+        lines.append("")
+        lines.append(f"Refitted WORK_BYTES_PER_CHANNEL (aggregator, dense; per length): "
+                     f"{', '.join(f'{w:.1f}' for w in refit)}; median {statistics.median(refit):.1f} "
+                     f"(now {memory.WORK_BYTES_PER_CHANNEL}). The whole model's excess over the model "
+                     "at the largest length refits HEAD_WORK_BYTES.")
+    return "\n".join(lines)
+
+
+def _table(ev: Any, sort: str) -> str:
+    """The profiler's table sorted by ``sort`` (older torch names the device column cuda)."""
+    for key in (sort, sort.replace("device", "cuda"), "self_cpu_time_total"):
+        try:
+            return ev.table(sort_by=key, row_limit=25)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return ev.table(row_limit=25)
+
+
+def run_profile(model: VGGT, frames: int, height: int, width: int, device: torch.device, out_dir: Path) -> str:
+    """torch.profiler of one httm forward of the aggregator (after a warm-up): top ops by self
+    CPU and device time, syncs and memcpys, and the distinct SDPA query shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = MergeConfig()
+    apply_merging(model, cfg)
+    x = images_for(frames, height, width, device)
+    psi = model.aggregator.patch_start_idx
+    grid = (height // 14, width // 14)
+    prepare(model, frames, psi + grid[0] * grid[1], grid, psi, device)
+    with torch.inference_mode():
+        model.aggregator(x)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), profile(activities=acts, record_shapes=True) as prof:
+        model.aggregator(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace = out_dir / f"profile_httm_{frames}.json"
+    prof.export_chrome_trace(str(trace))
+    ev = prof.key_averages()
+    count = {e.key: e.count for e in ev}
+    syncs = {k: v for k, v in count.items() if any(s in k for s in ("Synchronize", "Memcpy", "_local_scalar_dense", "nonzero", "item"))}
+    shapes = {str(e.input_shapes[0]) for e in prof.key_averages(group_by_input_shape=True)
+              if "scaled_dot_product" in e.key and e.input_shapes}
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    apply_merging(model, MergeConfig(strategy="dense"))
+    return "\n".join([
+        f"### torch.profiler: httm, aggregator, {frames} frames (trace: {trace})", "",
+        "```", _table(ev, sort), "```", "",
+        f"Sync / copy calls: {json.dumps(syncs)}", "",
+        f"Distinct SDPA input shapes ({len(shapes)}): {sorted(shapes)}",
+    ])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model on CPU, seconds (a smoke run)")
+    ap.add_argument("--frames", default="32,100,300,500,1000", help="aggregator frame counts")
+    ap.add_argument("--model-frames", default="32,100,300", help="whole-model frame counts")
+    ap.add_argument("--always-max-frames", type=int, default=100,
+                    help="run 'httm always' (min_tokens 0) up to this many frames")
+    ap.add_argument("--height", type=int, default=294)
+    ap.add_argument("--width", type=int, default=518)
+    ap.add_argument("--preset", default="vggt-1b")
+    ap.add_argument("--budget-s", type=float, default=400.0, help="seconds of measuring at most")
+    ap.add_argument("--no-split", action="store_true", help="skip the profiled phase-split forwards")
+    ap.add_argument("--profile", type=int, default=0, metavar="FRAMES",
+                    help="also run torch.profiler on one httm forward at FRAMES frames")
+    ap.add_argument("--out", default="bench_gpu_out", help="folder for results.json and traces")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+
+    threads = torch.get_num_threads()
+    try:
+        return _run(args, argv, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, argv: Optional[list[str]], threads: int) -> int:
+    if args.quick:
+        device = torch.device("cpu")
+        torch.set_num_threads(1)  # tiny tensors: threads only add contention
+        args.preset, args.height, args.width = "tiny", 42, 56
+        args.frames, args.model_frames, args.always_max_frames = "2,4", "2", 4
+        strats = [(n, MergeConfig.from_dict({**c.to_dict(), "min_tokens": 0, "block_spatial": 4, "block_frames": 2}))
+                  for n, c in strategies()]
+        if args.profile:
+            args.profile = 2
+    else:
+        if not torch.cuda.is_available():
+            print("bench_gpu: no CUDA device; run with --quick for the CPU smoke run", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        strats = strategies()
+    frames = [int(f) for f in args.frames.split(",") if f]
+    model_frames = [int(f) for f in args.model_frames.split(",") if f]
+
+    torch.manual_seed(0)
+    arch = VGGTConfig.preset(args.preset)
+    with torch.device(device):  # initialised on the GPU: seconds instead of ~20 s on the CPU
+        model = VGGT(arch)
+    model = model.to(device).eval()  # random weights: speed and memory do not depend on them
+    bench = Bench(device, args.budget_s, reps=1 if args.quick else 3)
+    t0 = time.perf_counter()
+    names = [n for n, _ in strats]
+    jobs = job_order(frames, model_frames, names, args.always_max_frames, not args.no_split)
+    rows = run_jobs(model, jobs, args.height, args.width, strats, bench)
+    big = max((r["frames"] for r in rows if r["part"] == "aggregator" and r.get("split")), default=None)
+    alone = {}
+    if big is not None:
+        psi = model.aggregator.patch_start_idx
+        grid = (args.height // arch.patch_size, args.width // arch.patch_size)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        for name, cfg in strats[1:3]:
+            alone[name] = layer_alone(big, psi + grid[0] * grid[1], grid, psi, arch, cfg, device, dtype, bench)
+
+    env = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+           f"torch {torch.__version__}, CUDA {torch.version.cuda}, preset {args.preset}, "
+           f"{args.height}x{args.width} frames, random weights")
+    report = [
+        f"## bench_gpu: {env}", "", f"Command: `{' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}`",
+        f"Measured in {time.perf_counter() - t0:.0f} s.", "",
+        "### Whole aggregator (the heads' layers kept)", "", speed_table(rows, "aggregator"), "",
+        "### Whole model (aggregator + camera, depth and point heads)", "", speed_table(rows, "model"), "",
+        "### Per-layer phase split (one profiled forward: phases synchronised)", "", split_table(rows), "",
+    ]
+    if alone:
+        split = {r["strategy"]: r["split"] for r in rows if r["part"] == "aggregator" and r["frames"] == big and r.get("split")}
+        report.append(f"One global layer's attention step alone at {big} frames (same config): " + ", ".join(
+            f"{n} {_fmt(t and 1e3 * t, '.1f')} ms (in the model: "
+            f"{_fmt(split.get(n) and sum(split[n][k] for k in ('match_ms', 'aggregate_ms', 'attention_ms')), '.1f')} ms)"
+            for n, t in alone.items()))
+        report.append("")
+    report += ["### Peak memory: measured vs the memory model", "", memory_report(rows, arch, args.height, args.width), ""]
+    if bench.skipped:
+        report += ["Skipped (time budget): " + "; ".join(bench.skipped), ""]
+    if args.profile:
+        report.append(run_profile(model, args.profile, args.height, args.width, device, Path(args.out)))
+    text = "\n".join(report)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"env": env, "rows": rows, "alone": alone,
+                                                  "skipped": bench.skipped}, indent=1, default=str))
+    (out / "report.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""jobs/bench_gpu.py --quick: the GPU benchmark's CPU smoke run (issue 14)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "jobs" / "bench_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gpu"] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_run_prints_every_table_and_saves_its_rows(tmp_path, capsys):
+    job = _job()
+    threads = torch.get_num_threads()
+    assert job.main(["--quick", "--profile", "2", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # the quick run's thread setting is undone
+    text = capsys.readouterr().out
+    for title in ("Whole aggregator", "Whole model", "Per-layer phase split", "Peak memory", "torch.profiler"):
+        assert title in text
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    names = ["dense", "httm", "uniform", "httm+reuse", "httm always"]
+    agg = {(r["frames"], r["strategy"]): r for r in rows if r["part"] == "aggregator"}
+    assert set(agg) == {(f, n) for f in (2, 4) for n in names}
+    assert all(r["seconds"] > 0 for r in rows)
+    assert {r["strategy"] for r in rows if r["part"] == "model"} == set(names) - {"httm always"}
+    split = agg[(4, "httm")]["split"]  # the profiled forward's per-layer phases
+    assert split["layers"] == 4 and split["q_len"] <= 1.0 and split["kv_kept"] < 1.0
+    assert "| 4 | 68 |" in text and (tmp_path / "report.md").read_text().strip() == text.strip()
+    assert (tmp_path / "profile_httm_2.json").exists()
+
+
+def test_full_run_needs_cuda(capsys):
+    if torch.cuda.is_available():  # pragma: no cover - the CI has no GPU
+        return
+    assert _job().main(["--out", "/nonexistent"]) == 2
+    assert "--quick" in capsys.readouterr().err
+
+
+def test_priority_order_and_the_time_budget(tmp_path, capsys):
+    job = _job()
+    jobs = job.job_order([32, 1000], [32], ["dense", "httm", "uniform", "httm+reuse", "httm always"], 100, True)
+    assert jobs[:4] == [("aggregator", 32, "dense"), ("aggregator", 32, "httm"),
+                        ("aggregator", 1000, "dense"), ("aggregator", 1000, "httm")]
+    assert jobs.index(("aggregator", 1000, "uniform")) < jobs.index(("model", 32, "dense"))
+    assert ("aggregator", 1000, "httm always") not in jobs and jobs[-1][0] == "split"
+    # no budget: a strategy's first length still runs (nothing to predict from), the next is skipped
+    assert job.main(["--quick", "--budget-s", "0", "--no-split", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((tmp_path / "results.json").read_text())
+    agg = {(r["frames"], r["strategy"]): r["seconds"] for r in rows["rows"] if r["part"] == "aggregator"}
+    assert agg[(2, "dense")] > 0 and agg[(4, "dense")] is None
+    assert "Skipped (time budget)" in out and any("dense at 4 frames" in s for s in rows["skipped"])
