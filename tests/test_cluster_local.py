@@ -162,8 +162,10 @@ def test_saved_chunks_are_reused_only_under_the_same_plan(dataset, tmp_path):
 
     out = tmp_path / "out"
     store = ResultStore(str(out), {})
-    store.write_chunk(LONG, 0, {"depth": np.zeros(1, np.float32)}, {"frame_range": [0, 4]})
-    same = plan_work(job(dataset["root"], out, include=[LONG], chunk=CHUNK), store, "r1")
+    cfg = job(dataset["root"], out, include=[LONG], chunk=CHUNK)
+    store.write_chunk(LONG, 0, {"depth": np.zeros(1, np.float32)},
+                      {"frame_range": [0, 4], "model_hash": cfg.model_hash(), "merge_hash": cfg.merge_hash()})
+    same = plan_work(cfg, store, "r1")
     assert same.reused_chunks == 1 and 0 not in same.scenes[LONG].waiting_chunks
     other = plan_work(job(dataset["root"], out, include=[LONG], chunk={"max_frames": 6, "overlap": 2}),
                       store, "r2")

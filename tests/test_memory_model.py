@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import httm_dist.pipeline.memory as memory
+import httm_dist.pipeline.unit as unit_module
 from httm_dist.config import load_config
 from httm_dist.data import FrameRef, SceneSpec
 from httm_dist.errors import ConfigError
@@ -67,7 +68,7 @@ def test_plan_units_resolves_auto_for_its_device(monkeypatch):
     cfg = _cfg(max_frames="auto", overlap=16)
     units = plan_units(_scene(150), cfg)  # this machine: CPU
     assert [u.frame_range for u in units] == [tuple(r) for r in plan_chunks(150, memory.CPU_MAX_FRAMES, 16)]
-    monkeypatch.setattr(memory, "local_free_bytes", lambda device: 80e9)  # as on an 80 GB GPU
+    monkeypatch.setattr(unit_module, "local_free_bytes", lambda device: 80e9)  # as on an 80 GB GPU
     fit = memory.memory_model(VGGT_1B, 518, 518, "httm").max_frames(80e9)
     assert [u.kind for u in plan_units(_scene(fit), cfg)] == ["scene"]
     units = plan_units(_scene(fit + 1), cfg)
