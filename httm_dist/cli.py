@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from httm_dist.errors import ConfigError, StorageError
+from httm_dist.storage import redact
 
 log = logging.getLogger("httm_dist.cli")
 
@@ -31,7 +32,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from httm_dist.config import load_config
+    from httm_dist.config import load_config  # deferred (torch): keeps --help fast
 
     cfg = load_config(args.config, args.set)
     return _run_and_report(cfg, progress=args.progress)
@@ -39,7 +40,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _run_and_report(cfg: Any, progress: bool) -> int:
     """Run the job on Ray and print its summary; exit status 0 all done, 1 some failed."""
-    import httm_dist.cluster.driver as driver
+    import httm_dist.cluster.driver as driver  # deferred (Ray, torch): keeps --help fast
 
     summary = driver.run_job(cfg, progress=progress)
     print(
@@ -55,9 +56,10 @@ def _run_and_report(cfg: Any, progress: bool) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    # deferred (torch): keeps --help fast
     from httm_dist.config import demo_config
     from httm_dist.eval.synthetic import make_synthetic_dataset
-    from httm_dist.model.config import preset_weights
+    from httm_dist.model.config import PRESETS, preset_weights
 
     root = Path(args.root).resolve()
     cfg = demo_config(root, args.set)
@@ -71,8 +73,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             cfg.model.preset,
         )
     else:
-        from httm_dist.model.config import PRESETS
-
         preset = PRESETS.get(cfg.model.preset)
         log.info("demo: model '%s'%s", cfg.model.preset,
                  f" ({preset.description})" if preset and preset.description else "")
@@ -142,7 +142,7 @@ def parse_strategy(text: str) -> tuple[str, dict]:
         if not eq or not key.strip():
             raise ConfigError(f"--strategy '{text}': '{item}' must be KEY=VALUE")
         fields[key.strip()] = yaml.safe_load(value)
-    from httm_dist.merging import MergeConfig
+    from httm_dist.merging import MergeConfig  # deferred (torch): keeps --help fast
 
     try:
         MergeConfig.from_dict(fields)
@@ -152,11 +152,13 @@ def parse_strategy(text: str) -> tuple[str, dict]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    # deferred (torch): keeps --help fast
     from httm_dist.eval.fidelity import format_table, run_fidelity
+    from httm_dist.model.config import PATCH_SIZE
 
     for name in ("height", "width"):
-        if getattr(args, name) % 14:
-            raise ConfigError(f"--{name} must be a multiple of 14, got {getattr(args, name)}")
+        if getattr(args, name) % PATCH_SIZE:
+            raise ConfigError(f"--{name} must be a multiple of {PATCH_SIZE}, got {getattr(args, name)}")
     strategies = [parse_strategy(s) for s in args.strategy] if args.strategy else None
     rows = run_fidelity(
         num_scenes=args.scenes, num_frames=args.frames, height=args.height, width=args.width,
@@ -177,11 +179,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
-    from httm_dist.pipeline.preview import write_scene_preview
+    from httm_dist.pipeline.preview import write_scene_preview  # deferred (torch, via the pipeline package)
 
     options: dict = {}
     if args.config:
-        from httm_dist.config import load_config
+        from httm_dist.config import load_config  # deferred (torch): keeps --help fast
 
         options = load_config(args.config).storage_options
     options = {**options, **_storage_options(args.storage_options)}
@@ -195,7 +197,7 @@ def _cmd_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from httm_dist.export import export_scenes
+    from httm_dist.export import export_scenes  # deferred (numpy, plyfile): keeps --help fast
 
     options = _storage_options(args.storage_options)
     to_options = _storage_options(args.to_storage_options) if args.to_storage_options else None
@@ -336,8 +338,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    from httm_dist.storage import redact
-
     return " ".join(redact(str(exc)).split())
 
 

@@ -24,16 +24,24 @@ import logging
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
+import fsspec
 import yaml
 from pydantic import Field, field_validator, model_validator
 
 from httm_dist.configbase import Invalid, Section, closest, unknown_key
 from httm_dist.errors import ConfigError, StorageError
 from httm_dist.merging.config import MergeConfig
+from httm_dist.model import VGGTConfig
+from httm_dist.model.config import PATCH_SIZE
+from httm_dist.storage import check_reachable, get_fs, redact
 
 log = logging.getLogger(__name__)
 
-PATCH_SIZE = 14
+ALIGN_OPTIONS = ("loss", "threshold", "iters", "ransac", "ransac_hypotheses",
+                 "ransac_sample_points", "inlier_threshold", "tol")
+"""The keyword options of ``pipeline.align.robust_sim3`` that ``chunk.align_options`` may set
+(its ``seed`` comes from the scene). Named here, not read from the function, so that the config
+does not import the pipeline, which imports the config (a test keeps the two in step)."""
 
 
 class ModelSection(Section):
@@ -50,8 +58,6 @@ class ModelSection(Section):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, name: str) -> str:
-        from httm_dist.model import VGGTConfig  # deferred: httm_dist.model imports torch
-
         names = list(VGGTConfig.preset_names())
         if name not in names:
             close = closest(name, names)
@@ -105,15 +111,9 @@ class ChunkSection(Section):
     @field_validator("align_options")
     @classmethod
     def _align_keys(cls, options: dict) -> dict:
-        import inspect
-
-        from httm_dist.pipeline.align import robust_sim3
-
-        params = inspect.signature(robust_sim3).parameters
-        valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "seed"]
         for key in options:
-            if key not in valid:
-                raise unknown_key(f"chunk.align_options.{key}", valid, "chunk.align_options.")
+            if key not in ALIGN_OPTIONS:
+                raise unknown_key(f"chunk.align_options.{key}", ALIGN_OPTIONS, "chunk.align_options.")
         return options
 
     @model_validator(mode="after")
@@ -205,8 +205,6 @@ class JobConfig(Section):
         config. ``redacted=True`` hides credentials in ``storage_options`` (for logs/records)."""
         out = super().to_dict()
         if redacted:
-            from httm_dist.storage import redact  # deferred: storage imports fsspec backends
-
             out["storage_options"] = redact(out["storage_options"])
         return out
 
@@ -214,8 +212,6 @@ class JobConfig(Section):
         """sha256 of everything that decides the model's outputs except merging: the preset's
         architecture, the weights URL and the preprocessing (mode, size, EXIF orientation;
         not ``max_pixels``, which only decides whether an image is read)."""
-        from httm_dist.model import VGGTConfig  # deferred: httm_dist.model imports torch
-
         return _hash(
             {
                 "preset": self.model.preset,
@@ -262,8 +258,6 @@ def _read_yaml(path: Union[str, Path]) -> dict:
     text: str
     try:
         if "://" in str(path):
-            import fsspec
-
             with fsspec.open(str(path), "r") as fh:
                 text = fh.read()
         else:
@@ -322,22 +316,18 @@ def validate_resources(cfg: JobConfig) -> None:
     """Check the outside world before any work: the weights file exists, the input is
     reachable and the output is writable. Raises ConfigError (fix the config) or StorageError
     (storage unreachable), each naming the thing and what to do. Credentials never appear."""
-    from httm_dist.storage import check_reachable, redact
-
     weights = cfg.model.weights
     if weights:
-        _check_weights(weights, cfg.storage_options, redact)
+        _check_weights(weights, cfg.storage_options)
     check_reachable(cfg.input, cfg.storage_options, for_write=False)
     check_reachable(cfg.output, cfg.storage_options, for_write=True)
 
 
-def _check_weights(url: str, storage_options: dict, redact: Any) -> None:
-    from httm_dist.storage import get_fs
-
+def _check_weights(url: str, storage_options: dict) -> None:
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol == "hf":
         try:
-            import huggingface_hub  # noqa: F401
+            import huggingface_hub  # noqa: F401 - optional: only hf:// weights need it
         except ImportError:
             raise ConfigError(
                 f"'model.weights' is '{url}', which needs huggingface_hub: "
@@ -369,8 +359,6 @@ DEMO_IMAGE_SIZE = 126  # tiny-synthetic was trained at 126 px wide (98x126 from 
 def demo_preset() -> str:
     """The preset the demo runs: the shipped trained tiny model when this build has it,
     otherwise the random-weight ``tiny``."""
-    from httm_dist.model import VGGTConfig
-
     names = list(VGGTConfig.preset_names())
     return "tiny-synthetic" if "tiny-synthetic" in names else "tiny"
 

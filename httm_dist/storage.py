@@ -7,6 +7,7 @@ secrets are kept out of logs and outputs.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import os
@@ -100,19 +101,17 @@ _PERMANENT_OS_ERRORS = (
 def _transient_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
     try:  # botocore is there whenever s3fs is; its network errors are not OSErrors
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # optional (s3fs)
 
         types += [BotoCoreError, ClientError]
     except ImportError:  # pragma: no cover - no s3 support installed
         pass
     try:
-        import aiohttp
+        import aiohttp  # optional (fsspec http)
 
         types.append(aiohttp.ClientError)
     except ImportError:  # pragma: no cover
         pass
-    import asyncio
-
     types.append(asyncio.TimeoutError)
     return tuple(types)
 

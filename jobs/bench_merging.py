@@ -48,9 +48,11 @@ from httm_dist.merging.base import MergedAttention, SharedState
 from httm_dist.merging.httm import HttmAttention
 from httm_dist.merging.uniform import UniformAttention
 from httm_dist.model import VGGT, VGGTConfig
+from httm_dist.model.config import PATCH_SIZE
 from httm_dist.model.hooks import AttentionContext
 
-H_IMG, W_IMG, PATCH, PSI = 294, 518, 14, 5
+H_IMG, W_IMG, PSI = 294, 518, 5
+PATCH = PATCH_SIZE
 GRID = (H_IMG // PATCH, W_IMG // PATCH)  # 21 x 37
 P = PSI + GRID[0] * GRID[1]  # 782
 

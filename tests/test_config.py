@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -131,13 +132,19 @@ def test_bad_values_name_the_key(override, key):
     assert f"'{key}" in str(err.value), str(err.value)
 
 
-def test_cross_field_checks():
-    with pytest.raises(ConfigError, match=r"'chunk.overlap' \(4\) must be less than 'chunk.max_frames' \(4\)"):
-        load_config(BASE, ["chunk.max_frames=4", "chunk.overlap=4"])
-    with pytest.raises(ConfigError, match="'max_frames' .* below 'min_frames'"):
-        load_config(BASE, ["max_frames=2", "min_frames=3"])
-    with pytest.raises(ConfigError, match="'output' is required"):
-        load_config({"input": "/x"})
+@pytest.mark.parametrize(
+    "data, overrides, message",
+    [
+        (BASE, ["chunk.max_frames=4", "chunk.overlap=4"],
+         r"'chunk.overlap' \(4\) must be less than 'chunk.max_frames' \(4\)"),
+        (BASE, ["max_frames=2", "min_frames=3"], "'max_frames' .* below 'min_frames'"),
+        ({"input": "/x"}, [], "'output' is required"),
+    ],
+    ids=["overlap-vs-chunk", "max-vs-min-frames", "output-missing"],
+)
+def test_cross_field_checks(data, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(data, overrides)
 
 
 @pytest.mark.parametrize("item", ["workers", "=3", "a..b=1", ".x=1"])
@@ -153,24 +160,24 @@ def test_override_into_a_value_is_refused():
         load_config(BASE, ["workers.count=2"])
 
 
-def test_bad_yaml_files(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
-        load_config(tmp_path / "missing.yaml")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("input: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(bad)
-    listy = tmp_path / "list.yaml"
-    listy.write_text("- a\n- b\n")
-    with pytest.raises(ConfigError, match="must be a YAML mapping"):
-        load_config(listy)
+@pytest.mark.parametrize(
+    "text, message",
+    [(None, "not found"), ("input: [unclosed\n", "not valid YAML"), ("- a\n- b\n", "must be a YAML mapping")],
+    ids=["missing", "broken", "a-list"],
+)
+def test_bad_yaml_files(tmp_path, text, message):
+    path = tmp_path / "job.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
 
 
 def test_hashes_are_stable_and_track_the_right_fields():
     a = load_config(BASE)
     b = load_config(dict(BASE), ["workers=7", "max_attempts=9", "output=/elsewhere"])
     assert a.model_hash() == b.model_hash() and a.merge_hash() == b.merge_hash()
-    assert len(a.model_hash()) == 64 and int(a.model_hash(), 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{64}", a.model_hash()) and re.fullmatch(r"[0-9a-f]{64}", a.merge_hash())
     c = load_config(BASE, ["merging.q_keep=0.5"])
     assert c.merge_hash() != a.merge_hash() and c.model_hash() == a.model_hash()
     d = load_config(BASE, ["model.weights=/w/other.safetensors"])
@@ -208,15 +215,29 @@ def test_demo_config_is_small_and_local(tmp_path):
     assert demo_config(tmp_path, ["workers=2"]).workers == 2
 
 
-def test_every_shipped_config_validates():
-    files = sorted(CONFIGS.glob("*.yaml"))
-    names = {p.name for p in files}
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.input and cfg.output
+
+
+def test_the_documented_configs_ship():
+    names = {p.name for p in CONFIGS.glob("*.yaml")}
     assert {"vggt1b-httm-gpu.yaml", "local-tiny-demo.yaml", "s3-example.yaml"} <= names
-    for path in files:
-        cfg = load_config(path)
-        assert cfg.input and cfg.output, path
     gpu = load_config(CONFIGS / "vggt1b-httm-gpu.yaml")
     assert gpu.model.preset == "vggt-1b" and gpu.merging.strategy == "httm"
     assert gpu.model.weights == "hf://facebook/VGGT-1B/model.safetensors"
     s3 = load_config(CONFIGS / "s3-example.yaml")
     assert s3.input.startswith("s3://") and s3.output.startswith("s3://")
+
+
+def test_align_options_are_the_keyword_options_of_robust_sim3():
+    import inspect
+
+    from httm_dist.config import ALIGN_OPTIONS
+    from httm_dist.pipeline.align import robust_sim3
+
+    params = inspect.signature(robust_sim3).parameters
+    keyword = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(ALIGN_OPTIONS) == keyword - {"seed"}
+    assert load_config(BASE, ["chunk.align_options.iters=5"]).chunk.align_options == {"iters": 5}

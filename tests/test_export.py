@@ -338,15 +338,16 @@ def test_image_names():
         image_names(["tar://f1.jpg::s3://b/s.tar", "tar://f1.jpg::s3://b/t.tar"])
 
 
-def test_text_option_and_any_fsspec_destination(tmp_path):
+def test_text_option_and_any_fsspec_urls(tmp_path):
     rng = np.random.default_rng(6)
     out = tmp_path / "out"
     _write_scene(out, "t", [LANDSCAPE, LANDSCAPE], "crop", rng)
-    dest = "memory://export-test/dest"
+    fs = fsspec.filesystem("memory")
+    fs.put(str(out), "/export-test/out", recursive=True)  # results on another filesystem
+    src, dest = "memory://export-test/out", "memory://export-test/dest"
     try:
-        export_scenes(str(out), dest, "colmap", max_points=500)
-        export_scenes(str(out), dest, "colmap", max_points=500, text=True)  # replaces the .bin files
-        fs = fsspec.filesystem("memory")
+        export_scenes(src, dest, "colmap", max_points=500)
+        export_scenes(src, dest, "colmap", max_points=500, text=True)  # replaces the .bin files
         names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/export-test/dest/t/sparse/0", detail=False))
         assert names == sorted(f"{n}.txt" for n in ("cameras", "images", "points3D", "rigs", "frames"))
         local = tmp_path / "copy"

@@ -84,36 +84,44 @@ def _reference_slots(x, plan):
     return out
 
 
-def test_matching_agrees_with_a_loop_reference_and_chunking():
-    q, _, _, ctx = make(S=5, grid=(3, 5), H=2, B=2)
+def _small_plan(dtype=torch.float32):
+    q, _, _, ctx = make(S=5, grid=(3, 5), H=2, B=2, dtype=dtype)
     lay = build_layout(5, ctx.tokens_per_frame, (3, 5), 5, 6, 2)
-    plan = build_plan(lay, 0.3, True, torch.device("cpu"))
+    return q, build_plan(lay, 0.3, True, torch.device("cpu"))
+
+
+def test_matching_agrees_with_a_loop_reference():
+    q, plan = _small_plan()
     assert len(plan.groups) == 2  # runs of 2 frames and the last run of 1
-    slots = match(q, plan)
     ref = _reference_slots(q, plan)
-    assert torch.equal(slots, ref[:, :, plan.src_tokens])
-    old = matching.MATCH_CHUNK_ELEMENTS
-    try:
-        for budget in (7, 200):  # chunks of rows of one block, and of several blocks
-            matching.MATCH_CHUNK_ELEMENTS = {"cpu": budget, "cuda": budget}
-            assert torch.equal(match(q, plan), slots)
-        xs, xd = torch.randn(3, 100, 4), torch.randn(3, 7, 4)
-        full = torch.bmm(xs, xd.transpose(1, 2)).argmax(-1)
-        assert torch.equal(matching._chunked_argmax(xs, xd), full)  # 8-row chunks of 100
-    finally:
-        matching.MATCH_CHUNK_ELEMENTS = old
+    assert torch.equal(match(q, plan), ref[:, :, plan.src_tokens])
 
 
-def test_chunked_source_gathers_agree_with_gathering_everything_first():
+@pytest.mark.parametrize("budget", [7, 200], ids=["rows-of-one-block", "several-blocks"])
+def test_matching_is_the_same_in_chunks(budget, monkeypatch):
+    q, plan = _small_plan()
+    slots = match(q, plan)
+    monkeypatch.setattr(matching, "MATCH_CHUNK_ELEMENTS", {"cpu": budget, "cuda": budget})
+    assert torch.equal(match(q, plan), slots)
+
+
+def test_chunked_argmax_equals_one_argmax(monkeypatch):
+    monkeypatch.setattr(matching, "MATCH_CHUNK_ELEMENTS", {"cpu": 7, "cuda": 7})
+    g = torch.Generator().manual_seed(5)
+    xs, xd = torch.randn(3, 100, 4, generator=g), torch.randn(3, 7, 4, generator=g)
+    full = torch.bmm(xs, xd.transpose(1, 2)).argmax(-1)
+    assert torch.equal(matching._chunked_argmax(xs, xd), full)  # 1-row chunks of 100
+
+
+@pytest.mark.parametrize("budget", [7, 40, 200, 1500])  # 1500: two blocks of 100 x 7 per chunk
+def test_chunked_source_gathers_agree_with_gathering_everything_first(budget, monkeypatch):
     # sources gathered chunk by chunk (match) and outlier distances computed chunk by chunk
     # must equal the unchunked computation, for chunks inside one block and across blocks
     g = torch.Generator().manual_seed(3)
     table, xd = torch.randn(50, 4, generator=g), torch.randn(3, 7, 4, generator=g)
     rows = torch.randint(0, 50, (3, 100), generator=g)
     full = torch.bmm(table[rows], xd.transpose(1, 2)).argmax(-1)
-    q, _, _, ctx = make(S=5, grid=(3, 5), H=2, B=2, dtype=torch.bfloat16)
-    lay = build_layout(5, ctx.tokens_per_frame, (3, 5), 5, 6, 2)
-    plan = build_plan(lay, 0.3, True, torch.device("cpu"))
+    q, plan = _small_plan(torch.bfloat16)
     slots = match(q, plan)
     (sums,), sizes = matching.aggregate_sums([q], matching.assignment(plan, slots), plan.num_kept)
     means = matching.slot_means(sums, sizes, (2, 2, plan.num_kept))
@@ -121,15 +129,10 @@ def test_chunked_source_gathers_agree_with_gathering_everything_first():
     ref = (q[:, :, plan.src_tokens].float().reshape(-1, q.shape[-1]) - ms).norm(dim=-1)
     mask = matching.select_outliers(q, means, plan, slots, 0.2)
     assert 0 < int(mask.sum()) < mask.numel()
-    old = matching.MATCH_CHUNK_ELEMENTS
-    try:
-        for budget in (7, 40, 200, 1500):  # 1500: two blocks of 100 x 7 per chunk
-            matching.MATCH_CHUNK_ELEMENTS = {"cpu": budget, "cuda": budget}
-            assert torch.equal(matching._chunked_argmax(table, xd, rows), full)
-            assert torch.allclose(matching._src_distances(q, means, plan, slots), ref, rtol=1e-6, atol=1e-6)
-            assert torch.equal(matching.select_outliers(q, means, plan, slots, 0.2), mask)
-    finally:
-        matching.MATCH_CHUNK_ELEMENTS = old
+    monkeypatch.setattr(matching, "MATCH_CHUNK_ELEMENTS", {"cpu": budget, "cuda": budget})
+    assert torch.equal(matching._chunked_argmax(table, xd, rows), full)
+    assert torch.allclose(matching._src_distances(q, means, plan, slots), ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(matching.select_outliers(q, means, plan, slots, 0.2), mask)
 
 
 def test_outlier_filtering_restores_the_top_deviations_and_recomputes_means():
@@ -189,9 +192,10 @@ def test_bf16_batch_and_determinism(name):
     # the bf16 numerics (aggregation in fp32, kernel in bf16) against fp32 on the same plan
     ref = with_plan(f.plan(q, k, v, ctx, PhaseTimer(False)), q.float(), k.float(), v.float())
     torch.testing.assert_close(a.float(), ref, atol=3e-2, rtol=3e-2)
-    for i in range(3):  # batch elements are independent
-        sub = strategy(cfg)(q[i : i + 1], k[i : i + 1], v[i : i + 1], AttentionContext(ctx.num_frames, ctx.tokens_per_frame, ctx.patch_grid, ctx.patch_start_idx, 0, ctx.x[i : i + 1]))
-        torch.testing.assert_close(sub[0].float(), a[i].float(), atol=2e-2, rtol=2e-2)
+    # batch elements are independent: each one alone gives its row of the batched call
+    ctxs = [AttentionContext(ctx.num_frames, ctx.tokens_per_frame, ctx.patch_grid, ctx.patch_start_idx, 0, ctx.x[i : i + 1]) for i in range(3)]
+    alone = torch.cat([strategy(cfg)(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(ctxs)])
+    torch.testing.assert_close(alone.float(), a.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_proportional_attention_equals_attention_over_duplicated_keys():
@@ -249,11 +253,15 @@ def test_hot_path_op_count_does_not_grow_with_tokens_heads_or_blocks(name):
     assert counts[0] == counts[1]
 
 
-def test_errors_name_the_problem():
+def test_a_context_of_the_wrong_length_is_named():
     q, k, v, ctx = make(S=2)
     bad = AttentionContext(3, ctx.tokens_per_frame, ctx.patch_grid, ctx.patch_start_idx, 0, ctx.x)
-    with pytest.raises(ValueError, match="tokens"):
+    with pytest.raises(ValueError, match=r"q has 58 tokens but the context describes 3 frames x 29 tokens"):
         strategy(MergeConfig())(q, k, v, bad)
+
+
+def test_uniform_without_the_block_input_is_named():
+    q, k, v, ctx = make(S=2)
     nox = AttentionContext(2, ctx.tokens_per_frame, ctx.patch_grid, ctx.patch_start_idx, 0, None)
-    with pytest.raises(ValueError, match="x"):
+    with pytest.raises(ValueError, match=r"uniform.*carries no block input x.*AttentionContext\.x"):
         strategy(MergeConfig(strategy="uniform"))(q, k, v, nox)

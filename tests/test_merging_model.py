@@ -8,9 +8,21 @@ from httm_dist.model import VGGT, VGGTConfig
 
 
 @pytest.fixture(scope="module")
-def model():
+def _tiny():
     torch.manual_seed(0)
     return VGGT(VGGTConfig.preset("tiny")).eval()
+
+
+@pytest.fixture
+def model(_tiny):
+    """The shared tiny model, unpatched at the start and reset after every test, pass or fail
+    (building it per test would cost more than the tests)."""
+    apply_merging(_tiny, MergeConfig(strategy="dense"))
+    yield _tiny
+    apply_merging(_tiny, MergeConfig(strategy="dense"))
+
+
+KEYS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
 
 
 def images(S, H=42, W=56, B=None, seed=1):
@@ -31,7 +43,6 @@ def aggregate_tokens(model, x):
 
 def test_dense_is_bit_identical_to_the_unpatched_model(model):
     x = images(2)
-    apply_merging(model, MergeConfig(strategy="dense"))
     plain = run(model, x)
     apply_merging(model, MergeConfig(strategy="httm"))
     merged = run(model, x)
@@ -40,27 +51,23 @@ def test_dense_is_bit_identical_to_the_unpatched_model(model):
     assert all(b.attn.attn_fn is None for b in model.aggregator.global_blocks)
     assert merge_stats(model) == []
     again = run(model, x)
-    for key in ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf"):
-        assert torch.equal(again[key], plain[key]), key
+    assert [key for key in KEYS if not torch.equal(again[key], plain[key])] == []
 
 
 def test_httm_keeping_everything_equals_dense(model):
     x = images(3, 70, 70)
-    apply_merging(model, MergeConfig(strategy="dense"))
     dense = run(model, x)
     apply_merging(model, {"strategy": "httm", "q_keep": 1.0, "kv_keep": 1.0, "outlier_frac": 0.0, "block_spatial": 8, "block_frames": 3})
     full = run(model, x)
-    for key in ("pose_enc", "depth", "world_points"):
-        err = (full[key] - dense[key]).norm() / dense[key].norm()
-        assert err < 1e-5, (key, float(err))
-    apply_merging(model, MergeConfig(strategy="dense"))
+    errors = {key: float((full[key] - dense[key]).norm() / dense[key].norm())
+              for key in ("pose_enc", "depth", "world_points")}
+    assert max(errors.values()) < 1e-5, errors
 
 
 @pytest.mark.parametrize("S", [1, 2, 5])
 @pytest.mark.parametrize("strategy", ["httm", "uniform"])
 def test_shapes_stats_and_ratios_for_any_frame_count(model, S, strategy):
     x = images(S, B=2)
-    apply_merging(model, MergeConfig(strategy="dense"))
     dense = aggregate_tokens(model, x)
     apply_merging(model, MergeConfig(strategy=strategy, block_spatial=4, block_frames=2))
     merged = aggregate_tokens(model, x)
@@ -69,15 +76,20 @@ def test_shapes_stats_and_ratios_for_any_frame_count(model, S, strategy):
     stats = merge_stats(model)
     P = 5 + 3 * 4
     assert [s["layer"] for s in stats] == [0, 1, 2, 3]
-    for s in stats:
-        assert s["tokens"] == S * P and s["strategy"] == strategy
-        assert s["kv_kept"] <= S * P and min(s["q_kept"]) <= s["q_len"] <= S * P
-        assert min(s["match_s"], s["aggregate_s"], s["attention_s"]) >= 0
-        if S == 1:  # frame 0 is the anchor: nothing merges (anchor_first_frame)
-            assert s["kv_kept"] == P and s["q_kept"] == [P, P]
-        if S == 5:
-            assert s["kv_kept"] < S * P and max(s["q_kept"]) < S * P
-    apply_merging(model, MergeConfig(strategy="dense"))
+    assert {(s["tokens"], s["strategy"]) for s in stats} == {(S * P, strategy)}
+    assert all(s["kv_kept"] <= S * P and min(s["q_kept"]) <= s["q_len"] <= S * P for s in stats)
+    if S == 1:  # frame 0 is the anchor: nothing merges (anchor_first_frame)
+        assert {(s["kv_kept"], tuple(s["q_kept"])) for s in stats} == {(P, (P, P))}
+    if S == 5:
+        assert all(s["kv_kept"] < S * P and max(s["q_kept"]) < S * P for s in stats)
+
+
+@pytest.mark.parametrize("strategy", ["httm", "uniform"])
+def test_every_layer_records_its_phase_times(model, strategy):
+    apply_merging(model, MergeConfig(strategy=strategy, block_spatial=4, block_frames=2))
+    aggregate_tokens(model, images(3))
+    times = [(s["match_s"], s["aggregate_s"], s["attention_s"]) for s in merge_stats(model)]
+    assert len(times) == 4 and all(min(t) > 0 for t in times), times
 
 
 def test_layers_subset_replacement_and_validation(model):
@@ -92,7 +104,6 @@ def test_layers_subset_replacement_and_validation(model):
         apply_merging(model, MergeConfig(layers=[4]))
     with pytest.raises(ValueError, match="unknown"):
         apply_merging(model, {"strategy": "httm", "ratio": 0.5})
-    apply_merging(model, MergeConfig(strategy="dense"))
 
 
 def test_deterministic_and_batch_independent(model):
@@ -102,7 +113,6 @@ def test_deterministic_and_batch_independent(model):
     single = run(model, x[1])
     assert torch.equal(a["depth"], b["depth"]) and torch.equal(a["pose_enc"], b["pose_enc"])
     torch.testing.assert_close(single["depth"][0], a["depth"][1], rtol=1e-4, atol=1e-5)
-    apply_merging(model, MergeConfig(strategy="dense"))
 
 
 def test_plan_reuse_across_layers(model):
@@ -114,29 +124,35 @@ def test_plan_reuse_across_layers(model):
     fresh = aggregate_tokens(model, x)
     assert not any(s["plan_reused"] for s in merge_stats(model))
     assert not torch.equal(tokens[-1], fresh[-1])
-    apply_merging(model, MergeConfig(strategy="dense"))
 
 
-def test_bf16_aggregator():
+@pytest.mark.parametrize("strategy", ["httm", "uniform"])
+def test_bf16_aggregator(strategy):
     torch.manual_seed(0)
     agg = VGGT(VGGTConfig.preset("tiny")).aggregator.to(torch.bfloat16).eval()
     x = images(3, B=2).to(torch.bfloat16)
-    for strategy in ("httm", "uniform"):
-        apply_merging(agg, MergeConfig(strategy=strategy, block_spatial=4, block_frames=2))
-        with torch.inference_mode():
-            out = [t for t in agg(x)[0] if t is not None]
-        assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in out)
-        assert merge_stats(agg)[0]["kv_kept"] < 3 * 17
+    apply_merging(agg, MergeConfig(strategy=strategy, block_spatial=4, block_frames=2))
+    with torch.inference_mode():
+        out = [t for t in agg(x)[0] if t is not None]
+    assert all(t.dtype == torch.bfloat16 and torch.isfinite(t).all() for t in out)
+    assert merge_stats(agg)[0]["kv_kept"] < 3 * 17
 
 
-def test_unknown_models_are_refused_naming_what_is_expected(model):
-    """Not a silent no-op: a model no adapter knows (even one shaped like a VGGT, with
-    ``aggregator.global_blocks``) is a TypeError listing the supported classes."""
-    look_alike = torch.nn.Module()
-    look_alike.aggregator = torch.nn.Module()
-    look_alike.aggregator.global_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
-    for unknown in (torch.nn.Linear(2, 2), look_alike, model.camera_head):
-        for call in (lambda m: apply_merging(m, MergeConfig()), merge_stats):
-            with pytest.raises(TypeError, match=r"cannot patch a .*; expected one of httm_dist\.model\.vggt\.VGGT, "
-                                                r"httm_dist\.model\.aggregator\.Aggregator, vggt\.models\.vggt\.VGGT"):
-                call(unknown)
+def _look_alike() -> torch.nn.Module:
+    """Shaped like a VGGT (``aggregator.global_blocks``) but no model an adapter knows."""
+    module = torch.nn.Module()
+    module.aggregator = torch.nn.Module()
+    module.aggregator.global_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    return module
+
+
+@pytest.mark.parametrize("call", [lambda m: apply_merging(m, MergeConfig()), merge_stats],
+                         ids=["apply_merging", "merge_stats"])
+@pytest.mark.parametrize("unknown", [lambda model: torch.nn.Linear(2, 2), lambda model: _look_alike(),
+                                     lambda model: model.camera_head],
+                         ids=["linear", "look-alike", "camera-head"])
+def test_unknown_models_are_refused_naming_what_is_expected(model, unknown, call):
+    """Not a silent no-op: a model no adapter knows is a TypeError listing the supported classes."""
+    with pytest.raises(TypeError, match=r"cannot patch a .*; expected one of httm_dist\.model\.vggt\.VGGT, "
+                                        r"httm_dist\.model\.aggregator\.Aggregator, vggt\.models\.vggt\.VGGT"):
+        call(unknown(model))

@@ -2,14 +2,12 @@
 
 from httm_dist.data.scenes import (
     IMAGE_EXTENSIONS,
-    FrameRef,
-    SceneSpec,
     discover_scenes,
     natural_key,
     read_scene_frames,
     select_frames,
-    validate_scene_id,
 )
+from httm_dist.data.spec import FrameRef, SceneSpec, validate_scene_id
 
 __all__ = [
     "IMAGE_EXTENSIONS",

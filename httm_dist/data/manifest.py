@@ -14,6 +14,7 @@ import posixpath
 
 import fsspec
 
+from httm_dist.data.spec import FrameRef, SceneSpec, validate_scene_id
 from httm_dist.errors import ConfigError
 from httm_dist.storage import is_local, redact, retry
 
@@ -25,7 +26,7 @@ def _rows(fs: fsspec.AbstractFileSystem, path: str, url: str) -> list[dict]:
     ext = posixpath.splitext(path)[1].lower()
     try:
         if ext == ".parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # deferred (heavy): only Parquet manifests need it
 
             return pq.read_table(io.BytesIO(raw)).to_pylist()
         text = raw.decode("utf-8-sig")
@@ -50,10 +51,8 @@ def resolve_uri(uri: str, manifest_url: str, fs: fsspec.AbstractFileSystem) -> s
     return f"{scheme}://{joined}" if scheme else joined
 
 
-def manifest_scenes(fs: fsspec.AbstractFileSystem, path: str, url: str):
+def manifest_scenes(fs: fsspec.AbstractFileSystem, path: str, url: str) -> list[SceneSpec]:
     """Scenes of a manifest, frames ordered but not yet strided/capped."""
-    from httm_dist.data.scenes import FrameRef, SceneSpec, validate_scene_id
-
     rows = _rows(fs, path, url)
     if not rows:
         raise ConfigError(f"manifest {redact(url)} has no rows")

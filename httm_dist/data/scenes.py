@@ -16,17 +16,24 @@ Discovery only lists; the worker reads a scene's bytes with :func:`read_scene_fr
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import logging
 import posixpath
 import re
+import tarfile
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Sequence
 
 import fsspec
+from fsspec.implementations.tar import TarFileSystem
+from fsspec.implementations.zip import ZipFileSystem
 
+from httm_dist.data.manifest import manifest_scenes
+from httm_dist.data.spec import FrameRef, SceneSpec, validate_scene_id
 from httm_dist.errors import ConfigError, SceneError, StorageError
-from httm_dist.storage import full_url, get_fs, redact, retry, safe_name
+from httm_dist.storage import full_url, get_fs, redact, retry
 
 log = logging.getLogger(__name__)
 
@@ -34,38 +41,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 ARCHIVE_KINDS = {".tar.gz": "tar", ".tar": "tar", ".zip": "zip"}
 """Archive suffixes (longest first) and the fsspec archive filesystem that reads them."""
 MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv", ".jsonl"})
-
-@dataclass(frozen=True)
-class FrameRef:
-    """One frame of a scene.
-
-    ``uri``: a URL fsspec can open (for archive members a chained URL such as
-    ``tar://sub/f1.jpg::s3://bucket/root/scene.tar``); ``frame_index``: the frame's position
-    in the full ordered sequence (before stride), or the manifest's ``frame_index``;
-    ``name``: its path relative to the scene folder / archive (manifest: the file name).
-    """
-
-    uri: str
-    frame_index: int
-    name: str
-
-
-@dataclass(frozen=True)
-class SceneSpec:
-    """A unit of work: one scene's ordered frames.
-
-    ``kind`` is ``"folder"``, ``"tar"``, ``"zip"`` or ``"manifest"``; ``source`` the scene
-    folder, archive or manifest URL. ``error`` is set when discovery already knows the scene
-    cannot be read (e.g. a corrupt archive); :func:`read_scene_frames` then raises it as a
-    :class:`SceneError`, so the driver records the scene as failed and goes on.
-    """
-
-    scene_id: str
-    source: str
-    kind: str
-    frames: tuple[FrameRef, ...]
-    error: str | None = None
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -87,11 +62,6 @@ def is_image_name(name: str) -> bool:
     if any(p.startswith(".") or p == "__MACOSX" for p in parts):
         return False
     return posixpath.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS
-
-
-def validate_scene_id(scene_id: str, where: str) -> str:
-    """Check that ``scene_id`` is safe as a file name and a hive partition value."""
-    return safe_name(scene_id, f"scene id (from {redact(where)}; rename the folder/archive or fix the manifest)")
 
 
 def _check_positive(name: str, value: int | None, allow_none: bool) -> None:
@@ -139,9 +109,6 @@ def archive_suffix(name: str) -> str | None:
 def _open_archive(kind: str, fh, name: str) -> fsspec.AbstractFileSystem:
     """An archive filesystem over an already open file (read in place, never extracted);
     ``name`` (the archive's path) tells a gzipped tar from a plain one."""
-    from fsspec.implementations.tar import TarFileSystem
-    from fsspec.implementations.zip import ZipFileSystem
-
     if kind == "tar":
         gzipped = archive_suffix(name) == ".tar.gz"
         return TarFileSystem(fo=fh, compression="gzip" if gzipped else None, skip_instance_cache=True)
@@ -149,11 +116,6 @@ def _open_archive(kind: str, fh, name: str) -> fsspec.AbstractFileSystem:
 
 
 def _archive_errors() -> tuple[type[BaseException], ...]:
-    import gzip
-    import tarfile
-    import zipfile
-    import zlib
-
     return (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError, KeyError, ValueError)
 
 
@@ -269,8 +231,6 @@ def discover_scenes(
                 f"input {shown!r} is a file but not a manifest (.parquet, .csv, .jsonl); "
                 "point input at a folder of scenes or at a manifest"
             )
-        from httm_dist.data.manifest import manifest_scenes
-
         scenes = manifest_scenes(fs, root, full_url(fs, root))
     elif is_dir:
         children = [c for c in _list_root(fs, root, input_url) if _wanted(c[0], include_g, exclude_g)]

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
+import torch
 
+from httm_dist.merging import MergeConfig, apply_merging, merge_stats
+from httm_dist.model import load_vggt
+from httm_dist.model.geometry import pose_encoding_to_extri_intri
+from httm_dist.model.preprocess import load_and_preprocess_images
+from httm_dist.storage import read_bytes
+
+from .gt_loader import GroundTruth, load_gt_scene
 from .metrics import evaluate_scene, rotation_angle_deg
 from .synthetic import render_scene
 
@@ -78,11 +86,6 @@ def load_eval_scene(
     through the project's ``crop`` preprocessing at ``width`` (a multiple of 14), ground truth
     resized and cropped alike (:meth:`GroundTruth.resized`). ``max_frames`` keeps the first
     frames (consecutive, so they overlap as in the video)."""
-    from httm_dist.model.preprocess import load_and_preprocess_images
-    from httm_dist.storage import read_bytes
-
-    from .gt_loader import GroundTruth, load_gt_scene
-
     uris, gt = load_gt_scene(url, dict(storage_options or {}))
     if max_frames is not None:
         uris = uris[:max_frames]
@@ -98,10 +101,6 @@ def load_eval_scene(
 
 def _predict(model: Any, scene: EvalScene, device: Any) -> tuple[dict[str, np.ndarray], float]:
     """One forward pass: numpy predictions (cameras decoded) and its wall time in seconds."""
-    import torch
-
-    from httm_dist.model.geometry import pose_encoding_to_extri_intri
-
     x = torch.from_numpy(scene.model_input()).to(device)
     H, W = x.shape[-2:]
     with torch.inference_mode():
@@ -140,8 +139,6 @@ def prediction_deviation(pred: Mapping[str, np.ndarray], dense: Mapping[str, np.
 
 def _measured_ratios(model: Any) -> dict[str, float]:
     """Share of tokens the attention kernel saw, averaged over the patched layers."""
-    from httm_dist.merging import merge_stats
-
     stats = merge_stats(model)
     if not stats:
         return {"q_kept": 1.0, "kv_kept": 1.0}
@@ -175,11 +172,6 @@ def run_fidelity(
     with ``seed`` before loading so random weights are reproducible; one untimed warm-up pass
     precedes the timed ones.
     """
-    import torch
-
-    from httm_dist.merging import MergeConfig, apply_merging
-    from httm_dist.model import load_vggt
-
     if num_scenes < 1 or num_frames < 2:
         raise ValueError(f"need num_scenes >= 1 and num_frames >= 2, got {num_scenes}, {num_frames}")
     specs = []

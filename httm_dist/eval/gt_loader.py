@@ -26,9 +26,13 @@ from typing import Any
 
 import fsspec
 import numpy as np
+from PIL import Image
 
 from httm_dist.errors import SceneError
+from httm_dist.model.config import PATCH_SIZE
 from httm_dist.storage import get_fs, write_bytes_fs
+
+from .metrics import unproject_depth
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +57,6 @@ class GroundTruth:
     def world_points(self) -> np.ndarray:
         """Unprojected ground-truth points [S,H,W,3] (invalid pixels included; mask with
         :attr:`valid`)."""
-        from .metrics import unproject_depth
-
         return unproject_depth(np.where(self.valid, self.depth, 0.0), self.extrinsic, self.intrinsic)
 
     def resized(self, height: int, width: int, mode: str = "crop") -> "GroundTruth":
@@ -71,7 +73,8 @@ class GroundTruth:
         S, h, w = self.depth.shape
         if mode == "crop":
             new_w = width
-            new_h = int(round(h * width / w / 14) * 14) if width % 14 == 0 else int(round(h * width / w))
+            new_h = (int(round(h * width / w / PATCH_SIZE) * PATCH_SIZE) if width % PATCH_SIZE == 0
+                     else int(round(h * width / w)))
         else:
             new_w, new_h = width, height
         sx, sy = new_w / w, new_h / h
@@ -115,8 +118,6 @@ def _read_depth(fs: fsspec.AbstractFileSystem, path: str, scale: float, max_dept
     if path.lower().endswith(".npy"):
         depth = np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
     else:
-        from PIL import Image
-
         depth = np.asarray(Image.open(io.BytesIO(data))).astype(np.float32)
     if depth.ndim == 3 and depth.shape[-1] == 1:
         depth = depth[..., 0]
@@ -189,8 +190,6 @@ def write_gt_scene(
 ) -> str:
     """Write images uint8 [S,H,W,3], depth [S,H,W], cameras as a ground-truth scene folder
     (each object in one write, ``cameras.json`` last so a complete folder is recognisable)."""
-    from PIL import Image
-
     fmt = image_format.lower().lstrip(".")
     if fmt not in ("png", "jpg", "jpeg", "webp"):
         raise ValueError(f"image_format must be png, jpg or webp, got {image_format!r}")

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from httm_dist.model.geometry import unproject_depth_map_to_point_map
+from httm_dist.pipeline.align import umeyama_sim3 as _umeyama
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ def umeyama_sim3(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = 
     """Sim(3) (s, R, t) with dst ~ s R src + t in weighted least squares: the project's
     estimator (``httm_dist.pipeline.align.umeyama_sim3``, the one chunk alignment uses) as a
     plain tuple. Needs at least 3 finite point pairs."""
-    from httm_dist.pipeline.align import umeyama_sim3 as _umeyama
-
     sim = _umeyama(np.asarray(src, dtype=np.float64).reshape(-1, 3), np.asarray(dst, dtype=np.float64).reshape(-1, 3), weights)
     return sim.scale, sim.rotation, sim.translation
 
@@ -137,7 +136,7 @@ def pointcloud_metrics(
     correspondences first maps the prediction into the GT frame. Both clouds are then
     subsampled to ``max_points`` (seeded) for the nearest-neighbour queries.
     """
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # deferred (heavy): only the point metrics need it
 
     pred = np.asarray(pred_points, dtype=np.float64).reshape(-1, 3)
     gt = np.asarray(gt_points, dtype=np.float64).reshape(-1, 3)

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import gt_loader
+
 logger = logging.getLogger(__name__)
 
 TEXTURE_KINDS = ("checker", "stripes", "noise")
@@ -488,8 +490,6 @@ def write_scene_folder(
     """Write ``scene`` as a ground-truth scene folder (format: docs/evaluation.md):
     ``frame_0000.png ...``, ``cameras.json`` (per-frame extrinsic, intrinsic, file names) and
     ``depth/frame_0000.npy`` (float32 z-depth). Works on any fsspec URL; returns the URL."""
-    from . import gt_loader
-
     return gt_loader.write_gt_scene(
         path_or_url,
         images=scene.images,

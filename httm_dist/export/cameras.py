@@ -27,6 +27,7 @@ import fsspec
 import numpy as np
 
 from httm_dist.errors import ConfigError, SceneError
+from httm_dist.results import column_matrices
 
 MODES = ("crop", "pad")
 
@@ -81,7 +82,7 @@ def derive_frames(original_hw: Any, input_hw: Any, mode: str) -> list:
     padding. Raises ``ValueError`` for an unknown mode or sizes that this mode cannot have
     produced (e.g. a non-square input in pad mode).
     """
-    from httm_dist.model.preprocess import FrameGeometry, _resized_size
+    from httm_dist.model.preprocess import FrameGeometry, _resized_size  # deferred (torch)
 
     if mode not in MODES:
         raise ValueError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
@@ -127,8 +128,6 @@ def stored_geometry(table: Any) -> SceneGeometry | None:
     """:class:`SceneGeometry` from a frame table's format-2 columns (``input_to_original``,
     ``intrinsic_original``, ``valid_box``, ``orientation_applied``), or None when any row lacks
     them (a format-1 scene, whose reader gives nulls)."""
-    from httm_dist.results import column_matrices
-
     names = ("input_to_original", "intrinsic_original", "valid_box", "orientation_applied")
     if any(n not in table.column_names or table.column(n).null_count for n in names):
         return None
@@ -222,7 +221,7 @@ def image_names(uris: Sequence[str]) -> list[str]:
 def camera_to_world_opengl(extrinsic: Any) -> np.ndarray:
     """[S, 3, 4] camera-from-world ``[R|t]`` (OpenCV axes) -> [S, 4, 4] camera-to-world in
     OpenGL axes (nerfstudio's): ``inv([R|t; 0 0 0 1]) @ diag(1, -1, -1, 1)``."""
-    from httm_dist.model.geometry import closed_form_inverse_se3
+    from httm_dist.model.geometry import closed_form_inverse_se3  # deferred (torch)
 
     c2w = closed_form_inverse_se3(np.asarray(extrinsic, dtype=np.float64))
     return c2w @ OPENCV_TO_OPENGL

@@ -26,7 +26,7 @@ MODEL_FILES = ("cameras", "images", "points3D", "rigs", "frames")
 def require_pycolmap() -> Any:
     """Import pycolmap, or raise ``ConfigError`` saying what to install."""
     try:
-        import pycolmap
+        import pycolmap  # optional: the [export] extra
     except ImportError:
         raise ConfigError(
             "--format colmap needs pycolmap, which is not installed: pip install 'httm-dist[export]' "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from plyfile import PlyData, PlyElement
 
 PLY_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
 
@@ -26,8 +27,6 @@ def ply_bytes(points: Any, colors: Any, comment: str = "written by httm-dist") -
 
     Raises ``ValueError`` when the counts differ.
     """
-    from plyfile import PlyData, PlyElement
-
     p = np.asarray(points, dtype=np.float32).reshape(-1, 3)
     c = np.asarray(colors)
     if c.dtype != np.uint8:
@@ -46,8 +45,6 @@ def ply_bytes(points: Any, colors: Any, comment: str = "written by httm-dist") -
 def read_ply(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     """``(points [N, 3] float32, colours [N, 3] uint8)`` of a PLY with x/y/z and red/green/blue
     vertex properties (binary or ASCII), read with plyfile."""
-    from plyfile import PlyData
-
     v = PlyData.read(io.BytesIO(data))["vertex"].data
     return (
         np.stack([v["x"], v["y"], v["z"]], -1).astype(np.float32),

@@ -8,9 +8,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from httm_dist import results
 from httm_dist.errors import ConfigError, SceneError
 from httm_dist.export.cameras import SceneGeometry, derive_geometry, image_names, resolve_mode, stored_geometry
+from httm_dist.export.colmap import MODEL_FILES, colmap_files, require_pycolmap
+from httm_dist.export.nerfstudio import nerfstudio_files
 from httm_dist.export.points import ScenePoints, scene_points
+from httm_dist.results import column_matrices
 from httm_dist.storage import get_fs, join_url, read_bytes, redact, retry, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -60,7 +64,7 @@ def photo_colours(
     ``SceneError`` naming a photo that is gone, cannot be decoded, or no longer has the stored
     size (it changed since the job ran).
     """
-    from httm_dist.model.preprocess import decode_image
+    from httm_dist.model.preprocess import decode_image  # deferred (torch)
 
     out = np.zeros((len(frame), 3), dtype=np.uint8)
     for i in np.unique(frame).tolist():  # one decode per frame that has points
@@ -87,6 +91,7 @@ def load_scene(
     reader: Any,
     scene_id: str,
     *,
+    record: Mapping[str, Any] | None = None,
     runs: Sequence[Mapping[str, Any]] = (),
     image_mode: str | None = None,
     conf_percentile: float = 50.0,
@@ -96,16 +101,16 @@ def load_scene(
 ) -> ExportScene:
     """One committed scene of ``reader`` (a :class:`httm_dist.results.ResultsReader`) ready to
     export. Its frame geometry is the frame table's (format 2), else derived (format 1; see
-    :func:`httm_dist.export.cameras.resolve_mode` for ``runs`` and ``image_mode``).
+    :func:`httm_dist.export.cameras.resolve_mode` for ``record`` (default: read from
+    ``reader``), ``runs`` and ``image_mode``).
 
     Raises ``KeyError`` if the scene is not committed and ``SceneError`` when its data cannot
     be exported (inconsistent sizes, unreadable photos).
     """
-    from httm_dist.results import column_matrices
-
     table = reader.frames([scene_id])
     arrays = reader.arrays(scene_id)
-    record = reader.records().get(scene_id) or {}
+    if record is None:
+        record = reader.records().get(scene_id) or {}
     uris = [str(u) for u in table.column("image_uri").to_pylist()]
     stored_uris = arrays.get("frame_uris")
     if stored_uris is not None and [str(u) for u in np.asarray(stored_uris).reshape(-1)] != uris:
@@ -156,14 +161,15 @@ def _check_options(format: str, conf_percentile: float, max_points: int, text: b
         raise ConfigError(f"image mode must be 'crop' or 'pad', got {image_mode!r}")
 
 
-def _selected_ids(reader: Any, scene_ids: Sequence[str] | None, url: str) -> list[str]:
+def _selected_ids(
+    reader: Any, records: Mapping[str, Mapping[str, Any]], scene_ids: Sequence[str] | None, url: str
+) -> list[str]:
     """The committed scenes to export; ``ConfigError`` naming any asked-for scene that is not."""
     committed = list(reader.scene_ids)
     if scene_ids is None:
         if not committed:
             raise ConfigError(f"nothing to export: {redact(url)} has no committed scenes")
         return committed
-    records = reader.records()
     for sid in scene_ids:
         if sid in committed:
             continue
@@ -215,22 +221,18 @@ def export_scenes(
     """
     _check_options(format, conf_percentile, max_points, text, image_mode)
     if format == "colmap":
-        from httm_dist.export.colmap import MODEL_FILES, colmap_files, require_pycolmap
-
         require_pycolmap()
-    from httm_dist import results
-    from httm_dist.export.nerfstudio import nerfstudio_files
-
     dest_options = storage_options if to_storage_options is None else to_storage_options
     reader = results.open(output_url, storage_options=storage_options)
-    ids = _selected_ids(reader, scene_ids, output_url)
+    records = reader.records()  # read once: an output may hold many thousand scenes
+    ids = _selected_ids(reader, records, scene_ids, output_url)
     runs = reader.runs()
     exported: dict[str, str] = {}
     failed: dict[str, str] = {}
     for sid in ids:
         try:
             scene = load_scene(
-                reader, sid, runs=runs, image_mode=image_mode, conf_percentile=conf_percentile,
+                reader, sid, record=records.get(sid) or {}, runs=runs, image_mode=image_mode, conf_percentile=conf_percentile,
                 max_points=max_points, seed=seed, storage_options=storage_options,
             )
             if format == "colmap":

@@ -5,17 +5,16 @@ HTTM matches tokens inside *merging blocks*: one spatial tile of the patch grid 
 ``block_spatial`` patches, shaped like the grid) taken from one run of up to ``block_frames``
 consecutive frames, so that a token sits next to its counterparts in neighbouring frames.
 
-DECISIONS (docs/HTTM.md): tiles are 2-D, about ``block_spatial`` patches shaped like the grid
+DECISIONS D2 and D6 (docs/HTTM.md): tiles are 2-D, about ``block_spatial`` patches shaped like the grid
 (edge tiles smaller, never dropped, see ``tile_slices``); frames are cut into runs of
 ``block_frames`` (the last run shorter).
 Protected special tokens (camera, registers) belong to no block; unprotected ones form one
 extra "tile" of ``patch_start_idx`` tokens per frame.
 
 The layout is static for a given sequence shape and config, so it is built once (plain Python
-over tiles and runs, not in the hot path) and cached by the strategies. ``perm`` lists every
-token exactly once: protected tokens first (frame-major), then the blocks in order (run, tile),
-each block frame-major then row-major within the tile. ``reorder`` / ``restore`` apply it and
-its inverse; the strategies use the equivalent gathers by ``blocks`` directly.
+over tiles and runs, not in the hot path) and cached by the strategies, which gather tokens by
+``blocks`` directly: the protected tokens and the blocks together hold every token exactly
+once, and unmerging by token index restores the original order.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 def round_half_up(x: float) -> int:
@@ -84,7 +82,6 @@ class BlockLayout:
     run_frames: np.ndarray
     tile_offsets: np.ndarray
     protected: np.ndarray
-    perm: np.ndarray
 
     @property
     def num_tokens(self) -> int:
@@ -93,19 +90,6 @@ class BlockLayout:
     @property
     def num_tiles(self) -> int:
         return self.tile_offsets.shape[0]
-
-    def inverse(self) -> np.ndarray:
-        inv = np.empty_like(self.perm)
-        inv[self.perm] = np.arange(self.perm.size)
-        return inv
-
-    def reorder(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
-        """Tokens of ``x`` (along ``dim``) in block order."""
-        return x.index_select(dim, torch.as_tensor(self.perm, device=x.device))
-
-    def restore(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
-        """Inverse of :meth:`reorder`: back to frame-major order."""
-        return x.index_select(dim, torch.as_tensor(self.inverse(), device=x.device))
 
 
 def build_layout(
@@ -141,5 +125,4 @@ def build_layout(
     blocks = run_frames[:, None, :, None] * tokens_per_frame + tile_offsets[None, :, None, :]
     pad = (run_frames[:, None, :, None] < 0) | (tile_offsets[None, :, None, :] < 0)
     blocks = np.where(pad, -1, blocks).reshape(-1, run_frames.shape[1], tile_offsets.shape[1])
-    perm = np.concatenate([protected, blocks[blocks >= 0]])
-    return BlockLayout(num_frames, tokens_per_frame, blocks, run_frames, tile_offsets, protected, perm)
+    return BlockLayout(num_frames, tokens_per_frame, blocks, run_frames, tile_offsets, protected)

@@ -11,13 +11,20 @@ a valid input.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from httm_dist.configbase import Invalid, Section
 from httm_dist.errors import ConfigError
+
+PATCH_SIZE = 14
+"""VGGT's patch size: each frame is cut into PATCH_SIZE x PATCH_SIZE pixel patches, so image
+sides must be multiples of it. The one place the number is written (``VGGTConfig.patch_size``
+defaults to it; the job config, preprocessing, previews, evaluation and training read it)."""
 
 DenseActivation = Literal["exp", "inv_log"]
 ConfActivation = Literal["expp1"]
@@ -113,7 +120,7 @@ class VGGTConfig(_TransformerShape):
     whose message names the offending key, e.g. ``camera_head.num_heads``.
     """
 
-    patch_size: int = Field(14, gt=0)
+    patch_size: int = Field(PATCH_SIZE, gt=0)
     rope_freq: float = Field(100.0, gt=0)
     init_values: float = 0.01
     patch_embed: PatchEmbedConfig = PatchEmbedConfig()
@@ -234,7 +241,7 @@ register_preset("vggt-1b", VGGTConfig(), description="official VGGT-1B architect
 register_preset(
     "tiny",
     {
-        "img_size": 70, "patch_size": 14, "embed_dim": 128, "num_heads": 2, "mlp_ratio": 4.0,
+        "img_size": 70, "patch_size": PATCH_SIZE, "embed_dim": 128, "num_heads": 2, "mlp_ratio": 4.0,
         "depth": 4, "num_register_tokens": 4,
         "patch_embed": {"kind": "dinov2", "embed_dim": 128, "depth": 2, "num_heads": 2,
                         "mlp_ratio": 4.0, "img_size": 70, "num_register_tokens": 4,
@@ -254,9 +261,6 @@ register_preset(
 
 def _register_shipped_presets() -> None:
     """Presets whose trained weights ship inside the package (httm_dist/weights/)."""
-    import json
-    from importlib.resources import files
-
     folder = files("httm_dist") / "weights"
     meta_file = folder / "tiny_synthetic.json"
     if not meta_file.is_file():  # a build without the packaged checkpoint

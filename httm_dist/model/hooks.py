@@ -17,7 +17,7 @@ the autocast dtype (bf16, or fp16 below compute capability 8) on CUDA. ``ctx.x``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import torch
 
@@ -42,13 +42,6 @@ class AttentionContext:
     strategies that plan merges on the block input rather than on q/k (e.g. ``uniform``)."""
 
 
-class AttentionFn(Protocol):
-    def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
-    ) -> torch.Tensor:
-        """Attention over ``q, k, v`` of shape ``[B, heads, N, head_dim]`` (after q/k norm and
-        RoPE); returns ``[B, heads, N, head_dim]``, the same as the dense kernel would."""
-        ...
-
-
 AttentionHook = Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext], torch.Tensor]]
+"""An ``attn_fn``: ``(q, k, v, ctx)`` with q/k/v ``[B, heads, N, head_dim]`` (after the q/k
+norm and RoPE) -> ``[B, heads, N, head_dim]``, what the dense kernel would return; or None."""

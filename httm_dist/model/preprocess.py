@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import BinaryIO, Sequence, Union
 
@@ -41,13 +42,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from httm_dist.errors import SceneError
+from httm_dist.model.config import PATCH_SIZE
 
 logger = logging.getLogger(__name__)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
 MODES = ("crop", "pad")
-PATCH_SIZE = 14
 DEFAULT_TARGET_SIZE = 518
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
 """Pillow's own decompression-bomb error threshold (2 x ``PIL.Image.MAX_IMAGE_PIXELS``'s default)."""
@@ -231,9 +232,7 @@ class FrameGeometry:
 
     def padded(self, top: int, left: int) -> "FrameGeometry":
         """The same frame with ``top``/``left`` more padding before its content."""
-        from dataclasses import replace
-
-        return replace(self, pad_top=self.pad_top + top, pad_left=self.pad_left + left)
+        return dataclasses.replace(self, pad_top=self.pad_top + top, pad_left=self.pad_left + left)
 
     def input_to_original(self) -> np.ndarray:
         """3x3 float64 affine ``A`` with ``[x_o, y_o, 1] = A @ [x_i, y_i, 1]``.

@@ -189,7 +189,7 @@ def _open_checkpoint(source: str, storage_options: Mapping[str, Any]) -> _Checkp
 def _hf_download(url: str) -> str:
     """hf://org/repo[@revision]/path/in/repo -> local path in the Hugging Face cache."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # optional: the [hf] extra
     except ImportError:
         raise ImportError(
             f"loading {url} needs huggingface_hub (pip install 'httm-dist[hf]'), "

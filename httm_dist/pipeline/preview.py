@@ -25,6 +25,7 @@ from PIL import Image
 
 from httm_dist import results
 from httm_dist.export.points import ply_bytes, read_ply  # noqa: F401 - read_ply re-exported
+from httm_dist.model.config import PATCH_SIZE
 from httm_dist.model.geometry import unproject_depth_map_to_point_map
 from httm_dist.model.preprocess import preprocess_image
 from httm_dist.storage import read_bytes, write_bytes_atomic
@@ -153,7 +154,7 @@ def _load_frames(uris: Sequence[str], height: int, width: int, storage_options: 
             data = read_bytes(str(uri), storage_options)
             tensor = None
             for mode, target in (("crop", width), ("pad", max(height, width))):
-                if target % 14:
+                if target % PATCH_SIZE:
                     continue
                 t, _ = preprocess_image(data, mode=mode, target_size=target)
                 if tuple(t.shape[1:]) == (height, width):

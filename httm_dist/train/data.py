@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from httm_dist.errors import ConfigError
+from httm_dist.eval.synthetic import render_scene
+from httm_dist.model.geometry import closed_form_inverse_se3, extri_intri_to_pose_encoding
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,6 @@ def normalize_to_first_camera(
             f"extrinsic [B,S,3,4]; got {tuple(depth.shape)}, {tuple(world_points.shape)}, "
             f"{tuple(extrinsic.shape)}"
         )
-    from httm_dist.model.geometry import closed_form_inverse_se3
-
     valid = torch.isfinite(depth) & (depth > 0) & torch.isfinite(world_points).all(dim=-1)
     first = extrinsic[:, 0]  # [B,3,4]
     rot0, t0 = first[..., :3], first[..., 3]
@@ -94,8 +94,6 @@ def normalize_to_first_camera(
 def make_batch(scenes: Sequence[dict[str, np.ndarray]]) -> SceneBatch:
     """Stack per-sample arrays (``images`` uint8 [S,H,W,3], ``depth``, ``world_points``,
     ``extrinsic``, ``intrinsic``) into a normalised :class:`SceneBatch` with GT pose encodings."""
-    from httm_dist.model.geometry import extri_intri_to_pose_encoding
-
     images = torch.from_numpy(np.stack([s["images"] for s in scenes])).permute(0, 1, 4, 2, 3).float() / 255.0
     depth = torch.from_numpy(np.stack([s["depth"] for s in scenes]).astype(np.float32))
     points = torch.from_numpy(np.stack([s["world_points"] for s in scenes]).astype(np.float32))
@@ -109,8 +107,6 @@ def make_batch(scenes: Sequence[dict[str, np.ndarray]]) -> SceneBatch:
 
 def render_sequence(num_frames: int, height: int, width: int, seed: int, **options: Any) -> dict[str, np.ndarray]:
     """Render one synthetic sequence with the evaluation renderer, as a dict of arrays."""
-    from httm_dist.eval.synthetic import render_scene
-
     scene = render_scene(num_frames, height, width, seed, **options)
     return {
         "images": np.asarray(scene.images, dtype=np.uint8),

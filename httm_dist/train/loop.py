@@ -23,9 +23,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from httm_dist.errors import ConfigError
+from httm_dist.eval.metrics import camera_metrics, depth_metrics
+from httm_dist.model.config import PATCH_SIZE, VGGTConfig
+from httm_dist.model.geometry import pose_encoding_to_extri_intri
+from httm_dist.model.vggt import VGGT
+from httm_dist.model.weights import load_vggt
 from httm_dist.train.data import SceneBatch, ScenePool, held_out_scenes
 from httm_dist.train.losses import LossWeights, vggt_loss
 
@@ -47,7 +53,7 @@ def _tiny_model_config(height: int) -> dict[str, Any]:
     embed, heads = 128, 2
     return {
         "img_size": height,
-        "patch_size": 14,
+        "patch_size": PATCH_SIZE,
         "embed_dim": embed,
         "num_heads": heads,
         "mlp_ratio": 4.0,
@@ -105,8 +111,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.model:
             self.model = _tiny_model_config(max(self.height, self.width))
-        if self.height % 14 or self.width % 14:
-            raise ConfigError(f"TrainConfig: height and width must be multiples of 14, got {self.height}x{self.width}")
+        if self.height % PATCH_SIZE or self.width % PATCH_SIZE:
+            raise ConfigError(f"TrainConfig: height and width must be multiples of {PATCH_SIZE}, got {self.height}x{self.width}")
         if not 1 <= self.min_frames <= self.max_frames <= self.frames_per_scene:
             raise ConfigError(
                 "TrainConfig: need 1 <= min_frames <= max_frames <= frames_per_scene, got "
@@ -168,9 +174,6 @@ def evaluate(model: torch.nn.Module, scenes: Sequence[SceneBatch]) -> dict[str, 
     """Held-out metrics averaged over ``scenes`` (each a batch of one), with the project's
     evaluation metrics: depth AbsRel and delta<1.25 after per-scene median scaling, and the
     mean relative camera rotation / translation-direction errors (degrees) and AUC@30."""
-    from httm_dist.eval.metrics import camera_metrics, depth_metrics
-    from httm_dist.model.geometry import pose_encoding_to_extri_intri
-
     model.eval()
     rows = []
     for batch in scenes:
@@ -187,8 +190,6 @@ def evaluate(model: torch.nn.Module, scenes: Sequence[SceneBatch]) -> dict[str, 
 
 def save_checkpoint(model: torch.nn.Module, out_dir: Path, metadata: dict[str, Any], name: str = CHECKPOINT_NAME) -> Path:
     """Write ``<name>.safetensors`` (float16) and ``<name>.json`` (metadata) into ``out_dir``."""
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if v.is_floating_point()}
     path = out_dir / f"{name}.safetensors"
@@ -204,8 +205,6 @@ def load_checkpoint(
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The eval-mode model and metadata that :func:`save_checkpoint` wrote into ``out_dir``
     (strict key matching, as every load)."""
-    from httm_dist.model.weights import load_vggt
-
     out = Path(out_dir)
     metadata = json.loads((out / f"{name}.json").read_text())
     return load_vggt(metadata["config"], str(out / f"{name}.safetensors"), device=device), metadata
@@ -224,9 +223,6 @@ def _write_curve(out_dir: Path, rows: list[dict[str, Any]]) -> None:
 
 def build_model(model_config: dict[str, Any], seed: int) -> torch.nn.Module:
     """A freshly initialised VGGT for ``model_config`` (seeded)."""
-    from httm_dist.model.config import VGGTConfig
-    from httm_dist.model.vggt import VGGT
-
     torch.manual_seed(seed)
     return VGGT(VGGTConfig.from_dict(model_config))
 
