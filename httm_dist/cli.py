@@ -72,34 +72,100 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "configs/vggt1b-httm-gpu.yaml).",
             cfg.model.preset,
         )
-    else:
-        preset = PRESETS.get(cfg.model.preset)
-        log.info("demo: model '%s'%s", cfg.model.preset,
-                 f" ({preset.description})" if preset and preset.description else "")
-    log.info(
-        "demo: writing %d synthetic scenes of %d frames (%dx%d) under %s",
-        args.scenes, args.frames, args.width, args.height, cfg.input,
-    )
-    make_synthetic_dataset(
-        cfg.input, num_scenes=args.scenes, num_frames=args.frames, height=args.height,
-        width=args.width, seed=args.seed,
-    )
+    _demo_dataset(Path(cfg.input), make_synthetic_dataset, num_scenes=args.scenes,
+                  num_frames=args.frames, height=args.height, width=args.width, seed=args.seed)
     status = _run_and_report(cfg, progress=args.progress)
-    first = "scene_000"
-    print(
-        f"\noutputs: {cfg.output}\n"
-        f"  frames/   per-frame Parquet (one table across scenes)\n"
-        f"  arrays/   per-scene NPZ: depth, depth_conf, world_points, world_points_conf, "
-        f"extrinsic, intrinsic, frame_uris\n"
-        f"  scenes/   per-scene records (done/failed, timings, config hashes)\n"
-        f"  runs/     run summaries\n"
-        f"read them:\n"
-        f"  python -c \"import httm_dist.results as r; res = r.open('{cfg.output}'); "
-        f"print(res.frames().select(['scene_id', 'frame_index', 'depth_median'])); "
-        f"print(res.arrays('{first}')['depth'].shape)\"\n"
-        f"  httm-dist preview {cfg.output} {first}    # PNG contact sheet + PLY point cloud"
-    )
+    print(demo_next_steps(cfg.output, cfg.input, first="scene_000"))
     return status
+
+
+DEMO_CONFIG = Path("configs") / "local-tiny-demo.yaml"
+DEMO_PARAMS = "_demo.json"  # under the demo's scenes folder; names starting with _ are no scene
+
+
+def _demo_dataset(folder: Path, make: Any, **params: Any) -> None:
+    """Write the demo's synthetic scenes under ``folder``, unless the same ``params`` wrote
+    them already (a rerun then finds its scenes committed). Other params replace the old
+    scenes whole, so no frame of an earlier, longer demo stays behind; the job then sees the
+    changed inputs and reprocesses them."""
+    import shutil
+
+    marker = folder / DEMO_PARAMS
+    if marker.is_file():
+        if json.loads(marker.read_text()) == params:
+            log.info("demo: reusing the synthetic scenes under %s (same parameters)", folder)
+            return
+        shutil.rmtree(folder)
+    log.info("demo: writing %d synthetic scenes of %d frames (%dx%d) under %s",
+             params["num_scenes"], params["num_frames"], params["width"], params["height"], folder)
+    make(str(folder), **params)
+    marker.write_text(json.dumps(params))
+
+
+def command_path(name: str) -> str:
+    """How to call ``name`` (``python``, ``httm-dist``) of the Python running this, as a shell
+    word that works in a fresh shell without an activated virtual environment: the file
+    beside ``sys.executable`` (``.venv/bin/httm-dist`` relative to the current folder when it
+    lies below it, else absolute). Without an ``httm-dist`` script there (run via
+    ``python -m``), ``<python> -m httm_dist.cli``."""
+    import os
+    import shlex
+
+    python = Path(sys.executable)
+    target = python if name == "python" else python.parent / name
+    if name != "python" and not target.exists():
+        return f"{command_path('python')} -m httm_dist.cli"
+    try:
+        shown = os.path.relpath(target) if target.is_absolute() else str(target)
+    except ValueError:  # another drive (Windows)
+        shown = str(target)
+    if shown.startswith(".."):
+        shown = str(target.absolute())
+    elif not shown.startswith((".", "/")):
+        shown = f"./{shown}" if "/" not in shown else shown
+    return shlex.quote(shown)
+
+
+def _shell_quote(code: str) -> str:
+    """``code`` as one shell word, in double quotes when that needs no escaping (readable:
+    the Python inside keeps its single quotes), else :func:`shlex.quote`."""
+    import shlex
+
+    if any(c in code for c in '"$`\\!'):
+        return shlex.quote(code)
+    return f'"{code}"'
+
+
+def demo_next_steps(output: str, input_url: str, first: str) -> str:
+    """What the demo prints after its run: the output layout and commands that read it, each
+    runnable as printed in a fresh shell (no activated venv; see :func:`command_path`)."""
+    import shlex
+
+    py, cli = command_path("python"), command_path("httm-dist")
+    frames = f"{output}/frames"
+    pandas_read = (f"import pandas as pd; df = pd.read_parquet({frames!r}); "
+                   f"print(df[['scene_id', 'frame_index', 'depth_median']])")
+    results_read = (f"import httm_dist.results as r; res = r.open({output!r}); "
+                    f"print(res.scene_ids); print(res.arrays({first!r})['depth'].shape)")
+    lines = [
+        f"\noutputs: {output}",
+        "  frames/   per-frame Parquet, one file per scene (pandas, pyarrow, DuckDB, Polars)",
+        "  arrays/   per-scene NPZ: depth, depth_conf, world_points, world_points_conf, "
+        "extrinsic, intrinsic, frame_uris",
+        "  scenes/   per-scene records (done/failed, timings, config hashes, input fingerprints)",
+        "  runs/     run summaries",
+        "read them:",
+        f"  {py} -c {_shell_quote(pandas_read)}",
+        f"  {py} -c {_shell_quote(results_read)}",
+        f"  {cli} preview {shlex.quote(output)} {first}    # PNG contact sheet + PLY point cloud",
+    ]
+    if DEMO_CONFIG.is_file():
+        lines += [
+            f"the same job from its config file ({DEMO_CONFIG}; point input/output at your scenes):",
+            f"  {cli} run {DEMO_CONFIG} --set input={shlex.quote(input_url)} "
+            f"--set output={shlex.quote(output)}",
+        ]
+    return "\n".join(lines)
 
 
 def add_eval_arguments(p: argparse.ArgumentParser, ground_truth: bool = False) -> None:
@@ -189,7 +255,7 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     options = {**options, **_storage_options(args.storage_options)}
     try:
         paths = write_scene_preview(args.output_url, args.scene, options)
-    except KeyError as exc:
+    except (KeyError, FileNotFoundError) as exc:
         raise ConfigError(str(exc.args[0] if exc.args else exc)) from None
     for kind, url in paths.items():
         print(f"{kind}: {url}")

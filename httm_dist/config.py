@@ -33,6 +33,7 @@ from httm_dist.errors import ConfigError, StorageError
 from httm_dist.merging.config import MergeConfig
 from httm_dist.model import VGGTConfig
 from httm_dist.model.config import PATCH_SIZE
+from httm_dist.model.weights import check_weights_file
 from httm_dist.storage import check_reachable, get_fs, redact
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,13 @@ class ModelSection(Section):
     """A name from ``VGGTConfig.preset_names()`` (e.g. ``vggt-1b``, ``tiny``)."""
     weights: Optional[str] = None
     """Local path or fsspec URL of a ``.safetensors``/``.pt`` checkpoint; null = the preset's
-    shipped weights, or random initialisation when it ships none."""
+    shipped weights (a preset that ships none needs ``allow_random_weights``)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` = CUDA when the worker sees a GPU, else CPU."""
+    allow_random_weights: bool = False
+    """Run a preset with no weights (neither ``weights`` nor shipped ones) with random
+    weights, for benchmarks. Without it such a config is an error: random weights compute
+    meaningless cameras, depth and points."""
 
     @field_validator("preset")
     @classmethod
@@ -128,8 +133,9 @@ class RaySection(Section):
     """Where the Ray cluster is."""
 
     address: Optional[str] = None
-    """null = start a local Ray (or join the job's cluster when ``RAY_ADDRESS`` is set, as
-    inside ``ray job submit``); otherwise e.g. ``ray://head:10001`` or ``auto``."""
+    """null = start a private local Ray for the job (or join the job's cluster when
+    ``RAY_ADDRESS`` is set, as inside ``ray job submit``); ``auto`` = join the cluster that
+    ``ray start`` runs on this machine; or an address such as ``ray://head:10001``."""
 
 
 class JobConfig(Section):
@@ -198,6 +204,17 @@ class JobConfig(Section):
         if self.max_frames is not None and self.max_frames < self.min_frames:
             raise Invalid("max_frames", f"({self.max_frames}) is below 'min_frames' ({self.min_frames}): "
                           "every scene would fail")
+        from httm_dist.model.config import preset_weights
+
+        model = self.model
+        if not (model.weights or preset_weights(model.preset) or model.allow_random_weights):
+            raise Invalid(
+                "model.weights",
+                f"is not set and preset '{model.preset}' ships no weights, so the model would "
+                "run with random weights (meaningless output): set model.weights to its "
+                "checkpoint (e.g. hf://facebook/VGGT-1B/model.safetensors), use the trained "
+                "'tiny-synthetic' preset, or set model.allow_random_weights: true for a benchmark",
+            )
         return self
 
     def to_dict(self, redacted: bool = False) -> dict:
@@ -318,12 +335,14 @@ def validate_resources(cfg: JobConfig) -> None:
     (storage unreachable), each naming the thing and what to do. Credentials never appear."""
     weights = cfg.model.weights
     if weights:
-        _check_weights(weights, cfg.storage_options)
+        _check_weights(weights, cfg.model.preset, cfg.storage_options)
     check_reachable(cfg.input, cfg.storage_options, for_write=False)
     check_reachable(cfg.output, cfg.storage_options, for_write=True)
 
 
-def _check_weights(url: str, storage_options: dict) -> None:
+def _check_weights(url: str, preset: str, storage_options: dict) -> None:
+    """The weights file exists and is a checkpoint of ``preset`` (see
+    :func:`httm_dist.model.weights.check_weights_file`)."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol == "hf":
         try:
@@ -346,8 +365,9 @@ def _check_weights(url: str, storage_options: dict) -> None:
     if not exists:
         raise ConfigError(
             f"'model.weights' file '{url}' does not exist: fix the path, or set "
-            "model.weights: null to use the preset's shipped weights (random if it ships none)"
+            "model.weights: null to use the preset's shipped weights"
         )
+    check_weights_file(preset, url, options)
 
 
 # --------------------------------------------------------------------------- demo
@@ -364,18 +384,25 @@ def demo_preset() -> str:
 
 
 def demo_config(root: Union[str, Path], overrides: Sequence[str] = ()) -> JobConfig:
-    """The embedded default job: scenes under ``root/scenes``, results under ``root/output``,
-    the shipped trained tiny preset on CPU, local Ray with one CPU worker, small images at the
-    width that preset was trained at."""
+    """The embedded default job, the same as ``configs/local-tiny-demo.yaml`` (a test keeps
+    them equal): scenes under ``root/scenes``, results under ``root/output``, the shipped
+    trained tiny preset on CPU, HTTM merging, local Ray with one CPU worker, small images at
+    the width that preset was trained at."""
     root = Path(root)
+    preset = demo_preset()
     data = {
         "input": str(root / "scenes"),
         "output": str(root / "output"),
-        "model": {"preset": demo_preset(), "weights": None, "device": "cpu"},
+        "model": {"preset": preset, "weights": None, "device": "cpu",
+                  "allow_random_weights": preset == "tiny"},  # a build without the checkpoint
+        "merging": {"strategy": "httm", "q_keep": 0.5, "kv_keep": 0.5},
         "workers": 1,
         "gpus_per_worker": 0,
         "cpus_per_worker": 1,
+        "max_attempts": 2,
         "image": {"mode": "crop", "size": DEMO_IMAGE_SIZE},
+        "chunk": {"max_frames": None, "overlap": 2},
         "ray": {"address": None},
+        "preview": False,
     }
     return load_config(data, overrides)

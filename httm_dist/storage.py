@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import time
 import uuid
 from typing import Any, Callable, TypeVar
@@ -168,16 +167,24 @@ def retry(
 # --------------------------------------------------------------------------- whole objects
 
 
-def write_bytes_fs(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def write_bytes_fs(
+    fs: fsspec.AbstractFileSystem, path: str, data: bytes, tmp_dir: str | None = None
+) -> None:
     """Write ``data`` to ``path`` so that no reader ever sees a partial object.
 
-    Local disk: a temporary file in the same folder, then ``os.replace`` (atomic rename).
-    Object stores: a single PUT (``pipe_file``), which is visible whole or not at all.
+    Local disk: a temporary file (in ``tmp_dir``, which must be on the same filesystem, else
+    beside ``path`` with a name starting with ``.``), then ``os.replace`` (atomic rename). The
+    file is created with mode ``0o666`` minus the process umask, like any file a tool writes
+    (``tempfile.mkstemp`` would make it owner-only). Object stores: a single PUT
+    (``pipe_file``), which is visible whole or not at all.
     """
     if is_local(fs):
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        if tmp_dir is not None:
+            os.makedirs(tmp_dir, exist_ok=True)
+        tmp = os.path.join(tmp_dir or folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)

@@ -77,7 +77,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
-            address="local",  # a fresh local Ray: never join another Ray running on this machine
+            address="local",  # a private instance, never a cluster that `ray start` left running
             num_cpus=2,
             num_gpus=2,
             include_dashboard=False,

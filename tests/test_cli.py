@@ -29,7 +29,7 @@ def job(tmp_path) -> Path:
             {
                 "input": str(tmp_path / "scenes"),
                 "output": str(tmp_path / "out"),
-                "model": {"preset": "tiny", "device": "cpu"},
+                "model": {"preset": "tiny", "device": "cpu", "allow_random_weights": True},
                 "gpus_per_worker": 0,
             }
         )

@@ -19,7 +19,8 @@ from httm_dist.errors import ConfigError, HttmDistError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-BASE = {"input": "/data/scenes", "output": "/data/out", "model": {"preset": "tiny"}}
+BASE = {"input": "/data/scenes", "output": "/data/out",
+        "model": {"preset": "tiny", "allow_random_weights": True}}
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
@@ -198,8 +199,11 @@ def test_validate_resources(tmp_path):
     weights = tmp_path / "w.safetensors"
     with pytest.raises(ConfigError, match=r"'model.weights' file .*w\.safetensors' does not exist"):
         validate_resources(load_config(ok.to_dict(), [f"model.weights={weights}"]))
-    weights.write_bytes(b"x")
-    validate_resources(load_config(ok.to_dict(), [f"model.weights={weights}"]))
+    weights.write_bytes(b"x")  # exists, but is no checkpoint (tests/test_first_hour.py has more)
+    with pytest.raises(ConfigError, match=r"w\.safetensors' is not a readable \.safetensors checkpoint"):
+        validate_resources(load_config(ok.to_dict(), [f"model.weights={weights}"]))
+    fixture = Path(__file__).parent / "fixtures" / "vggt_tiny" / "weights.safetensors"
+    validate_resources(load_config(ok.to_dict(), [f"model.weights={fixture}"]))
 
     with pytest.raises(HttmDistError) as err:
         validate_resources(load_config(ok.to_dict(), [f"input={tmp_path / 'nowhere'}"]))

@@ -13,7 +13,8 @@ from httm_dist.errors import ConfigError
 from httm_dist.merging import MergeConfig
 from httm_dist.model import VGGTConfig
 
-BASE = {"input": "/data/scenes", "output": "/data/out", "model": {"preset": "tiny"}}
+BASE = {"input": "/data/scenes", "output": "/data/out",
+        "model": {"preset": "tiny", "allow_random_weights": True}}
 
 
 def _job(key: str, value):

@@ -13,6 +13,7 @@ from test_results_frames import random_prediction, table_of
 import httm_dist.results as results
 from httm_dist.errors import ConfigError
 from httm_dist.results import ResultStore, RunSummary, SceneRecord, column_matrices, scene_arrays
+from httm_dist.results.frames import npz_bytes
 from httm_dist.results.store import table_bytes
 from httm_dist.storage import get_fs
 
@@ -63,7 +64,7 @@ def test_round_trip_through_reader(out):
                                 done_record(sid, num_frames=99, worker_host="h"))
         assert rec.status == "done" and rec.format_version == 2
         assert rec.num_frames == len(pred["frame_uris"])  # the table's rows, not the caller's
-        assert rec.frames_path == f"frames/scene_id={sid}/part-0.parquet" and rec.written_at
+        assert rec.frames_path == f"frames/{sid}.parquet" and rec.written_at
         assert rec.timings["commit"] > 0 and rec.seconds == pytest.approx(1.5 + rec.timings["commit"], abs=1e-3)
     reader = results.open(url, opts)
     assert reader.scene_ids == ["0001", "b"]
@@ -77,10 +78,6 @@ def test_round_trip_through_reader(out):
     assert reader.frames(scene_ids=["b"], columns=["scene_id", "depth_mean"]).num_rows == 3
     # a numeric-looking scene id stays a string for plain pyarrow.dataset readers too
     assert sorted(set(raw_frames(url, opts).column("scene_id").to_pylist())) == ["0001", "b"]
-    fs, path = get_fs(url, opts)
-    typed = ds.partitioning(pa.schema([("scene_id", pa.string())]), flavor="hive")
-    hive = ds.dataset(f"{path}/frames", filesystem=fs, format="parquet", partitioning=typed).to_table()
-    assert sorted(hive.column("scene_id").to_pylist()) == ["0001"] * 2 + ["b"] * 3
     with pytest.raises(KeyError, match="nope"):
         reader.arrays("nope")
 
@@ -91,7 +88,7 @@ def test_no_record_means_not_committed(out):
     commit(store, "good")
     # a worker died after writing the data objects of "half" but before its record
     pred = random_prediction(seed=3)
-    store._put("frames/scene_id=half/part-0.parquet", table_bytes(table_of(pred, "half")))
+    store._put("frames/half.parquet", table_bytes(table_of(pred, "half")))
     store._put("arrays/half.npz", b"partial")
     assert set(store.records()) == {"good"}
     reader = results.open(url, opts)
@@ -114,12 +111,14 @@ def test_rerun_leaves_no_duplicates(out):
     store = ResultStore(url, opts)
     commit(store, "a", s=4, seed=1)
     commit(store, "b", s=2)
-    # a stale extra part from some older writer, then a rerun of "a" with fewer frames
-    store._put("frames/scene_id=a/part-1.parquet", table_bytes(table_of(random_prediction(seed=9), "a")))
+    # a stale format_version 1 table of "a" (frames/scene_id=a/), then a rerun with fewer frames
+    store._put("frames/scene_id=a/part-0.parquet", table_bytes(table_of(random_prediction(seed=9), "a")))
     rec = commit(store, "a", s=3, seed=2, model_hash="m2")
     assert rec.model_hash == "m2"
     raw = raw_frames(url, opts)
     assert raw.num_rows == 5
+    fs, path = get_fs(url, opts)
+    assert not fs.exists(f"{path}/frames/scene_id=a/part-0.parquet")
     assert sorted(raw.column("scene_id").to_pylist()) == ["a"] * 3 + ["b"] * 2
     reader = results.open(url, opts)
     assert reader.frames().num_rows == 5
@@ -232,3 +231,55 @@ def test_record_read_retries_a_path_the_batched_read_failed(tmp_path, monkeypatc
     records = store.records()
     assert sorted(records) == ["a", "b"] and records["b"].status == "done"
     assert failures["left"] == 0
+
+
+def test_frames_folder_opens_with_every_reader_by_its_plainest_call(tmp_path):
+    """pandas, pyarrow (table and dataset), DuckDB and Polars read ``OUTPUT/frames`` as given,
+    ids like ``0001`` stay strings with their zeros, and a write in progress (its temporary
+    file) is not in the folder."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    store = ResultStore(str(out))
+    commit(store, "0001", s=2)
+    commit(store, "007", s=3, seed=1)
+    commit(store, "b", s=1, seed=2)
+    (out / "_tmp").mkdir(exist_ok=True)
+    (out / "_tmp" / ".b.parquet.x.tmp").write_bytes(b"half-written")
+    frames = str(out / "frames")
+    want = ["0001"] * 2 + ["007"] * 3 + ["b"]
+    seen = {
+        "pandas": pd.read_parquet(frames)["scene_id"].tolist(),
+        "pq.read_table": pq.read_table(frames).column("scene_id").to_pylist(),
+        "ds.dataset": ds.dataset(frames).to_table().column("scene_id").to_pylist(),
+        "duckdb": [r[0] for r in duckdb.sql(f"SELECT scene_id FROM '{frames}/*.parquet'").fetchall()],
+        "duckdb.read_parquet": duckdb.read_parquet(frames).df()["scene_id"].tolist(),
+        "polars": pl.read_parquet(frames)["scene_id"].to_list(),
+    }
+    for reader, ids in seen.items():
+        assert sorted(ids) == sorted(want), reader
+    assert pd.api.types.is_string_dtype(pd.read_parquet(frames)["scene_id"])
+    assert pl.read_parquet(frames).schema["scene_id"] == pl.String
+
+
+def test_reader_accepts_format_version_1_outputs(tmp_path):
+    """An output written by format_version 1 (frames under ``frames/scene_id=<id>/``) still
+    reads, and a scene rewritten by this version moves to ``frames/<id>.parquet``."""
+    out = tmp_path / "out"
+    store = ResultStore(str(out))
+    pred = random_prediction(s=2, seed=4)
+    store._put("frames/scene_id=old/part-0.parquet", table_bytes(table_of(pred, "old")))
+    store._put("arrays/old.npz", npz_bytes(scene_arrays(pred)))
+    v1 = {"scene_id": "old", "status": "done", "format_version": 1, "num_frames": 2,
+          "frames_path": "frames/scene_id=old/part-0.parquet", "arrays_path": "arrays/old.npz", **HASHES}
+    store._put("scenes/old.json", json.dumps(v1).encode())
+    commit(store, "new", s=3)
+    reader = results.open(str(out))
+    assert reader.scene_ids == ["new", "old"]
+    assert reader.frames().column("scene_id").to_pylist() == ["new"] * 3 + ["old"] * 2
+    np.testing.assert_allclose(reader.arrays("old")["depth"], pred["depth"], rtol=1e-3)
+    commit(store, "old", s=2)
+    assert not (out / "frames" / "scene_id=old").exists() and (out / "frames" / "old.parquet").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 
@@ -146,6 +147,19 @@ def test_atomic_write_local_failure_keeps_old_object(tmp_path, monkeypatch):
         write_bytes_atomic(url, b"new")
     assert read_bytes(url) == b"old"
     assert os.listdir(tmp_path) == ["x.bin"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_write_follows_the_umask(tmp_path, umask, mode):
+    """Output files get 0o666 minus the umask, like any tool's, whether the object is new or
+    replaced (a temp file from mkstemp would be owner-only whatever the umask)."""
+    old = os.umask(umask)
+    try:
+        for data in (b"new", b"replaced"):
+            write_bytes_atomic(str(tmp_path / "d" / "x.bin"), data)
+            assert stat.S_IMODE(os.stat(tmp_path / "d" / "x.bin").st_mode) == mode
+    finally:
+        os.umask(old)
 
 
 @pytest.mark.s3

@@ -7,7 +7,7 @@
    committed under another model/merge config, and split the rest into units (a whole
    scene, or the chunks of a long one plus its "assemble" step); chunks already saved by an
    earlier run are not redone;
-3. connect to Ray (``ray.address``, else ``RAY_ADDRESS``, else a local Ray) and start the
+3. connect to Ray (``ray.address``, else ``RAY_ADDRESS``, else a private local Ray) and start the
    worker actors, one per GPU by default;
 4. dispatch: each worker has one unit running and one reserved whose images it prefetches;
    a worker that dies gives its units back to the queue (the running one counts an attempt,
@@ -39,6 +39,7 @@ from httm_dist.cluster.schedule import Assignment, FailureKind, GiveUp, Lease, S
 from httm_dist.cluster.worker import ReconstructionWorker, WorkerFault, test_hooks_from_env
 from httm_dist.config import JobConfig, validate_resources
 from httm_dist.errors import ConfigError, HttmDistError
+from httm_dist.model.config import preset_weights as _preset_weights
 from httm_dist.pipeline.unit import failure_record
 from httm_dist.results import ResultStore, RunSummary, SceneRecord
 from httm_dist.storage import redact
@@ -69,6 +70,8 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     status).
     """
     validate_resources(cfg)
+    random_weights = not (cfg.model.weights or _preset_weights(cfg.model.preset))
+    log.log(logging.WARNING if random_weights else logging.INFO, "%s", describe_model(cfg))
     run_id = run_id or new_run_id()
     started_wall = datetime.now(timezone.utc)
     store = ResultStore(cfg.output, cfg.storage_options)
@@ -143,20 +146,61 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     return out
 
 
+def describe_model(cfg: JobConfig) -> str:
+    """One line naming the model a job runs: preset (and what it is), weights source,
+    parameter count (counted on the meta device: no memory, no weights read), device and
+    merging. Logged by the driver at the start of every run."""
+    import torch
+
+    from httm_dist.model import VGGT, VGGTConfig
+    from httm_dist.model.config import PRESETS
+    from httm_dist.model.vggt import count_parameters
+    preset = cfg.model.preset
+    shipped = _preset_weights(preset)
+    if cfg.model.weights:
+        weights = f"weights {redact(cfg.model.weights)}"
+    elif shipped:
+        weights = f"weights shipped with the package ({shipped})"
+    else:
+        weights = "RANDOM weights (model.allow_random_weights: outputs are meaningless)"
+    with torch.device("meta"):
+        n = count_parameters(VGGT(VGGTConfig.preset(preset)))
+    device = cfg.model.device
+    if device == "auto":
+        device = "auto (CUDA where a worker sees a GPU, else CPU)"
+    merge = cfg.merging.to_dict()
+    merging = merge.get("strategy", "?")
+    if merging != "dense":
+        merging += " (" + ", ".join(f"{k}={v}" for k, v in merge.items()
+                                    if k in ("q_keep", "kv_keep")) + ")"
+    about = getattr(PRESETS.get(preset), "description", "")
+    return (f"model: preset '{preset}'{f' ({about})' if about else ''}; {weights}; "
+            f"{n / 1e6:.1f}M parameters; device {device}; merging {merging}")
+
+
 # --------------------------------------------------------------------------- Ray
 
 
 def _connect(cfg: JobConfig) -> bool:
-    """Connects to Ray; returns True when this call started it (so the job shuts it down)."""
+    """Connects to Ray; returns True when this call started it (so the job shuts it down).
+
+    ``ray.address`` (e.g. ``auto``, ``ray://head:10001``), else ``RAY_ADDRESS`` (set inside
+    ``ray job submit``), joins that cluster. With neither, a private local Ray is started for
+    this job (``address="local"``): a cluster that ``ray start`` registered on this machine is
+    never joined by accident (its workers would die with it). Logs which happened.
+    """
     if ray.is_initialized():
+        log.info("using the Ray session this process already runs")
         return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        log.info("connecting to the Ray cluster at %s", address)
+        source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+        log.info("joining the Ray cluster at %s (from %s)", address, source)
         ray.init(address=address, log_to_driver=True)
     else:
-        log.info("no Ray address (ray.address / RAY_ADDRESS): starting a local Ray")
-        ray.init(include_dashboard=False)
+        log.info("no ray.address and no RAY_ADDRESS: starting a private local Ray for this job "
+                 "(set ray.address: auto to join a cluster started with `ray start`)")
+        ray.init(address="local", include_dashboard=False)
     return True
 
 

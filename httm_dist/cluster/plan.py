@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from httm_dist.cluster.schedule import SceneState
 from httm_dist.config import JobConfig
-from httm_dist.data import discover_scenes
+from httm_dist.data import discover_scenes, scene_fingerprint
 from httm_dist.errors import ConfigError, SceneError
 from httm_dist.pipeline.unit import WorkUnit, assemble_unit, failure_record, plan_units
 from httm_dist.results import ResultStore
@@ -36,7 +36,14 @@ def plan_work(cfg: JobConfig, store: ResultStore, run_id: str) -> Plan:
     """Scenes -> units still to run, honouring resume and ``on_config_change``."""
     scenes = discover_scenes(cfg.input, cfg.storage_options, frame_stride=cfg.frame_stride,
                              max_frames=cfg.max_frames, include=cfg.include,
-                             exclude=cfg.exclude)
+                             exclude=cfg.exclude, ignore=[store.url_of("")])
+    if not scenes:
+        filters = " that match include/exclude" if (cfg.include or cfg.exclude) else ""
+        raise ConfigError(
+            f"input {redact(cfg.input)!r} holds no scene{filters}: point input at a folder of "
+            "scene folders or .tar/.tar.gz/.zip archives, one folder of images, or a manifest "
+            "(.parquet/.csv/.jsonl)"
+        )
     existing = store.records()  # done and failed
     model_hash, merge_hash = cfg.model_hash(), cfg.merge_hash()
     ids = {s.scene_id for s in scenes}
@@ -52,6 +59,15 @@ def plan_work(cfg: JobConfig, store: ResultStore, run_id: str) -> Plan:
     if redo:
         log.warning("%d committed scenes were made under another model/merge config: "
                     "reprocessing them (on_config_change: reprocess)", len(redo))
+    fingerprints = {s.scene_id: scene_fingerprint(s) for s in scenes}
+    for scene in scenes:
+        rec = existing.get(scene.scene_id)
+        before = rec.get("input_fingerprint") if rec is not None else None  # None in version 1
+        if rec is not None and rec.is_done and before and before != fingerprints[scene.scene_id]:
+            log.warning("scene %r: its inputs changed since it was committed (%s frames then, "
+                        "%d now, or files rewritten): reprocessing it", scene.scene_id,
+                        rec.get("num_frames", "?"), len(scene.frames))
+            redo.add(scene.scene_id)
 
     queue: collections.deque = collections.deque()
     states: dict[str, SceneState] = {}
@@ -77,7 +93,7 @@ def plan_work(cfg: JobConfig, store: ResultStore, run_id: str) -> Plan:
         state = SceneState(scene)
         chunks = [u for u in units if u.kind == "chunk"]
         if chunks:
-            done = _reusable_chunks(store, sid, model_hash, merge_hash, sid in redo)
+            done = _reusable_chunks(store, sid, model_hash, merge_hash, fingerprints[sid])
             for u in chunks:
                 if u.chunk_index not in done:
                     state.waiting_chunks.add(u.chunk_index)
@@ -112,12 +128,10 @@ def record_failure(store: ResultStore, record: SceneRecord) -> dict:
 
 
 def _reusable_chunks(store: ResultStore, scene_id: str, model_hash: str, merge_hash: str,
-                     redo: bool) -> dict:
-    done = store.done_chunks(scene_id)
-    if redo:  # keep only chunks made under this job's config
-        done = {i: m for i, m in done.items()
-                if (m or {}).get("model_hash") == model_hash
-                and (m or {}).get("merge_hash") == merge_hash}
-    return done
-
-
+                     fingerprint: str) -> dict:
+    """Saved chunks of ``scene_id`` made under this job's model/merge config from the same
+    input frames (markers without a fingerprint, from older runs, count as the same)."""
+    return {i: m for i, m in store.done_chunks(scene_id).items()
+            if (m or {}).get("model_hash") == model_hash
+            and (m or {}).get("merge_hash") == merge_hash
+            and (m or {}).get("input_fingerprint", fingerprint) == fingerprint}

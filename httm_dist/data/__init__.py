@@ -7,7 +7,7 @@ from httm_dist.data.scenes import (
     read_scene_frames,
     select_frames,
 )
-from httm_dist.data.spec import FrameRef, SceneSpec, validate_scene_id
+from httm_dist.data.spec import FrameRef, SceneSpec, scene_fingerprint, validate_scene_id
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -16,6 +16,7 @@ __all__ = [
     "discover_scenes",
     "natural_key",
     "read_scene_frames",
+    "scene_fingerprint",
     "select_frames",
     "validate_scene_id",
 ]

@@ -31,13 +31,30 @@ from fsspec.implementations.tar import TarFileSystem
 from fsspec.implementations.zip import ZipFileSystem
 
 from httm_dist.data.manifest import manifest_scenes
-from httm_dist.data.spec import FrameRef, SceneSpec, validate_scene_id
+from httm_dist.data.spec import FrameRef, SceneSpec, object_version, validate_scene_id
 from httm_dist.errors import ConfigError, SceneError, StorageError
 from httm_dist.storage import full_url, get_fs, redact, retry
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+_PILLOW_STUBS = frozenset({".bufr", ".grib", ".h5", ".hdf", ".wmf", ".emf", ".eps", ".ps", ".mpeg", ".mpg"})
+"""Extensions Pillow registers but cannot decode without outside help (stub plugins,
+Ghostscript, Windows-only metafiles, video): not frames."""
+
+
+def _pillow_image_extensions() -> frozenset[str]:
+    """Every file extension of a format Pillow opens (JPEG, PNG, WebP, TIFF, BMP, GIF, ...),
+    less :data:`_PILLOW_STUBS`."""
+    from PIL import Image
+
+    Image.init()
+    registered = Image.registered_extensions()
+    return frozenset(ext for ext, fmt in registered.items() if fmt in Image.OPEN) - _PILLOW_STUBS
+
+
+IMAGE_EXTENSIONS = _pillow_image_extensions()
+"""Frame file extensions (lower case): every format Pillow decodes."""
+SHOWN_FORMATS = ".jpg, .png, .webp, .tif, .bmp, .gif and the other formats Pillow reads"
 ARCHIVE_KINDS = {".tar.gz": "tar", ".tar": "tar", ".zip": "zip"}
 """Archive suffixes (longest first) and the fsspec archive filesystem that reads them."""
 MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv", ".jsonl"})
@@ -119,25 +136,46 @@ def _archive_errors() -> tuple[type[BaseException], ...]:
     return (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError, KeyError, ValueError)
 
 
-def _archive_members(fs: fsspec.AbstractFileSystem, path: str, kind: str) -> list[str]:
-    """Image members of an archive, in natural order. Raises on unreadable archives."""
+def _archive_members(fs: fsspec.AbstractFileSystem, path: str, kind: str) -> tuple[list[str], list[str]]:
+    """``(image members in natural order, other members)`` of an archive. Raises on
+    unreadable archives."""
     with fs.open(path, "rb") as fh:
         afs = _open_archive(kind, fh, path)
         names = [n.lstrip("/") for n in afs.find("", withdirs=False)]
-    return sorted((n for n in names if is_image_name(n)), key=natural_key)
+    images = sorted((n for n in names if is_image_name(n)), key=natural_key)
+    return images, [n for n in names if not is_image_name(n)]
+
+
+def _log_skipped(scene_id: str, names: Sequence[str]) -> None:
+    """Log, once per scene, how many files are not frames, by extension (hidden files and
+    ``__MACOSX`` folders are not counted)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        parts = name.strip("/").split("/")
+        if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+            continue
+        ext = posixpath.splitext(parts[-1])[1].lower() or "(no suffix)"
+        counts[ext] = counts.get(ext, 0) + 1
+    if counts:
+        shown = ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items()))
+        log.info("scene %r: skipped %d files that are not images Pillow reads (%s)",
+                 scene_id, sum(counts.values()), shown)
 
 
 # --------------------------------------------------------------------------- discovery
 
 
-def _folder_scene(fs, scene_path: str, scene_id: str) -> SceneSpec:
+def _folder_scene(fs, scene_path: str, scene_id: str, ignore: frozenset[str] = frozenset()) -> SceneSpec:
     base = scene_path.rstrip("/")
     fs.invalidate_cache(base)
-    paths = retry(lambda: fs.find(base, withdirs=False), what=f"list {full_url(fs, base)}")
-    rels = [p[len(base) + 1:] for p in paths if p.startswith(base + "/")]
-    rels = sorted((r for r in rels if is_image_name(r)), key=natural_key)
+    found = retry(lambda: fs.find(base, withdirs=False, detail=True), what=f"list {full_url(fs, base)}")
+    infos = {p[len(base) + 1:]: info for p, info in found.items()
+             if p.startswith(base + "/") and not (ignore and _ignored(fs, p, ignore))}
+    _log_skipped(scene_id, [r for r in infos if not is_image_name(r)])
+    rels = sorted((r for r in infos if is_image_name(r)), key=natural_key)
     frames = tuple(
-        FrameRef(uri=full_url(fs, f"{base}/{rel}"), frame_index=i, name=rel)
+        FrameRef(uri=full_url(fs, f"{base}/{rel}"), frame_index=i, name=rel,
+                 version=object_version(infos[rel]))
         for i, rel in enumerate(rels)
     )
     return SceneSpec(scene_id, full_url(fs, base), "folder", frames)
@@ -146,26 +184,42 @@ def _folder_scene(fs, scene_path: str, scene_id: str) -> SceneSpec:
 def _archive_scene(fs, path: str, scene_id: str, kind: str) -> SceneSpec:
     url = full_url(fs, path)
     try:
-        members = retry(lambda: _archive_members(fs, path, kind), what=f"index archive {url}")
+        members, others = retry(lambda: _archive_members(fs, path, kind), what=f"index archive {url}")
     except _archive_errors() as exc:
         msg = f"scene {scene_id!r}: cannot read {kind} archive {redact(url)}: {type(exc).__name__}: {exc}"
         log.warning("%s", msg)
         return SceneSpec(scene_id, url, kind, (), error=msg)
+    _log_skipped(scene_id, others)
     frames = tuple(
         FrameRef(uri=f"{kind}://{m}::{url}", frame_index=i, name=m) for i, m in enumerate(members)
     )
-    return SceneSpec(scene_id, url, kind, frames)
+    version = object_version(retry(lambda: fs.info(path), what=f"stat {redact(url)}"))
+    return SceneSpec(scene_id, url, kind, frames, version=version)
 
 
-def _list_root(fs, root: str, input_url: str) -> list[tuple[str, str, str]]:
-    """Immediate children of ``root`` as ``(scene_id, path, kind)``."""
+def _ignored(fs, path: str, ignore: frozenset[str]) -> bool:
+    """Is ``path`` one of the ``ignore`` URLs, or inside one?"""
+    url = full_url(fs, path).rstrip("/")
+    return any(url == i or url.startswith(i + "/") for i in ignore)
+
+
+def _list_root(
+    fs, root: str, input_url: str, ignore: frozenset[str] = frozenset()
+) -> tuple[list[tuple[str, str, str]], int]:
+    """Immediate children of ``root`` as ``(scene_id, path, kind)``, and how many image files
+    lie directly in ``root`` (frames of a scene when ``root`` is one scene's folder)."""
     fs.invalidate_cache(root)
     entries = retry(lambda: fs.ls(root, detail=True), what=f"list {redact(input_url)}")
     found: dict[str, tuple[str, str, str]] = {}
+    root_images = 0
     for entry in entries:
         path = entry["name"].rstrip("/")
         name = posixpath.basename(path)
         if not name or name.startswith((".", "_")) or path == root.rstrip("/"):
+            continue
+        if _ignored(fs, path, ignore):
+            log.warning("skipping %s under the input: it is this job's output, not a scene",
+                        redact(full_url(fs, path)))
             continue
         if entry.get("type") == "directory":
             sid, kind = name, "folder"
@@ -175,11 +229,8 @@ def _list_root(fs, root: str, input_url: str) -> list[tuple[str, str, str]]:
                 if name.lower().endswith(".tgz"):
                     log.warning("ignoring %s: rename it to .tar.gz to read it as a scene",
                                 redact(full_url(fs, path)))
-                elif posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    log.warning(
-                        "ignoring image %s at the input root: put each scene in its own "
-                        "folder or archive", redact(full_url(fs, path)),
-                    )
+                elif is_image_name(name):
+                    root_images += 1
                 continue
             sid, kind = name[: -len(suffix)], ARCHIVE_KINDS[suffix]
         validate_scene_id(sid, full_url(fs, path))
@@ -189,7 +240,7 @@ def _list_root(fs, root: str, input_url: str) -> list[tuple[str, str, str]]:
                 f"({posixpath.basename(found[sid][1])} and {name}); rename one of them"
             )
         found[sid] = (sid, path, kind)
-    return list(found.values())
+    return list(found.values()), root_images
 
 
 def discover_scenes(
@@ -200,16 +251,22 @@ def discover_scenes(
     max_frames: int | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    ignore: Sequence[str] = (),
 ) -> list[SceneSpec]:
     """List the scenes under ``input_url`` (a root of scenes, or a manifest file).
+
+    ``ignore``: URLs (e.g. the job's output) that are never scenes nor frames, even when they
+    lie inside the input; a root entry skipped for it is logged.
 
     Frames are ordered (natural sort, or the manifest's ``frame_index``), then every
     ``frame_stride``-th is kept, then at most ``max_frames``. ``include`` / ``exclude`` are
     fnmatch globs on scene ids. Empty scenes are returned with ``frames=()`` so the driver can
     record them as failed (an empty folder on an object store does not exist, so only a prefix
     holding non-image files shows up as an empty scene). Root entries whose names start with
-    ``.`` or ``_`` and root files that are not archives (:data:`ARCHIVE_KINDS`) are ignored. Returns scenes
-    sorted by ``scene_id``.
+    ``.`` or ``_`` and root files that are not archives (:data:`ARCHIVE_KINDS`) are ignored,
+    except that a root holding images and no scene folder or archive is itself one scene
+    (logged). Frames are files of any format Pillow reads (:data:`IMAGE_EXTENSIONS`); other
+    files are counted in one log line per scene. Returns scenes sorted by ``scene_id``.
 
     Raises :class:`ConfigError` for a missing input or unusable scene ids, and
     :class:`StorageError` when the storage cannot be reached after retries.
@@ -233,12 +290,23 @@ def discover_scenes(
             )
         scenes = manifest_scenes(fs, root, full_url(fs, root))
     elif is_dir:
-        children = [c for c in _list_root(fs, root, input_url) if _wanted(c[0], include_g, exclude_g)]
+        ignored = frozenset(u.rstrip("/") for u in ignore)
+        children, root_images = _list_root(fs, root, input_url, ignored)
+        if root_images and not children:  # the input is one scene's folder of images
+            sid = posixpath.basename(root.rstrip("/"))
+            validate_scene_id(sid, input_url)
+            log.info("input %s holds %d images and no scene folders or archives: reading it "
+                     "as one scene %r", shown, root_images, sid)
+            children = [(sid, root, "folder")]
+        elif root_images:
+            log.warning("ignoring %d images directly under %s: it also holds scenes; put each "
+                        "scene in its own folder or archive", root_images, shown)
+        children = [c for c in children if _wanted(c[0], include_g, exclude_g)]
 
         def build(child: tuple[str, str, str]) -> SceneSpec:
             sid, path, kind = child
             if kind == "folder":
-                return _folder_scene(fs, path, sid)
+                return _folder_scene(fs, path, sid, ignored)
             return _archive_scene(fs, path, sid, kind)
 
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(children)))) as pool:
@@ -251,7 +319,8 @@ def discover_scenes(
         if not _wanted(scene.scene_id, include_g, exclude_g):
             continue
         frames = select_frames(scene.frames, frame_stride, max_frames)
-        out.append(SceneSpec(scene.scene_id, scene.source, scene.kind, frames, scene.error))
+        out.append(SceneSpec(scene.scene_id, scene.source, scene.kind, frames, scene.error,
+                             scene.version))
     out.sort(key=lambda s: s.scene_id)
     log.info("found %d scenes (%d frames) under %s", len(out), sum(len(s.frames) for s in out), shown)
     return out
@@ -337,8 +406,8 @@ def read_scene_frames(scene: SceneSpec, storage_options: dict | None = None) -> 
         raise SceneError(scene.error)
     if not scene.frames:
         raise SceneError(
-            f"scene {scene.scene_id!r} has no image frames (.jpg/.jpeg/.png/.webp) in "
-            f"{redact(scene.source)}"
+            f"scene {scene.scene_id!r} has no image frames in {redact(scene.source)} "
+            f"(frames are {SHOWN_FORMATS})"
         )
     if scene.kind in ("tar", "zip"):
         return _read_archive(scene, storage_options)

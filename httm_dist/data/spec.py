@@ -6,6 +6,8 @@ all list scenes as :class:`SceneSpec` values of :class:`FrameRef` frames.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from httm_dist.storage import redact, safe_name
@@ -18,12 +20,15 @@ class FrameRef:
     ``uri``: a URL fsspec can open (for archive members a chained URL such as
     ``tar://sub/f1.jpg::s3://bucket/root/scene.tar``); ``frame_index``: the frame's position
     in the full ordered sequence (before stride), or the manifest's ``frame_index``;
-    ``name``: its path relative to the scene folder / archive (manifest: the file name).
+    ``name``: its path relative to the scene folder / archive (manifest: the file name);
+    ``version``: the file's size and ETag or modification time when discovery listed them
+    (``""`` for archive members and manifest rows: their container's version stands for them).
     """
 
     uri: str
     frame_index: int
     name: str
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,28 @@ class SceneSpec:
     kind: str
     frames: tuple[FrameRef, ...]
     error: str | None = None
+    version: str = ""
+    """Size and ETag/modification time of the archive (``""`` for folders and manifests)."""
+
+
+def object_version(info: dict) -> str:
+    """``"<size>:<tag>"`` from an fsspec ``info()``/``find(detail=True)`` entry, the tag being
+    the first of ETag (object stores), modification time (local disk, gcs) or creation
+    time that the filesystem reports; it changes whenever the object is rewritten."""
+    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified",
+                                  "last_modified", "updated", "created") if info.get(k) is not None), "")
+    return f"{info.get('size', '')}:{tag}"
+
+
+def scene_fingerprint(scene: SceneSpec) -> str:
+    """sha256 of what a scene's outputs are computed from: its source and version, and the
+    URI and version of each frame kept (after stride and cap). Recorded with each committed
+    scene; a rerun reprocesses a scene whose fingerprint changed (frames added, removed or
+    rewritten). For a manifest scene only the frame URIs count: the manifest's own version
+    would change for every scene when one row is added, and the frames' files are not listed,
+    so a frame rewritten in place under the same URI is not seen."""
+    parts = [scene.source, scene.kind, scene.version, [[f.uri, f.version] for f in scene.frames]]
+    return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
 
 
 def validate_scene_id(scene_id: str, where: str) -> str:

@@ -237,7 +237,7 @@ def preset_weights(name: str) -> Optional[str]:
     return _preset(name).weights
 
 
-register_preset("vggt-1b", VGGTConfig(), description="official VGGT-1B architecture (facebook/VGGT-1B)")
+register_preset("vggt-1b", VGGTConfig(), description="official VGGT-1B architecture (facebook/VGGT-1B); set model.weights to its checkpoint")
 register_preset(
     "tiny",
     {
@@ -255,7 +255,7 @@ register_preset(
         "point_head": {"output_dim": 4, "activation": "inv_log", "conf_activation": "expp1"},
         "track_head": None,
     },
-    description="tiny architecture of the parity fixtures (tests, demo)",
+    description="tiny architecture of the parity fixtures (tests); ships no weights",
 )
 
 
@@ -270,7 +270,12 @@ def _register_shipped_presets() -> None:
         "tiny-synthetic",
         meta["config"],
         weights=str(folder / "tiny_synthetic.safetensors"),
-        description="small VGGT trained by the project on its synthetic rooms: depth and field of view learned, camera poses not (docs/training.md)",
+        description=(
+            "a small VGGT trained by the project on its synthetic rooms: it has learned a layout "
+            "prior of those rooms, not geometry (on real photos its depth does no better than "
+            "'lower in the image is nearer'; camera poses are not learned); real scenes need the "
+            "VGGT-1B weights (docs/training.md)"
+        ),
     )
 
 

@@ -81,11 +81,7 @@ def load_vggt(
         if dropped:
             logger.info("dropping %d %s* keys from %s: the track head is not implemented",
                         len(dropped), DROPPED_PREFIX, source)
-        available = {k: s for k, s in shapes.items() if not k.startswith(DROPPED_PREFIX)}
-        missing = sorted(set(expected) - set(available))
-        unexpected = sorted(set(available) - set(expected))
-        mismatched = sorted(f"{k} {available[k]} != {expected[k]}" for k in set(expected) & set(available)
-                            if available[k] != expected[k])
+        missing, unexpected, mismatched = _compare_shapes(expected, shapes)
         if missing or unexpected or mismatched:
             raise WeightsMismatchError(source, missing, unexpected, mismatched)
         state = {
@@ -95,6 +91,82 @@ def load_vggt(
     model.load_state_dict(state, strict=True, assign=True)
     logger.info("loaded VGGT weights from %s (%d tensors) onto %s", source, len(state), device)
     return model.eval()
+
+
+def check_weights_file(
+    preset: str, source: str, storage_options: Optional[Mapping[str, Any]] = None
+) -> Optional[int]:
+    """Check, before any scene is touched, that ``source`` is a checkpoint of ``preset``'s
+    architecture; returns its number of tensors, ``track_head.*`` included (``None`` when not
+    checked here).
+
+    Reads only what that takes: a safetensors header (8 bytes + JSON, local or remote, and the
+    file size, so a truncated download is caught too), or a local ``.pt`` memory-mapped.
+    ``hf://`` URLs and remote ``.pt`` files would have to be downloaded whole, so they are
+    left to the workers' load. Raises :class:`~httm_dist.errors.ConfigError` with one line
+    naming the file and what to do: a wrong suffix, an unreadable or truncated file, or keys
+    and shapes that do not fit the preset (counts and first examples, not every key).
+    """
+    from httm_dist.errors import ConfigError
+    from httm_dist.storage import redact
+
+    shown = redact(source)
+    suffix = os.path.splitext(source.split("::")[0].split("?")[0])[1].lower()
+    if suffix not in (".safetensors", ".pt", ".pth"):
+        raise ConfigError(
+            f"'model.weights' file {shown!r} has the suffix {suffix or '(none)'!r}: use a "
+            ".safetensors, .pt or .pth checkpoint (rename the file if it is one)"
+        )
+    if source.startswith("hf://"):
+        return None
+    fs, path = get_fs(source, dict(storage_options or {}))
+    if suffix != ".safetensors" and not is_local(fs):
+        logger.info("weights %s are checked when the workers load them (a remote .pt is read whole)", shown)
+        return None
+    try:
+        with _open_checkpoint(source, storage_options or {}) as checkpoint:
+            shapes = checkpoint.shapes
+            if isinstance(checkpoint, _SafetensorsStream):
+                end = max((e["data_offsets"][1] for e in checkpoint.entries.values()), default=0)
+                size = fs.size(path)
+                if checkpoint.data_start + end > size:
+                    raise ValueError(f"the file is truncated ({size} bytes, its header needs "
+                                     f"{checkpoint.data_start + end})")
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any reader error: the file is not a checkpoint
+        first = " ".join(str(exc).split())[:200]
+        raise ConfigError(
+            f"'model.weights' file {shown!r} is not a readable {suffix} checkpoint "
+            f"({type(exc).__name__}: {first}): download it again, or point model.weights at "
+            "another copy"
+        ) from None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in VGGT(VGGTConfig.preset(preset)).state_dict().items()}
+    missing, unexpected, mismatched = _compare_shapes(expected, shapes)
+    if missing or unexpected or mismatched:
+        parts = [f"{len(keys)} {label} (e.g. {keys[0]})" for label, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected),
+                  ("shape mismatches", mismatched)) if keys]
+        raise ConfigError(
+            f"'model.weights' file {shown!r} does not fit preset '{preset}': {'; '.join(parts)}: "
+            "set model.preset to the architecture these weights were trained for, or point "
+            "model.weights at a checkpoint of this preset"
+        )
+    return len(shapes)
+
+
+def _compare_shapes(
+    expected: Mapping[str, tuple[int, ...]], shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, mismatched)`` keys of a checkpoint's ``shapes`` against the
+    model's ``expected`` ones, ignoring the dropped ``track_head.*`` keys; each sorted."""
+    available = {k: s for k, s in shapes.items() if not k.startswith(DROPPED_PREFIX)}
+    missing = sorted(set(expected) - set(available))
+    unexpected = sorted(set(available) - set(expected))
+    mismatched = sorted(f"{k} {available[k]} != {expected[k]}" for k in set(expected) & set(available)
+                        if available[k] != expected[k])
+    return missing, unexpected, mismatched
 
 
 # -- checkpoint readers ------------------------------------------------------------------

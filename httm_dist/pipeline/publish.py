@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from httm_dist.config import JobConfig
+from httm_dist.data import scene_fingerprint
 from httm_dist.errors import SceneError
 from httm_dist.model.preprocess import FrameGeometry
 from httm_dist.pipeline.chunks import PRED_KEYS, ChunkPrediction, assemble_chunks
@@ -73,6 +74,7 @@ class ResultPublisher:
                 "input_hw": list(loaded.input_hw),
                 "model_hash": self.model_hash,
                 "merge_hash": self.merge_hash,
+                "input_fingerprint": scene_fingerprint(unit.scene),
                 "worker_host": self.host,
             }
             arrays = {k: np.asarray(v) for k, v in preds.items()}
@@ -114,14 +116,14 @@ class ResultPublisher:
             chunk_preds.append(ChunkPrediction(**{k: arrays[k] for k in PRED_KEYS}))
             ranges.append((int(meta["frame_range"][0]), int(meta["frame_range"][1])))
             metas.append(meta)
-        stale = {(m.get("model_hash"), m.get("merge_hash")) for m in metas} - {
-            (self.model_hash, self.merge_hash)
-        }
+        fingerprint = scene_fingerprint(unit.scene)
+        stale = {(m.get("model_hash"), m.get("merge_hash"), m.get("input_fingerprint", fingerprint))
+                 for m in metas} - {(self.model_hash, self.merge_hash, fingerprint)}
         if stale:
             self.store.clear_chunks(scene_id)  # useless now; the next attempt recomputes them
             raise SceneError(
                 f"scene '{scene_id}': its stored chunks were made with another model/merge "
-                "config (model_hash/merge_hash differ); they were removed, rerun to recompute them"
+                "config or from other input frames; they were removed, rerun to recompute them"
             )
         ch = self.cfg.chunk
         assembled = assemble_chunks(
@@ -185,6 +187,7 @@ class ResultPublisher:
             unit.scene_id, unit=unit.kind, num_frames=num_frames,
             chunks=unit.num_chunks if unit.kind != "scene" else 1,
             model_hash=self.model_hash, merge_hash=self.merge_hash,
+            input_fingerprint=scene_fingerprint(unit.scene),
             seconds=sum(timings.values()), timings=timings, **self._extra(record_extra),
         )
 

@@ -2,13 +2,21 @@
 accept 1, see ``docs/output-format.md``).
 
 ```
-OUTPUT/frames/scene_id=<id>/part-0.parquet   one row per frame (hive-partitioned)
+OUTPUT/frames/<id>.parquet                    one row per frame, one file per scene
 OUTPUT/arrays/<id>.npz                        dense maps of the scene (compressed NPZ)
 OUTPUT/scenes/<id>.json                       the scene's record; status "done" = committed
 OUTPUT/runs/<run_id>.json                     run summaries
 OUTPUT/_chunks/<id>/<chunk:05d>.npz|.json     intermediate chunk results of long scenes
+OUTPUT/_tmp/                                  local disk only: files being written, renamed into place
 ```
 All keys are relative to the output root and use ``/``.
+
+``format_version`` 1 kept the frames under ``frames/scene_id=<id>/part-0.parquet``: a hive
+folder name that pandas and ``pyarrow.parquet.read_table`` type-infer and then clash with the
+stored ``scene_id`` column. Version 2 stores one flat file per scene, so ``frames/`` opens with
+every Parquet reader by its plainest call. Records name their own ``frames_path``, so readers
+accept both layouts; :func:`legacy_frames_dir` is the version 1 folder, removed when a scene
+is rewritten.
 """
 
 from __future__ import annotations
@@ -17,21 +25,25 @@ from httm_dist.storage import safe_name
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-"""Format versions the reader accepts (1 lacks the frame-geometry columns; they read as null)."""
+"""Format versions the reader accepts (records carry their own ``format_version``; 1 keeps
+frames in hive folders and lacks the frame-geometry columns, which read as null)."""
 
 FRAMES_DIR = "frames"
 ARRAYS_DIR = "arrays"
 SCENES_DIR = "scenes"
 RUNS_DIR = "runs"
 CHUNKS_DIR = "_chunks"
-
-
-def frames_dir(scene_id: str) -> str:
-    return f"{FRAMES_DIR}/scene_id={safe_name(scene_id, 'scene id')}"
+TMP_DIR = "_tmp"
 
 
 def frames_key(scene_id: str) -> str:
-    return f"{frames_dir(scene_id)}/part-0.parquet"
+    """``frames/<id>.parquet``: the scene's frame table (format_version 2)."""
+    return f"{FRAMES_DIR}/{safe_name(scene_id, 'scene id')}.parquet"
+
+
+def legacy_frames_dir(scene_id: str) -> str:
+    """``frames/scene_id=<id>``: where format_version 1 kept the scene's frame table."""
+    return f"{FRAMES_DIR}/scene_id={safe_name(scene_id, 'scene id')}"
 
 
 def arrays_key(scene_id: str) -> str:

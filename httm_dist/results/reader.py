@@ -15,7 +15,7 @@ import pyarrow.dataset as ds
 from httm_dist.results.frames import FRAME_SCHEMA
 from httm_dist.results.layout import READABLE_VERSIONS
 from httm_dist.results.store import ResultStore
-from httm_dist.storage import redact
+from httm_dist.storage import redact, retry
 
 
 class ResultsReader:
@@ -23,6 +23,13 @@ class ResultsReader:
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.store = ResultStore(url, storage_options)
+        root = self.store.root
+        self.store.fs.invalidate_cache(root)
+        if not retry(lambda: self.store.fs.exists(root), what=f"check {redact(url)}"):
+            raise FileNotFoundError(
+                f"no results at {redact(url)!r}: the path does not exist (check it, and the "
+                "storage_options of the store it is on)"
+            )
         self.refresh()
 
     def __repr__(self) -> str:
@@ -87,5 +94,8 @@ class ResultsReader:
 
 
 def open_results(url: str, storage_options: dict | None = None) -> ResultsReader:
-    """Open the results at ``url`` for reading (exported as ``httm_dist.results.open``)."""
+    """Open the results at ``url`` for reading (exported as ``httm_dist.results.open``).
+
+    Raises ``FileNotFoundError`` when nothing exists at ``url`` (a mistyped path), rather
+    than returning an empty table."""
     return ResultsReader(url, storage_options)

@@ -149,6 +149,9 @@ class SceneRecord(_Record):
     frame_range: Optional[list] = None
     model_hash: Optional[str] = None
     merge_hash: Optional[str] = None
+    input_fingerprint: Optional[str] = None
+    """sha256 of the scene's input frames (``httm_dist.data.scene_fingerprint``); a rerun
+    reprocesses a committed scene whose inputs no longer match it. None in version 1."""
     attempts: int = 1
     # who ran it, when, how fast
     run_id: Optional[str] = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from typing import Any, Mapping
 
@@ -23,7 +24,7 @@ from httm_dist.results import layout
 from httm_dist.results.frames import FRAME_SCHEMA, load_npz, npz_bytes
 from httm_dist.results.record import (RunSummary, SceneRecord, read_run_summary,
                                       read_scene_record, to_json_bytes, utc_now)
-from httm_dist.storage import full_url, get_fs, join_url, redact, retry, write_bytes_fs
+from httm_dist.storage import full_url, get_fs, is_local, join_url, redact, retry, write_bytes_fs
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ class ResultStore:
         return full_url(self.fs, self.path(key))
 
     def _put(self, key: str, data: bytes) -> None:
-        path = self.path(key)
-        retry(lambda: write_bytes_fs(self.fs, path, data), what=f"write {redact(self.url_of(key))}")
+        path, tmp = self.path(key), self.path(layout.TMP_DIR)  # temp files never sit in frames/
+        retry(lambda: write_bytes_fs(self.fs, path, data, tmp), what=f"write {redact(self.url_of(key))}")
 
     def _get(self, key: str) -> bytes:
         path = self.path(key)
@@ -140,11 +141,16 @@ class ResultStore:
             return None
 
     def _remove_scene_data(self, scene_id: str, keep: tuple[str, ...] = ()) -> None:
-        stale = [p for p in self._list(layout.frames_dir(scene_id)) if p not in keep]
-        arrays = self.path(layout.arrays_key(scene_id))
-        if arrays not in keep and self._exists(layout.arrays_key(scene_id)):
-            stale.append(arrays)
+        """Remove the scene's data objects except ``keep``: its frame table and NPZ, and a
+        format_version 1 frame folder (``frames/scene_id=<id>/``) left by an older run."""
+        stale = [p for p in self._list(layout.legacy_frames_dir(scene_id)) if p not in keep]
+        for key in (layout.frames_key(scene_id), layout.arrays_key(scene_id)):
+            if self.path(key) not in keep and self._exists(key):
+                stale.append(self.path(key))
         self._rm(stale)
+        legacy = self.path(layout.legacy_frames_dir(scene_id))
+        if is_local(self.fs) and os.path.isdir(legacy) and not os.listdir(legacy):
+            os.rmdir(legacy)  # an empty hive folder would still steer pyarrow's inference
 
     def write_scene(
         self,
@@ -156,7 +162,7 @@ class ResultStore:
         """Write one scene's results and commit it; returns the record as written.
 
         Order: remove the old record (uncommit), remove stale objects of the scene, write
-        ``frames/scene_id=<id>/part-0.parquet``, then ``arrays/<id>.npz``, then the record
+        ``frames/<id>.parquet``, then ``arrays/<id>.npz``, then the record
         ``scenes/<id>.json`` (``record``, a :meth:`SceneRecord.done`, completed with
         ``format_version``, ``written_at``, ``num_frames``, the keys of both data objects and
         the commit's seconds so far: encoding and the two data writes, added to ``seconds``
