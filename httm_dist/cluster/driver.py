@@ -31,6 +31,7 @@ import uuid
 from datetime import datetime, timezone
 
 import ray
+import torch
 from ray import exceptions as rex
 
 from httm_dist.cluster.plan import Plan, plan_work, record_failure
@@ -39,7 +40,10 @@ from httm_dist.cluster.schedule import Assignment, FailureKind, GiveUp, Lease, S
 from httm_dist.cluster.worker import ReconstructionWorker, WorkerFault, test_hooks_from_env
 from httm_dist.config import JobConfig, validate_resources
 from httm_dist.errors import ConfigError, HttmDistError
+from httm_dist.model import VGGT, VGGTConfig
+from httm_dist.model.config import PRESETS
 from httm_dist.model.config import preset_weights as _preset_weights
+from httm_dist.model.vggt import count_parameters
 from httm_dist.pipeline.unit import failure_record
 from httm_dist.results import ResultStore, RunSummary, SceneRecord
 from httm_dist.storage import redact
@@ -150,11 +154,6 @@ def describe_model(cfg: JobConfig) -> str:
     """One line naming the model a job runs: preset (and what it is), weights source,
     parameter count (counted on the meta device: no memory, no weights read), device and
     merging. Logged by the driver at the start of every run."""
-    import torch
-
-    from httm_dist.model import VGGT, VGGTConfig
-    from httm_dist.model.config import PRESETS
-    from httm_dist.model.vggt import count_parameters
     preset = cfg.model.preset
     shipped = _preset_weights(preset)
     if cfg.model.weights:
