@@ -38,7 +38,7 @@ from httm_dist.pipeline.publish import ResultPublisher
 from httm_dist.pipeline.runner import ModelRunner
 from httm_dist.pipeline.unit import LoadedUnit, WorkUnit, failure_record
 from httm_dist.results import ResultStore, SceneRecord
-from httm_dist.storage import redact
+from httm_dist.storage import install_log_redaction, redact, register_secrets
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,6 @@ class ReconstructionWorker:
     """
 
     def __init__(self, cfg: JobConfig, run_id: str, test_hooks: dict | None = None) -> None:
-        from httm_dist.storage import install_log_redaction, register_secrets
-
         install_log_redaction()  # this worker process's log lines pass the same redaction
         register_secrets(cfg.storage_options)
         self.cfg = cfg
