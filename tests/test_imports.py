@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "httm_dist"
-# Rooms whose function-level imports are tidied under their own issue (house-a's part of #15).
-OTHER_ROOMS = ("cluster", "pipeline", "results")
 
 
 def _modules() -> dict[str, Path]:
@@ -129,7 +127,7 @@ def _uncommented_function_imports(path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "path",
-    sorted(p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in OTHER_ROOMS),
+    sorted(PACKAGE.rglob("*.py")),
     ids=lambda p: str(p.relative_to(PACKAGE)),
 )
 def test_function_level_imports_say_why(path):

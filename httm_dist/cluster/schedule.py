@@ -168,8 +168,8 @@ class Scheduler:
     # ------------------------------------------------------------------ queries
 
     def work_left(self) -> bool:
-        """Units are queued or running (reserved units are also in no queue: they count once
-        their worker is idle or gone, which puts them back)."""
+        """Units are queued or running. A reserved unit needs no check of its own: its worker
+        is running a unit, and runs the reserved one next or gives it back when it dies."""
         return bool(self.queue) or any(w.current is not None for w in self._workers.values())
 
     def any_up(self) -> bool:

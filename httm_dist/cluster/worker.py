@@ -5,9 +5,9 @@ fsspec URL, merge config applied) and then runs unit after unit; results are wri
 output store by the worker itself, so only a small JSON-like record travels back to the
 driver.
 
-I/O overlaps compute: the driver calls ``prefetch(next_unit)`` while ``process(unit, attempt)``
-runs; a background thread fetches and decodes ``next_unit``'s images meanwhile, and its
-``process`` call takes them from there.
+I/O overlaps compute: while ``process(unit, attempt)`` runs, the driver calls ``prefetch`` with
+the unit this worker runs next; a background thread fetches and decodes that unit's images
+meanwhile, and its own ``process`` call takes them from there.
 
 Faults are sorted in two kinds:
 - the scene's own fault (``SceneError``: corrupt image, empty scene, ...; or any other
