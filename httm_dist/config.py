@@ -168,7 +168,7 @@ class JobConfig(Section):
     exclude: list[str] = Field(default_factory=list)
     image: ImageSection = ImageSection()
     output_dtype: Literal["float16", "float32"] = "float16"
-    """dtype of the dense maps in the NPZ files."""
+    """dtype of the depth and point maps in the NPZ files (confidences are always float32)."""
     on_config_change: Literal["refuse", "reprocess"] = "refuse"
     """When committed scenes were made with another model/merge config: stop, or redo them."""
     retry_failed: bool = True
