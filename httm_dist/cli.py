@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -88,8 +91,6 @@ def _demo_dataset(folder: Path, make: Any, **params: Any) -> None:
     them already (a rerun then finds its scenes committed). Other params replace the old
     scenes whole, so no frame of an earlier, longer demo stays behind; the job then sees the
     changed inputs and reprocesses them."""
-    import shutil
-
     marker = folder / DEMO_PARAMS
     if marker.is_file():
         if json.loads(marker.read_text()) == params:
@@ -108,9 +109,6 @@ def command_path(name: str) -> str:
     beside ``sys.executable`` (``.venv/bin/httm-dist`` relative to the current folder when it
     lies below it, else absolute). Without an ``httm-dist`` script there (run via
     ``python -m``), ``<python> -m httm_dist.cli``."""
-    import os
-    import shlex
-
     python = Path(sys.executable)
     target = python if name == "python" else python.parent / name
     if name != "python" and not target.exists():
@@ -129,8 +127,6 @@ def command_path(name: str) -> str:
 def _shell_quote(code: str) -> str:
     """``code`` as one shell word, in double quotes when that needs no escaping (readable:
     the Python inside keeps its single quotes), else :func:`shlex.quote`."""
-    import shlex
-
     if any(c in code for c in '"$`\\!'):
         return shlex.quote(code)
     return f'"{code}"'
@@ -139,8 +135,6 @@ def _shell_quote(code: str) -> str:
 def demo_next_steps(output: str, input_url: str, first: str) -> str:
     """What the demo prints after its run: the output layout and commands that read it, each
     runnable as printed in a fresh shell (no activated venv; see :func:`command_path`)."""
-    import shlex
-
     py, cli = command_path("python"), command_path("httm-dist")
     frames = f"{output}/frames"
     pandas_read = (f"import pandas as pd; df = pd.read_parquet({frames!r}); "

@@ -204,7 +204,7 @@ class JobConfig(Section):
         if self.max_frames is not None and self.max_frames < self.min_frames:
             raise Invalid("max_frames", f"({self.max_frames}) is below 'min_frames' ({self.min_frames}): "
                           "every scene would fail")
-        from httm_dist.model.config import preset_weights
+        from httm_dist.model.config import preset_weights  # deferred: httm_dist.model imports torch
 
         model = self.model
         if not (model.weights or preset_weights(model.preset) or model.allow_random_weights):

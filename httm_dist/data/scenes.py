@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import fsspec
+from PIL import Image
 from fsspec.implementations.tar import TarFileSystem
 from fsspec.implementations.zip import ZipFileSystem
 
@@ -45,8 +46,6 @@ Ghostscript, Windows-only metafiles, video): not frames."""
 def _pillow_image_extensions() -> frozenset[str]:
     """Every file extension of a format Pillow opens (JPEG, PNG, WebP, TIFF, BMP, GIF, ...),
     less :data:`_PILLOW_STUBS`."""
-    from PIL import Image
-
     Image.init()
     registered = Image.registered_extensions()
     return frozenset(ext for ext, fmt in registered.items() if fmt in Image.OPEN) - _PILLOW_STUBS

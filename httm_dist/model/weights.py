@@ -19,10 +19,10 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 
-from httm_dist.errors import HttmDistError
+from httm_dist.errors import ConfigError, HttmDistError
 from httm_dist.model.config import VGGTConfig, preset_weights
 from httm_dist.model.vggt import VGGT
-from httm_dist.storage import get_fs, is_local
+from httm_dist.storage import get_fs, is_local, redact
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,6 @@ def check_weights_file(
     naming the file and what to do: a wrong suffix, an unreadable or truncated file, or keys
     and shapes that do not fit the preset (counts and first examples, not every key).
     """
-    from httm_dist.errors import ConfigError
-    from httm_dist.storage import redact
-
     shown = redact(source)
     suffix = os.path.splitext(source.split("::")[0].split("?")[0])[1].lower()
     if suffix not in (".safetensors", ".pt", ".pth"):
