@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from httm_dist.errors import ConfigError, StorageError
-from httm_dist.storage import redact
+from httm_dist.storage import install_log_redaction, redact
 
 log = logging.getLogger("httm_dist.cli")
 
@@ -91,6 +91,7 @@ def _demo_dataset(folder: Path, make: Any, **params: Any) -> None:
     them already (a rerun then finds its scenes committed). Other params replace the old
     scenes whole, so no frame of an earlier, longer demo stays behind; the job then sees the
     changed inputs and reprocesses them."""
+
     marker = folder / DEMO_PARAMS
     if marker.is_file():
         if json.loads(marker.read_text()) == params:
@@ -109,6 +110,7 @@ def command_path(name: str) -> str:
     beside ``sys.executable`` (``.venv/bin/httm-dist`` relative to the current folder when it
     lies below it, else absolute). Without an ``httm-dist`` script there (run via
     ``python -m``), ``<python> -m httm_dist.cli``."""
+
     python = Path(sys.executable)
     target = python if name == "python" else python.parent / name
     if name != "python" and not target.exists():
@@ -127,6 +129,7 @@ def command_path(name: str) -> str:
 def _shell_quote(code: str) -> str:
     """``code`` as one shell word, in double quotes when that needs no escaping (readable:
     the Python inside keeps its single quotes), else :func:`shlex.quote`."""
+
     if any(c in code for c in '"$`\\!'):
         return shlex.quote(code)
     return f'"{code}"'
@@ -135,6 +138,7 @@ def _shell_quote(code: str) -> str:
 def demo_next_steps(output: str, input_url: str, first: str) -> str:
     """What the demo prints after its run: the output layout and commands that read it, each
     runnable as printed in a fresh shell (no activated venv; see :func:`command_path`)."""
+
     py, cli = command_path("python"), command_path("httm-dist")
     frames = f"{output}/frames"
     pandas_read = (f"import pandas as pd; df = pd.read_parquet({frames!r}); "
@@ -291,8 +295,12 @@ def _storage_options(text: Optional[str]) -> dict:
 
 def _add_logging(p: argparse.ArgumentParser, top: bool) -> None:
     default = 0 if top else argparse.SUPPRESS
-    p.add_argument("-v", "--verbose", action="count", default=default, help="more logging (DEBUG)")
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="more logging (DEBUG) from httm-dist itself; libraries stay at INFO")
     p.add_argument("-q", "--quiet", action="count", default=default, help="less logging (WARNING)")
+    p.add_argument("--debug-libraries", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="DEBUG logging from third-party libraries too (botocore, s3fs, ray...); "
+                   "secrets are redacted, but the output is long")
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
@@ -369,21 +377,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(verbose: int = 0, quiet: int = 0) -> None:
-    """INFO by default; ``-v`` DEBUG; ``-q`` WARNING (``-qq`` ERROR)."""
+def setup_logging(verbose: int = 0, quiet: int = 0, debug_libraries: bool = False) -> None:
+    """INFO by default; ``-v`` DEBUG for httm-dist's own loggers only; ``-q`` WARNING (``-qq``
+    ERROR) for all. Third-party loggers (botocore prints credentials at DEBUG) go to DEBUG
+    only with ``debug_libraries``. Every handler of the root logger redacts secrets."""
+
     level = logging.INFO + 10 * (min(quiet, 2) - min(verbose, 1))
+    root_level = logging.DEBUG if debug_libraries else max(level, logging.INFO)
     root = logging.getLogger()
     if root.handlers:  # embedded (tests, notebooks): keep their handlers, set the level only
-        root.setLevel(level)
+        root.setLevel(root_level)
     else:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=root_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httm_dist").setLevel(level)
+    install_log_redaction(root)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``httm-dist``; returns the exit status (see the module doc)."""
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
-    setup_logging(args.verbose, args.quiet)
+    setup_logging(args.verbose, args.quiet, args.debug_libraries)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -32,7 +32,7 @@ from httm_dist.configbase import Invalid, Section, closest, unknown_key
 from httm_dist.errors import ConfigError, StorageError
 from httm_dist.merging.config import MergeConfig
 from httm_dist.model import VGGTConfig
-from httm_dist.model.config import PATCH_SIZE
+from httm_dist.model.config import PATCH_SIZE, preset_weights
 from httm_dist.model.weights import check_weights_file
 from httm_dist.storage import check_reachable, get_fs, redact
 
@@ -168,7 +168,7 @@ class JobConfig(Section):
     exclude: list[str] = Field(default_factory=list)
     image: ImageSection = ImageSection()
     output_dtype: Literal["float16", "float32"] = "float16"
-    """dtype of the dense maps in the NPZ files."""
+    """dtype of the depth and point maps in the NPZ files (confidences are always float32)."""
     on_config_change: Literal["refuse", "reprocess"] = "refuse"
     """When committed scenes were made with another model/merge config: stop, or redo them."""
     retry_failed: bool = True
@@ -204,8 +204,6 @@ class JobConfig(Section):
         if self.max_frames is not None and self.max_frames < self.min_frames:
             raise Invalid("max_frames", f"({self.max_frames}) is below 'min_frames' ({self.min_frames}): "
                           "every scene would fail")
-        from httm_dist.model.config import preset_weights  # deferred: httm_dist.model imports torch
-
         model = self.model
         if not (model.weights or preset_weights(model.preset) or model.allow_random_weights):
             raise Invalid(

@@ -41,6 +41,7 @@ def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstra
     archive layers take no credentials.
     """
     options = dict(storage_options or {})
+    register_secrets(options)  # whatever a filesystem is given, no log or record shows
     if "::" in url:
         inner = url.rsplit("::", 1)[1]
         protocol = fsspec.core.split_protocol(inner)[0] or "file"
@@ -288,8 +289,106 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(redact(v) for v in obj)
     if isinstance(obj, str):
-        return _redact_url(obj) if "://" in obj else obj
+        return redact_text(obj)
     return obj
+
+
+# Secret values seen in storage options (register_secrets) or the environment: hidden
+# wherever they appear in text, whatever the surrounding syntax.
+_KNOWN_SECRETS: set[str] = set()
+_MIN_SECRET_LENGTH = 8  # shorter values ("1", "true") are flags, not secrets
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+# name=value, 'name': 'value', "name": value and header lines name:value (no space)
+_PAIR = re.compile(
+    r"""(?P<q>['"]?)(?P<name>[A-Za-z][A-Za-z0-9_.\-]*)(?P=q)"""
+    r"""(?P<sep>=|(?<=['"]):\s*|:(?=\S))"""
+    r"""(?P<value>b?'[^']*'|b?"[^"]*"|[^\s'",;&)}\]]+)"""
+)
+_SIGNATURE_BLOCK = re.compile(r"(?i)\b(signature:?\s*\n\s*)([0-9a-f]{32,})")
+
+
+def register_secrets(obj: Any) -> None:
+    """Remember the secret values in ``obj`` (a dict of options, searched like :func:`redact`)
+    so that :func:`redact_text` hides them wherever they appear later, e.g. in a library's
+    DEBUG line that prints a header or a signed request."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, str) and _is_sensitive_name(k) and len(v) >= _MIN_SECRET_LENGTH:
+                _KNOWN_SECRETS.add(v)
+            else:
+                register_secrets(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            register_secrets(v)
+
+
+_ENV_NOT_SECRET = {"PWD", "OLDPWD"}  # "pwd" names a password elsewhere, a folder here
+
+
+def _env_secrets() -> list[str]:
+    return [
+        v for k, v in os.environ.items()
+        if len(v) >= _MIN_SECRET_LENGTH and k not in _ENV_NOT_SECRET and _is_sensitive_name(k)
+    ]
+
+
+def redact_text(text: str) -> str:
+    """``text`` with secrets replaced by ``***``: the one redaction of logs, records, run
+    summaries and error messages.
+
+    Hides registered and environment secret values wherever they appear, passwords and
+    signed-URL parameters in URLs, the values of ``name=value`` / ``'name': 'value'`` /
+    ``header-name:value`` pairs whose name says secret (token, signature, credential,
+    authorization, ...), AWS access key ids and signature blocks.
+    """
+    if not text:
+        return text
+    for secret in sorted(_KNOWN_SECRETS.union(_env_secrets()), key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    if "://" in text:
+        text = _redact_url(text)
+
+    def pair(m: re.Match) -> str:
+        name = m.group("name")
+        # a bare "key" in prose is a dict/config key ("must look like key=value"); secret keys
+        # given as the "key" option are hidden by value above
+        if name.lower() == "key" or not _is_sensitive_name(name) or m.group("value").strip("b'\"") == REDACTED:
+            return m.group(0)
+        value = m.group("value")
+        quote = value[-1] if value[-1:] in ("'", '"') and len(value) > 1 else ""
+        prefix = "b" if value.startswith("b") and quote else ""
+        return f"{m.group('q')}{m.group('name')}{m.group('q')}{m.group('sep')}{prefix}{quote}{REDACTED}{quote}"
+
+    text = _PAIR.sub(pair, text)
+    text = _AWS_KEY_ID.sub(REDACTED, text)
+    return _SIGNATURE_BLOCK.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter passing every log record (message, arguments, traceback) through
+    :func:`redact_text`. :func:`install_log_redaction` attaches it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string is logging's own error to show
+            return True
+        record.msg, record.args = redact_text(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Attach one :class:`RedactingFilter` to every handler of ``logger`` (default: root)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 # --------------------------------------------------------------------------- validation

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override, value parsed as YAML (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging from httm-dist (libraries stay at INFO)")
     args = parser.parse_args(argv)
     forwarded = ["run", args.config]
     for item in args.set:

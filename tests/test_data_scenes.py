@@ -82,6 +82,28 @@ def test_natural_key_orders_numbers_by_value():
     assert sorted(names, key=natural_key) == ["a/f3.jpg", "F0.jpg", "f1.jpg", "f2.jpg", "f10.jpg"]
 
 
+@pytest.mark.parametrize(
+    "expected",
+    [
+        # the reported case: float timestamps written without a fixed number of decimals
+        [f"1700000000.{d}.png" for d in ("05", "1", "15", "2", "25", "3")],
+        # a second kind: decimal seconds inside a name, across a digit-count change, and no signs
+        ["cam-1.5s.jpg", "cam-2.25s.jpg", "cam-9.9s.jpg", "cam-10.0s.jpg", "cam-10.75s.jpg"],
+        ["frame_9.png", "frame_10.png", "frame_100.png"],
+    ],
+)
+def test_frames_named_by_numbers_sort_by_value(expected, tmp_path):
+    names = list(reversed(expected))
+    assert sorted(names, key=natural_key) == expected
+    scene = tmp_path / "in" / "s"
+    scene.mkdir(parents=True)
+    for name in names:
+        (scene / name).write_bytes(b"x")
+    (found,) = discover_scenes(str(tmp_path / "in"))
+    assert [f.uri.rsplit("/", 1)[-1] for f in found.frames] == expected
+    assert [f.frame_index for f in found.frames] == list(range(len(expected)))
+
+
 def test_discover_and_read_folders_and_archives(root, caplog):
     url, opts, fs, path = root
     make_dataset(fs, path)

@@ -129,3 +129,26 @@ def test_reader_accepts_format_version_1_and_2(tmp_path):
     fs.pipe_file(rec_path, json.dumps({**rec, "format_version": 3}).encode())
     with pytest.raises(ValueError, match="format_version.*upgrade httm-dist"):
         results.open(url)
+
+
+def test_frame_table_records_the_orientation_and_the_upright_size():
+    """A phone photo stored 300x200 with Orientation 6 is a 200x300 portrait in the table."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(buf, format="JPEG", exif=exif)
+    sources = [buf.getvalue(), _png(300, 200)]
+    images, geometry = load_and_preprocess_frames(sources, "crop", 56)
+    s, _, h, w = images.shape
+    k = np.tile(np.eye(3), (s, 1, 1))
+    table = build_frame_table(
+        "sc", ["phone.jpg", "plain.png"], [g.orig_hw for g in geometry], (h, w),
+        np.zeros((s, 3, 4)), k, np.ones((s, h, w)), np.ones((s, h, w)), geometry=geometry,
+    )
+    assert table.column("orig_height").to_pylist() == [300, 200]
+    assert table.column("orig_width").to_pylist() == [200, 300]
+    assert table.column("exif_orientation").to_pylist() == [6, 1]
+    assert table.column("orientation_applied").to_pylist() == [True, False]
+    # the portrait fills the 56-wide crop; the landscape is padded top and bottom in the batch
+    assert table.column("valid_box").to_pylist()[0] == [0, 0, 56, 56]
+    assert table.column("valid_box").to_pylist()[1][1] > 0

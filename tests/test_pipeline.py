@@ -173,9 +173,9 @@ def test_scene_unit_frame_table_equals_the_model(committed, scenes, dataset, ref
     _, geometry = load_and_preprocess_frames(paths, mode="crop", target_size=SIZE)
     to_orig = np.stack([g.input_to_original() for g in geometry])
     np.testing.assert_allclose(column_matrices(rows, "input_to_original"), to_orig, rtol=1e-6)
-    np.testing.assert_allclose(
-        column_matrices(rows, "intrinsic_original"), to_orig @ ref["intrinsic"], rtol=1e-5
-    )
+    with np.errstate(invalid="ignore"):  # the untrained model may predict an infinite focal
+        expected_k = to_orig @ ref["intrinsic"]
+    np.testing.assert_allclose(column_matrices(rows, "intrinsic_original"), expected_k, rtol=1e-5)
     assert rows.column("valid_box").to_pylist() == [[0, 0, W, H]] * n
     assert rows.column("orientation_applied").to_pylist() == [False] * n
     np.testing.assert_allclose(
@@ -193,7 +193,8 @@ def test_scene_unit_arrays_equal_the_model(committed, scenes, dataset, reference
         ("depth", (n, H, W)), ("depth_conf", (n, H, W)),
         ("world_points", (n, H, W, 3)), ("world_points_conf", (n, H, W)),
     ]:
-        assert arrays[key].shape == shape and arrays[key].dtype == np.float16, key
+        dtype = np.float32 if key.endswith("_conf") else np.float16  # confidences keep their order
+        assert arrays[key].shape == shape and arrays[key].dtype == dtype, key
         np.testing.assert_allclose(arrays[key].astype(np.float32), ref[key], **F16, err_msg=key)
     assert arrays["extrinsic"].dtype == np.float32
     np.testing.assert_allclose(arrays["extrinsic"], ref["extrinsic"], rtol=1e-5, atol=1e-6)

@@ -87,8 +87,9 @@ def test_scene_arrays_dtypes_and_npz_round_trip(dense):
     pred = random_prediction()
     pred["extrinsic"] = torch.from_numpy(pred["extrinsic"]).double()
     arrays = scene_arrays(pred, dense_dtype=dense)
-    for key in ("depth", "depth_conf", "world_points", "world_points_conf"):
+    for key in ("depth", "world_points"):
         assert arrays[key].dtype == np.dtype(dense)
+    assert arrays["depth_conf"].dtype == arrays["world_points_conf"].dtype == np.float32
     assert arrays["extrinsic"].dtype == np.float32 and arrays["intrinsic"].dtype == np.float32
     back = load_npz(npz_bytes(arrays))  # allow_pickle=False inside: str arrays must not need it
     assert back["frame_uris"].tolist() == pred["frame_uris"]
@@ -97,3 +98,23 @@ def test_scene_arrays_dtypes_and_npz_round_trip(dense):
     assert back["depth"].shape == (3, 6, 8, 1)
     with pytest.raises(ValueError, match="dense_dtype"):
         scene_arrays(pred, dense_dtype="int8")
+
+
+@pytest.mark.parametrize("key,logit,f16_unique", [
+    ("depth_conf", (-12.0, -4.0), 0.5),        # the reported case: most within 0.02 of 1
+    ("world_points_conf", (-3.0, 6.0), 0.9),   # a second kind: a wide spread, ties above 1 too
+])
+def test_confidence_ranking_survives_float16_outputs(key, logit, f16_unique):
+    """Confidence is 1 + exp(x); stored from a float16 job, "drop the lowest 20%" still drops 20%."""
+    rng = np.random.default_rng(7)
+    pred = random_prediction(s=2, h=40, w=50, seed=3)
+    x = rng.uniform(*logit, size=pred[key].shape)
+    pred[key] = (1.0 + np.exp(x)).astype(np.float32)
+    stored = load_npz(npz_bytes(scene_arrays(pred, dense_dtype="float16")))[key]
+    assert len(np.unique(stored)) == len(np.unique(pred[key]))  # no ties made by storage
+    np.testing.assert_array_equal(np.argsort(stored, axis=None), np.argsort(pred[key], axis=None))
+    threshold = np.quantile(stored, 0.2)
+    assert (stored > threshold).mean() == pytest.approx(0.8, abs=1e-3)
+    # what float16 did: a large share tied at the bottom, so the 20% cut kept far more or less
+    f16 = pred[key].astype(np.float16)
+    assert len(np.unique(f16)) < f16_unique * f16.size

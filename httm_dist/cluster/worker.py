@@ -78,6 +78,10 @@ class ReconstructionWorker:
     """
 
     def __init__(self, cfg: JobConfig, run_id: str, test_hooks: dict | None = None) -> None:
+        from httm_dist.storage import install_log_redaction, register_secrets
+
+        install_log_redaction()  # this worker process's log lines pass the same redaction
+        register_secrets(cfg.storage_options)
         self.cfg = cfg
         self.run_id = run_id
         self._test_hooks = dict(test_hooks or {})

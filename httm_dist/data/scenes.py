@@ -3,7 +3,8 @@
 An input is either
 
 - a root whose immediate children are scenes: a folder/prefix of images (searched
-  recursively, frames in natural-sort order of their path relative to the scene folder), or a
+  recursively, frames in natural-sort order of their path relative to the scene folder, numbers
+  by value with decimals: :func:`natural_key`), or a
   ``.tar`` / ``.tar.gz`` / ``.zip`` archive of images (scene id = the name without
   that suffix) read in place through fsspec's archive filesystems, never extracted to disk
   (a gzipped tar can only be read front to back: each scene's frames are read in one pass); or
@@ -30,6 +31,8 @@ import fsspec
 from PIL import Image
 from fsspec.implementations.tar import TarFileSystem
 from fsspec.implementations.zip import ZipFileSystem
+import natsort
+from PIL import Image
 
 from httm_dist.data.manifest import manifest_scenes
 from httm_dist.data.spec import FrameRef, SceneSpec, object_version, validate_scene_id
@@ -61,15 +64,17 @@ MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv", ".jsonl"})
 # --------------------------------------------------------------------------- helpers
 
 
+_NATSORT_KEY = natsort.natsort_keygen(alg=natsort.ns.PATH | natsort.ns.FLOAT | natsort.ns.NOEXP | natsort.ns.IGNORECASE)
+
+
 def natural_key(relpath: str) -> tuple:
-    """Sort key putting ``frame2`` before ``frame10``, component by component of a path."""
-    key = []
-    for part in relpath.split("/"):
-        chunks = re.split(r"(\d+)", part)
-        key.append(
-            tuple((0, int(c), c) if c.isdigit() else (1, 0, c.lower()) for c in chunks)
-        )
-    return (tuple(key), relpath)
+    """Sort key of a frame's path relative to its scene: natsort's path order.
+
+    Folder by folder, case-insensitively, numbers by value with decimals (``frame_9`` before
+    ``frame_10``; ``1700000000.05.png`` before ``1700000000.1.png``), no signs (``frame-2`` is
+    2) and no exponents; the path itself breaks ties. A manifest ``frame_index`` overrides it.
+    """
+    return (_NATSORT_KEY(relpath), relpath)
 
 
 def is_image_name(name: str) -> bool:

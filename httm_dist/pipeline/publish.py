@@ -26,7 +26,7 @@ from httm_dist.errors import SceneError
 from httm_dist.model.preprocess import FrameGeometry
 from httm_dist.pipeline.chunks import PRED_KEYS, ChunkPrediction, assemble_chunks
 from httm_dist.pipeline.preview import write_preview_files
-from httm_dist.pipeline.runner import ModelRunner
+from httm_dist.pipeline.runner import ModelRunner, nonfinite_counts
 from httm_dist.pipeline.unit import LoadedUnit, WorkUnit
 from httm_dist.results import ResultStore, SceneRecord, build_frame_table, scene_arrays
 from httm_dist.storage import redact
@@ -76,6 +76,7 @@ class ResultPublisher:
                 "merge_hash": self.merge_hash,
                 "input_fingerprint": scene_fingerprint(unit.scene),
                 "worker_host": self.host,
+                "fp32_retry": loaded.fp32_retry,
             }
             arrays = {k: np.asarray(v) for k, v in preds.items()}
             loaded.timings["commit"] = self.store.write_chunk(scene_id, unit.chunk_index, arrays, meta)
@@ -84,10 +85,12 @@ class ResultPublisher:
                 scene_id, chunk_index=unit.chunk_index, frame_range=meta["frame_range"],
                 num_frames=len(loaded.frame_uris), chunks=unit.num_chunks,
                 model_hash=self.model_hash, merge_hash=self.merge_hash,
-                seconds=sum(loaded.timings.values()), timings=loaded.timings, **extra,
+                seconds=sum(loaded.timings.values()), timings=loaded.timings,
+                fp32_retry=loaded.fp32_retry, **extra,
             )
 
         record = self._record(unit, len(loaded.frame_uris), loaded.timings, record_extra)
+        record = record.replace(fp32_retry=loaded.fp32_retry)
         return self._write_scene(
             scene_id, preds, loaded.frame_uris, loaded.frame_indices, loaded.original_hw,
             loaded.input_hw, record, loaded.geometry or None,
@@ -163,6 +166,7 @@ class ResultPublisher:
             alignment_flagged=bool(flagged),
             chunk_ranges=summary["chunk_ranges"],
             frame_source_chunk=assembled.source_chunk.tolist(),
+            fp32_retry=any(bool(m.get("fp32_retry")) for m in metas),
         )
         written = self._write_scene(
             scene_id, preds, uris, indices, original_hw, input_hw, record,
@@ -202,6 +206,13 @@ class ResultPublisher:
         record: SceneRecord,
         geometry: Optional[list] = None,
     ) -> SceneRecord:
+        nonfinite = nonfinite_counts({k: preds[k] for k in PRED_KEYS})
+        record = record.replace(nonfinite_values=nonfinite)
+        if nonfinite:
+            log.warning(
+                "scene '%s': committed with non-finite values %s (see 'nonfinite_values' in its "
+                "record; statistics ignore them)", scene_id, nonfinite,
+            )
         table = build_frame_table(
             scene_id,
             list(frame_uris),

@@ -10,11 +10,12 @@ Ray.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
 import time
-from typing import Optional
+from typing import Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -138,8 +139,37 @@ class ModelRunner:
     def run(self, loaded: LoadedUnit) -> dict[str, np.ndarray]:
         """The model on the unit's frames. Returns float32 numpy arrays with the frame axis
         first: depth [S,H,W], depth_conf [S,H,W], world_points [S,H,W,3], world_points_conf
-        [S,H,W], extrinsic [S,3,4] (world-to-camera), intrinsic [S,3,3], pose_enc [S,9]."""
+        [S,H,W], extrinsic [S,3,4] (world-to-camera), intrinsic [S,3,3], pose_enc [S,9].
+
+        Non-finite values (fp16 autocast can overflow on GPUs below compute capability 8) are
+        never passed on silently: the unit is rerun once with autocast off (fp32; bf16 has
+        fp32's range but is already what capability-8 GPUs use), which sets
+        ``loaded.fp32_retry``. If a camera, or a whole frame's depth or points, is still
+        non-finite, raises :class:`SceneError`; scattered non-finite pixels are kept (the
+        publisher counts them in the scene's record, see :func:`nonfinite_counts`).
+        """
         t0 = time.perf_counter()
+        arrays = self._forward(loaded)
+        model_outputs = {k: arrays[k] for k in _MODEL_OUTPUTS}
+        if nonfinite_counts(model_outputs):
+            log.warning(
+                "unit %s: non-finite predictions (%s); rerunning it in fp32",
+                loaded.unit.unit_id, nonfinite_counts(model_outputs),
+            )
+            with self._full_precision():
+                arrays = self._forward(loaded)
+            loaded.fp32_retry = True
+        fatal = _fatal_nonfinite(arrays)
+        if fatal:
+            raise SceneError(
+                f"scene '{loaded.unit.scene_id}': the model's predictions are not finite ({fatal}) "
+                f"even in fp32{'' if loaded.fp32_retry else ' (no reduced precision was used)'}: "
+                "check the weights, the images and model.preset; nothing was committed"
+            )
+        loaded.timings["run"] = time.perf_counter() - t0
+        return arrays
+
+    def _forward(self, loaded: LoadedUnit) -> dict[str, np.ndarray]:
         images = loaded.images.to(self.device)
         with torch.inference_mode():
             out = self.model(images)
@@ -153,6 +183,49 @@ class ModelRunner:
             "intrinsic": intrinsic[0],
             "pose_enc": out["pose_enc"][0],
         }
-        arrays = {k: v.detach().float().cpu().numpy() for k, v in preds.items()}
-        loaded.timings["run"] = time.perf_counter() - t0
-        return arrays
+        return {k: v.detach().float().cpu().numpy() for k, v in preds.items()}
+
+    @contextlib.contextmanager
+    def _full_precision(self) -> Iterator[None]:
+        """Autocast off in the model's aggregator (the heads always run in fp32)."""
+        aggregator = getattr(self.model, "aggregator", None)
+        previous = getattr(aggregator, "use_amp", None)
+        if previous is not None:
+            aggregator.use_amp = False
+        try:
+            yield
+        finally:
+            if previous is not None:
+                aggregator.use_amp = previous
+
+
+#: Dense maps that are fatal for the unit when non-finite over a whole frame. An infinite
+#: focal from a zero predicted field of view is counted, not fatal.
+_DENSE_CHECKED = ("depth", "world_points")
+#: What the network itself outputs (cameras are derived from ``pose_enc``): a non-finite
+#: value here triggers the fp32 retry.
+_MODEL_OUTPUTS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc")
+
+
+def nonfinite_counts(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """``{key: number of NaN/inf values}`` of the prediction arrays that have any."""
+    counts = {k: int(np.size(v) - np.count_nonzero(np.isfinite(v))) for k, v in arrays.items()
+              if np.issubdtype(np.asarray(v).dtype, np.floating)}
+    return {k: c for k, c in counts.items() if c}
+
+
+def _fatal_nonfinite(arrays: Mapping[str, np.ndarray]) -> str:
+    """What makes the predictions unusable ("" if nothing): a non-finite camera encoding
+    (or extrinsic), or a frame whose depth or points are non-finite everywhere."""
+    problems = []
+    for key in ("pose_enc", "extrinsic"):
+        if key in arrays and not np.isfinite(arrays[key]).all():
+            bad = np.nonzero(~np.isfinite(arrays[key]).reshape(len(arrays[key]), -1).all(axis=1))[0]
+            problems.append(f"{key} of frame(s) {bad.tolist()[:10]}")
+    for key in _DENSE_CHECKED:
+        if key in arrays:
+            a = arrays[key]
+            empty = np.nonzero(~np.isfinite(a).reshape(a.shape[0], -1).any(axis=1))[0]
+            if len(empty):
+                problems.append(f"all of {key} in frame(s) {empty.tolist()[:10]}")
+    return "; ".join(problems)

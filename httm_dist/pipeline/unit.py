@@ -105,6 +105,8 @@ class LoadedUnit:
     pixels, valid box, EXIF orientation)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent per step (``load``, ``run``, ``commit``)."""
+    fp32_retry: bool = False
+    """The first forward pass gave non-finite values and the unit was rerun in fp32."""
 
     @property
     def input_hw(self) -> tuple[int, int]:

@@ -62,6 +62,9 @@ FRAME_SCHEMA = pa.schema(
 V2_COLUMNS = ("input_to_original", "intrinsic_original", "valid_box", "exif_orientation", "orientation_applied")
 
 DENSE_KEYS = ("depth", "depth_conf", "world_points", "world_points_conf")
+#: Confidences (1 + exp(x), so values crowd just above 1) are always float32: float16's step
+#: of ~0.001 at 1.0 would tie a third of a scene's confidences and break their ranking.
+CONF_KEYS = ("depth_conf", "world_points_conf")
 CAMERA_KEYS = ("extrinsic", "intrinsic")
 DENSE_DTYPES = ("float16", "float32")
 
@@ -215,11 +218,13 @@ def column_matrices(table: pa.Table, name: str) -> np.ndarray:
 
 
 def scene_arrays(pred_arrays: Mapping[str, Any], dense_dtype: str = "float16") -> dict[str, np.ndarray]:
-    """The per-scene NPZ content: dense maps in ``dense_dtype``, cameras float32, URIs as str.
+    """The per-scene NPZ content: dense maps in ``dense_dtype``, confidences and cameras
+    float32, URIs as str.
 
-    Known keys: ``depth``, ``depth_conf``, ``world_points``, ``world_points_conf`` (cast to
-    ``dense_dtype``, ``"float16"`` by default or ``"float32"``), ``extrinsic``, ``intrinsic``
-    (float32), ``frame_uris`` (unicode array, loadable without pickle). Other keys are kept as
+    Known keys: ``depth``, ``world_points`` (cast to ``dense_dtype``, ``"float16"`` by default
+    or ``"float32"``), ``depth_conf``, ``world_points_conf`` (float32 whatever
+    ``dense_dtype``, so their order survives), ``extrinsic``, ``intrinsic`` (float32),
+    ``frame_uris`` (unicode array, loadable without pickle). Other keys are kept as
     numpy arrays; ``None`` values are dropped.
     """
     if dense_dtype not in DENSE_DTYPES:
@@ -232,10 +237,10 @@ def scene_arrays(pred_arrays: Mapping[str, Any], dense_dtype: str = "float16") -
             out[key] = np.asarray([str(u) for u in value], dtype=str)
             continue
         a = _numpy(value)
-        if key in DENSE_KEYS:
-            a = a.astype(dense_dtype)
-        elif key in CAMERA_KEYS:
+        if key in CONF_KEYS or key in CAMERA_KEYS:
             a = a.astype(np.float32)
+        elif key in DENSE_KEYS:
+            a = a.astype(dense_dtype)
         if a.dtype == object:
             raise ValueError(f"array {key!r} has dtype object; NPZ outputs must load without pickle")
         out[key] = a

@@ -173,6 +173,10 @@ class SceneRecord(_Record):
     alignment_flagged: Optional[bool] = None
     chunk_ranges: Optional[list] = None
     frame_source_chunk: Optional[list] = None
+    # trust in the numbers: rerun in fp32 after non-finite predictions; NaN/inf values
+    # committed per array ({} when none)
+    fp32_retry: Optional[bool] = None
+    nonfinite_values: Optional[dict] = None
     # a failure whose record could not be written (reported to the driver only)
     failure_write_error: Optional[str] = None
     extra: dict = field(default_factory=dict)
