@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import fsspec
-from PIL import Image
 from fsspec.implementations.tar import TarFileSystem
 from fsspec.implementations.zip import ZipFileSystem
 import natsort
