@@ -145,7 +145,7 @@ def demo_next_steps(output: str, input_url: str, first: str) -> str:
         f"\noutputs: {output}",
         "  frames/   per-frame Parquet, one file per scene (pandas, pyarrow, DuckDB, Polars)",
         "  arrays/   per-scene NPZ: depth, depth_conf, world_points, world_points_conf, "
-        "extrinsic, intrinsic, frame_uris",
+        "extrinsic, intrinsic, frame_uris, frame_indices",
         "  scenes/   per-scene records (done/failed, timings, config hashes, input fingerprints)",
         "  runs/     run summaries",
         "read them:",

@@ -363,10 +363,11 @@ def _check_weights(url: str, preset: str, storage_options: dict) -> None:
             "network access and storage_options"
         ) from None
     if not exists:
-        raise ConfigError(
-            f"'model.weights' file '{url}' does not exist: fix the path, or set "
-            "model.weights: null to use the preset's shipped weights"
-        )
+        fallback = ("or set model.weights: null to use the preset's shipped weights"
+                    if preset_weights(preset) else
+                    f"preset '{preset}' ships no weights (download its checkpoint, e.g. "
+                    "hf://facebook/VGGT-1B/model.safetensors, and point model.weights at it)")
+        raise ConfigError(f"'model.weights' file '{url}' does not exist: fix the path, {fallback}")
     check_weights_file(preset, url, options)
 
 

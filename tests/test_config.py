@@ -197,8 +197,12 @@ def test_validate_resources(tmp_path):
     validate_resources(ok)  # weights null, input present, output creatable
 
     weights = tmp_path / "w.safetensors"
-    with pytest.raises(ConfigError, match=r"'model.weights' file .*w\.safetensors' does not exist"):
-        validate_resources(load_config(ok.to_dict(), [f"model.weights={weights}"]))
+    with pytest.raises(ConfigError, match=r"'model.weights' file .*w\.safetensors' does not exist") as err:
+        validate_resources(load_config(ok.to_dict(), [f"model.weights={weights}", "model.preset=tiny-synthetic"]))
+    assert "model.weights: null" in str(err.value)  # tiny-synthetic ships weights: null is a way out
+    with pytest.raises(ConfigError, match=r"does not exist: .*'tiny' ships no weights") as err:
+        validate_resources(load_config(ok.to_dict(), [f"model.weights={weights}"]))  # tiny ships none
+    assert "model.weights: null" not in str(err.value)  # that would only lead to the next error
     weights.write_bytes(b"x")  # exists, but is no checkpoint (tests/test_first_hour.py has more)
     with pytest.raises(ConfigError, match=r"w\.safetensors' is not a readable \.safetensors checkpoint"):
         validate_resources(load_config(ok.to_dict(), [f"model.weights={weights}"]))

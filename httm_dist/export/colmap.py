@@ -29,8 +29,9 @@ def require_pycolmap() -> Any:
         import pycolmap  # optional: the [export] extra
     except ImportError:
         raise ConfigError(
-            "--format colmap needs pycolmap, which is not installed: pip install 'httm-dist[export]' "
-            "(or pip install pycolmap)"
+            "--format colmap needs pycolmap, which is not installed: install the export extra "
+            "into the Python that runs httm-dist (from a clone: .venv/bin/pip install -e '.[export]'; "
+            "from an index: pip install 'httm-dist[export]')"
         ) from None
     return pycolmap
 
