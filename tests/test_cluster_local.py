@@ -19,7 +19,7 @@ from httm_dist.cluster.worker import ReconstructionWorker, WorkerFault
 from httm_dist.config import load_config
 from httm_dist.data import discover_scenes
 from httm_dist.errors import ConfigError
-from httm_dist.pipeline.unit import plan_units
+from httm_dist.pipeline.unit import WorkUnit, plan_units
 from httm_dist.results import ResultStore
 
 __all__ = ["dataset"]  # fixtures used here
@@ -170,3 +170,36 @@ def test_saved_chunks_are_reused_only_under_the_same_plan(dataset, tmp_path):
     other = plan_work(job(dataset["root"], out, include=[LONG], chunk={"max_frames": 6, "overlap": 2}),
                       store, "r2")
     assert other.reused_chunks == 0 and 0 in other.scenes[LONG].waiting_chunks
+
+
+def test_worker_prefetch_of_a_replaced_chunk_is_not_used_for_its_re_plan(dataset, tmp_path):
+    """After an out-of-memory re-plan a chunk keeps its unit_id (``l_long#chunk-001``) but
+    covers other frames: the worker must run the new unit's frames, not the old prefetch."""
+    from cluster_data import LONG, LONG_FRAMES
+
+    cfg = job(dataset["root"], tmp_path / "out", include=[LONG])
+    scene = {s.scene_id: s for s in discover_scenes(str(dataset["root"]))}[LONG]
+    worker = ReconstructionWorker.__ray_actor_class__(cfg, "run-p")
+    old = WorkUnit(scene, "chunk", 1, (4, LONG_FRAMES), 2)
+    new = WorkUnit(scene, "chunk", 1, (2, 5), 4)
+    assert old.unit_id == new.unit_id and old != new
+    worker.prefetch(old)
+    worker.prefetch(new)
+    loaded = worker._take_loaded(new, {})
+    assert list(loaded.frame_indices) == [2, 3, 4]
+
+
+def test_worker_records_a_failed_commit_with_its_own_error(dataset, tmp_path, monkeypatch):
+    """A commit that raises (storage gone, a bad table) is a failed record naming that error,
+    not a crash of the worker's failure path."""
+    cfg = job(dataset["root"], tmp_path / "out")
+    scene = {s.scene_id: s for s in discover_scenes(str(dataset["root"]))}["a"]
+    worker = ReconstructionWorker.__ray_actor_class__(cfg, "run-c")
+
+    def broken_commit(*args, **kwargs):
+        raise OSError("the bucket went away")
+
+    monkeypatch.setattr(worker.publisher, "commit", broken_commit)
+    rec = worker.process(plan_units(scene, cfg)[0], 1)
+    assert rec.status == "failed" and rec.error == "OSError: the bucket went away"
+    assert rec.finished_at is not None and rec.finished_at >= rec.started_at

@@ -98,7 +98,9 @@ class ReconstructionWorker:
         self.store = ResultStore(cfg.output, cfg.storage_options)
         self.publisher = ResultPublisher(cfg, self.store, str(self.runner.device))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-        self._prefetched: dict[str, Future] = {}  # unit_id -> its load
+        # unit -> its load, keyed by the whole (frozen) unit: after an out-of-memory re-plan a
+        # chunk keeps its unit_id but covers other frames
+        self._prefetched: dict[WorkUnit, Future] = {}
         self._lock = threading.Lock()
         self._info = {
             "host": socket.gethostname(),
@@ -118,10 +120,9 @@ class ReconstructionWorker:
         (an assemble unit has no images: nothing to fetch)."""
         if unit.kind == "assemble":
             return
-        key = unit.unit_id
         with self._lock:
-            if key not in self._prefetched:
-                self._prefetched[key] = self._pool.submit(self.runner.load, unit)
+            if unit not in self._prefetched:
+                self._prefetched[unit] = self._pool.submit(self.runner.load, unit)
             # Keep only a couple of loads around: a stale one (its unit went elsewhere after a
             # retry) must not pin decoded images forever.
             while len(self._prefetched) > 2:
@@ -132,7 +133,7 @@ class ReconstructionWorker:
         Notes in ``extra`` whether it was prefetched and how long the model waited for I/O."""
         t0 = time.monotonic()
         with self._lock:
-            future = self._prefetched.pop(unit.unit_id, None)
+            future = self._prefetched.pop(unit, None)
         prefetched = future is not None and not future.cancelled()
         try:
             # future.result() re-raises the load's SceneError, if any
@@ -174,7 +175,8 @@ class ReconstructionWorker:
             log.warning("%s failed: %s", unit.describe(), exc)
         else:
             log.error("%s failed unexpectedly:\n%s", unit.describe(), traceback.format_exc())
-        extra = {k: v for k, v in extra.items() if k != "attempts"}
+        # attempts and finished_at are set here (a failed commit already noted finished_at)
+        extra = {k: v for k, v in extra.items() if k not in ("attempts", "finished_at")}
         record = failure_record(unit, exc, self.cfg, attempt, finished_at=time.time(),
                                 worker_host=self._info["host"], **extra)
         try:
