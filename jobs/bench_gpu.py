@@ -1,7 +1,7 @@
 """GPU speed of token merging in the whole model (issue 14): prints Markdown tables.
 
     python jobs/bench_gpu.py                     # on a CUDA machine: the issue's table, < 8 min on an H200
-    python jobs/bench_gpu.py --profile 100       # + torch.profiler of one httm forward at 100 frames
+    python jobs/bench_gpu.py --profile 100 --out "$OUT"   # + torch.profiler of one httm forward at 100 frames
     python jobs/bench_gpu.py --quick             # tiny model on CPU, a smoke run in seconds
 
 What it measures, in ONE run so the speedups compare like with like (random VGGT-1B weights,
@@ -10,7 +10,8 @@ frames of 294x518 = 782 tokens, bf16 autocast as the model runs on CUDA):
 1. The whole aggregator (its head layers kept, as in VGGT) and the whole model (aggregator and
    heads), for dense / uniform / httm / httm with plan reuse (``plan_reuse=2``) under the
    default MergeConfig (so below ``min_tokens`` merging runs dense), and ``httm always``
-   (``min_tokens=0``) at the short lengths, to re-measure the crossover. Time (median of 3
+   (``min_tokens=0``) at its own lengths (``--always-frames``, 16-64 frames = 12.5k-50k tokens,
+   next to dense there), to re-measure the ``min_tokens`` crossover (40000 by default). Time (median of 3
    after a warm-up below ``LONG_S``, else one run), speedup over dense, peak GPU memory
    (``max_memory_allocated``, weights included), and the issue's targets.
 2. Per-layer phase split of the merged strategies (one extra forward with
@@ -181,33 +182,41 @@ def phase_split(model: torch.nn.Module, cfg: MergeConfig, run: Callable[[], Any]
 
 def layer_alone(frames: int, tokens: int, grid: tuple[int, int], psi: int, arch: VGGTConfig, cfg: MergeConfig,
                 device: torch.device, dtype: torch.dtype, bench: Bench) -> Optional[float]:
-    """The attention step of one global layer alone (q, k, v in, output out), seconds."""
+    """The attention step of one global layer alone (q, k, v in, output out), seconds; None when
+    the budget is spent (the inputs are made on the device, inside the budget)."""
     from httm_dist.merging.patch import _STRATEGIES
     from httm_dist.merging.base import SharedState
 
     H, d = arch.num_heads, arch.embed_dim // arch.num_heads
     N = frames * tokens
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, H, N, d, generator=g).to(device, dtype) for _ in range(3))
-    x = torch.randn(1, N, arch.embed_dim, generator=g).to(device)
+    if bench.left() <= 0:
+        bench.skipped.append(f"alone {cfg.strategy} at {frames} frames (budget spent)")
+        return None
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(1, H, N, d, generator=g, device=device, dtype=dtype) for _ in range(3))
+    x = torch.randn(1, N, arch.embed_dim, generator=g, device=device)
     ctx = AttentionContext(frames, tokens, grid, psi, 0, x)
     fn = _STRATEGIES[cfg.strategy](cfg, 0, 0, SharedState(cfg))
     fn.prepare(ctx, device)
     return bench.timed(("alone", cfg.strategy), frames, lambda: fn(q, k, v, ctx))
 
 
-def job_order(frames: list[int], model_frames: list[int], names: list[str], always_max: int,
+def job_order(frames: list[int], model_frames: list[int], names: list[str], always_frames: list[int],
               split: bool) -> list[tuple[str, int, str]]:
     """(part, frames, strategy) in priority order, so the budget skips the least needed:
     (1) aggregator dense and httm at every length (the issue's targets), (2) aggregator
-    uniform, (3) whole model dense and httm, (4) plan reuse and ``httm always``, (5) whole
+    uniform, (3) whole model dense and httm, (4) plan reuse and ``httm always`` at its own lengths ``always_frames``, spanning the
+    ``min_tokens`` crossover (with dense there, where ``frames`` lacks it), (5) whole
     model uniform and reuse, (6) the profiled phase splits (part ``split``)."""
     has = set(names)
     jobs = [("aggregator", f, n) for f in frames for n in ("dense", "httm") if n in has]
     jobs += [("aggregator", f, "uniform") for f in frames if "uniform" in has]
     jobs += [("model", f, n) for f in model_frames for n in ("dense", "httm") if n in has]
     jobs += [("aggregator", f, "httm+reuse") for f in frames if "httm+reuse" in has]
-    jobs += [("aggregator", f, "httm always") for f in frames if f <= always_max and "httm always" in has]
+    if "httm always" in has:
+        for f in always_frames:
+            jobs += [("aggregator", f, "dense")] if f not in frames and "dense" in has else []
+            jobs.append(("aggregator", f, "httm always"))
     jobs += [("model", f, n) for f in model_frames for n in ("uniform", "httm+reuse") if n in has]
     if split:
         jobs += [("split", f, n) for f in frames for n in ("httm", "httm+reuse", "uniform") if n in has]
@@ -215,9 +224,10 @@ def job_order(frames: list[int], model_frames: list[int], names: list[str], alwa
 
 
 def run_jobs(model: torch.nn.Module, jobs: list[tuple[str, int, str]], height: int, width: int,
-             strats: list, bench: Bench) -> list[dict]:
+             strats: list, bench: Bench, on_job: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
     """One row per (part, frames, strategy) job that ran (time None when the budget skipped
-    it); ``split`` jobs add the phase split to their aggregator row."""
+    it); ``split`` jobs add the phase split to their aggregator row. ``on_job`` gets the rows
+    so far after each job (to save them, so a timeout keeps what was measured)."""
     device = bench.device
     psi = model.aggregator.patch_start_idx
     grid = (height // model.aggregator.patch_size, width // model.aggregator.patch_size)
@@ -244,6 +254,8 @@ def run_jobs(model: torch.nn.Module, jobs: list[tuple[str, int, str]], height: i
                     bench.skipped.append(f"phase split {name} at {frames} frames")
                 continue
             row["split"] = phase_split(model, cfg, run, device, (frames, tokens), grid)
+            if on_job is not None:
+                on_job(_sorted_rows(rows, cfgs))
             continue
         apply_merging(model, cfg)
         prepare(model, frames, tokens, grid, psi, device)
@@ -253,7 +265,13 @@ def run_jobs(model: torch.nn.Module, jobs: list[tuple[str, int, str]], height: i
             "part": part, "frames": frames, "tokens": frames * tokens, "strategy": name, "seconds": t,
             "peak_bytes": peak_bytes(device) if t is not None else None}
         log.info("%s %d frames %s: %s s", part, frames, name, "skipped" if t is None else f"{t:.3f}")
+        if on_job is not None:
+            on_job(_sorted_rows(rows, cfgs))
     apply_merging(model, MergeConfig(strategy="dense"))
+    return _sorted_rows(rows, cfgs)
+
+
+def _sorted_rows(rows: dict, cfgs: dict) -> list[dict]:
     order = {n: i for i, n in enumerate(cfgs)}
     return sorted(rows.values(), key=lambda r: (r["part"] != "aggregator", r["frames"], order[r["strategy"]]))
 
@@ -307,30 +325,38 @@ def split_table(rows: list[dict]) -> str:
 
 
 def memory_report(rows: list[dict], arch: VGGTConfig, height: int, width: int) -> str:
-    """Measured peaks next to the memory model; the refitted work constant (least squares on
-    the aggregator's dense peaks, the other terms as in the model)."""
+    """Measured peaks next to the memory model, and the refitted work constant.
+
+    The whole VGGT sits on the GPU for every row, so an aggregator row's model adds the heads'
+    weights to the aggregator's. ``WORK_BYTES_PER_CHANNEL`` is refitted from the slope between
+    the two largest dense aggregator lengths (bytes per frame; the fixed terms, weights and
+    allocator state, cancel), the model's other per-frame terms taken as they are."""
     lines = ["| part | frames | strategy | measured GB | model GB |", "|---|---|---|---|---|"]
-    refit = []
+    heads = (memory._parameter_count(arch, True) - memory._parameter_count(arch, False)) * 4
+    dense = []
     for r in rows:
         if r["peak_bytes"] is None:
             continue
+        agg = r["part"] == "aggregator"
         mm = memory.memory_model(arch, height, width, "dense" if r["strategy"] == "dense" else
                                  ("uniform" if r["strategy"] == "uniform" else "httm"),
-                                 whole_model=r["part"] == "model")
+                                 whole_model=not agg)
         lines.append(f"| {r['part']} | {r['frames']} | {r['strategy']} | {r['peak_bytes'] / 1e9:.2f} | "
-                     f"{mm.peak_bytes(r['frames']) / 1e9:.2f} |")
-        if r["part"] == "aggregator" and r["strategy"] == "dense":
-            # peak = fixed + frames * (tokens * (kept + w * C) + pixels * 24): solve for w
-            base = memory.memory_model(arch, height, width, "dense", whole_model=False)
-            tokens = r["tokens"]
-            explained = base.peak_bytes(r["frames"]) - tokens * memory.WORK_BYTES_PER_CHANNEL * arch.embed_dim
-            refit.append((r["peak_bytes"] - explained) / (tokens * arch.embed_dim))
-    if refit:
+                     f"{(mm.peak_bytes(r['frames']) + (heads if agg else 0)) / 1e9:.2f} |")
+        if agg and r["strategy"] == "dense":
+            dense.append(r)
+    dense = sorted(dense, key=lambda r: r["frames"])[-2:]
+    if len(dense) == 2 and dense[1]["frames"] > dense[0]["frames"]:
+        (a, b), C = dense, arch.embed_dim
+        slope = (b["peak_bytes"] - a["peak_bytes"]) / (b["frames"] - a["frames"])  # bytes per frame
+        per_frame_tokens = b["tokens"] / b["frames"]
+        base = memory.memory_model(arch, height, width, "dense", whole_model=False).per_frame_bytes
+        other = base - per_frame_tokens * memory.WORK_BYTES_PER_CHANNEL * C  # pixels, kept outputs
+        w = (slope - other) / (per_frame_tokens * C)
         lines.append("")
-        lines.append(f"Refitted WORK_BYTES_PER_CHANNEL (aggregator, dense; per length): "
-                     f"{', '.join(f'{w:.1f}' for w in refit)}; median {statistics.median(refit):.1f} "
-                     f"(now {memory.WORK_BYTES_PER_CHANNEL}). The whole model's excess over the model "
-                     "at the largest length refits HEAD_WORK_BYTES.")
+        lines.append(f"Refitted WORK_BYTES_PER_CHANNEL (aggregator, dense; slope between {a['frames']} and "
+                     f"{b['frames']} frames): {w:.1f} (now {memory.WORK_BYTES_PER_CHANNEL}). The whole "
+                     "model's excess over the model at the largest length refits HEAD_WORK_BYTES.")
     return "\n".join(lines)
 
 
@@ -385,8 +411,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model on CPU, seconds (a smoke run)")
     ap.add_argument("--frames", default="32,100,300,500,1000", help="aggregator frame counts")
     ap.add_argument("--model-frames", default="32,100,300", help="whole-model frame counts")
-    ap.add_argument("--always-max-frames", type=int, default=100,
-                    help="run 'httm always' (min_tokens 0) up to this many frames")
+    ap.add_argument("--always-frames", default="16,32,48,64",
+                    help="frame counts of 'httm always' (min_tokens 0), around the min_tokens crossover "
+                         "(782 tokens a frame: 12.5k-50k tokens)")
     ap.add_argument("--height", type=int, default=294)
     ap.add_argument("--width", type=int, default=518)
     ap.add_argument("--preset", default="vggt-1b")
@@ -410,7 +437,7 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]], threads: int) -> i
         device = torch.device("cpu")
         torch.set_num_threads(1)  # tiny tensors: threads only add contention
         args.preset, args.height, args.width = "tiny", 42, 56
-        args.frames, args.model_frames, args.always_max_frames = "2,4", "2", 4
+        args.frames, args.model_frames, args.always_frames = "2,4", "2", "2,4"
         strats = [(n, MergeConfig.from_dict({**c.to_dict(), "min_tokens": 0, "block_spatial": 4, "block_frames": 2}))
                   for n, c in strategies()]
         if args.profile:
@@ -423,6 +450,7 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]], threads: int) -> i
         strats = strategies()
     frames = [int(f) for f in args.frames.split(",") if f]
     model_frames = [int(f) for f in args.model_frames.split(",") if f]
+    always_frames = [int(f) for f in args.always_frames.split(",") if f]
 
     torch.manual_seed(0)
     arch = VGGTConfig.preset(args.preset)
@@ -432,46 +460,56 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]], threads: int) -> i
     bench = Bench(device, args.budget_s, reps=1 if args.quick else 3)
     t0 = time.perf_counter()
     names = [n for n, _ in strats]
-    jobs = job_order(frames, model_frames, names, args.always_max_frames, not args.no_split)
-    rows = run_jobs(model, jobs, args.height, args.width, strats, bench)
+    jobs = job_order(frames, model_frames, names, always_frames, not args.no_split)
+    env = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+           f"torch {torch.__version__}, CUDA {torch.version.cuda}, preset {args.preset}, "
+           f"{args.height}x{args.width} frames, random weights")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def render(rows: list[dict], alone: dict, big: Optional[int]) -> str:
+        report = [
+            f"## bench_gpu: {env}", "", f"Command: `{' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}`",
+            f"Measured in {time.perf_counter() - t0:.0f} s.", "",
+            "### Whole aggregator (the heads' layers kept)", "", speed_table(rows, "aggregator"), "",
+            "### Whole model (aggregator + camera, depth and point heads)", "", speed_table(rows, "model"), "",
+            "### Per-layer phase split (one profiled forward: phases synchronised)", "", split_table(rows), "",
+        ]
+        if alone:
+            split = {r["strategy"]: r["split"] for r in rows if r["part"] == "aggregator" and r["frames"] == big and r.get("split")}
+            report.append(f"One global layer's attention step alone at {big} frames (same config): " + ", ".join(
+                f"{n} {_fmt(t and 1e3 * t, '.1f')} ms (in the model: "
+                f"{_fmt(split.get(n) and sum(split[n][k] for k in ('match_ms', 'aggregate_ms', 'attention_ms')), '.1f')} ms)"
+                for n, t in alone.items()))
+            report.append("")
+        report += ["### Peak memory: measured vs the memory model", "", memory_report(rows, arch, args.height, args.width), ""]
+        if bench.skipped:
+            report += ["Skipped (time budget): " + "; ".join(bench.skipped), ""]
+        return "\n".join(report)
+
+    def save(rows: list[dict], alone: dict, text: str) -> None:
+        """results.json and report.md as they stand (after every job: a timeout keeps them)."""
+        (out / "results.json").write_text(json.dumps({"env": env, "rows": rows, "alone": alone,
+                                                      "skipped": bench.skipped}, indent=1, default=str))
+        (out / "report.md").write_text(text + "\n")
+
+    rows = run_jobs(model, jobs, args.height, args.width, strats, bench,
+                    on_job=lambda rows: save(rows, {}, render(rows, {}, None)))
     big = max((r["frames"] for r in rows if r["part"] == "aggregator" and r.get("split")), default=None)
-    alone = {}
+    alone: dict = {}
     if big is not None:
         psi = model.aggregator.patch_start_idx
         grid = (args.height // arch.patch_size, args.width // arch.patch_size)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         for name, cfg in strats[1:3]:
             alone[name] = layer_alone(big, psi + grid[0] * grid[1], grid, psi, arch, cfg, device, dtype, bench)
-
-    env = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
-           f"torch {torch.__version__}, CUDA {torch.version.cuda}, preset {args.preset}, "
-           f"{args.height}x{args.width} frames, random weights")
-    report = [
-        f"## bench_gpu: {env}", "", f"Command: `{' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}`",
-        f"Measured in {time.perf_counter() - t0:.0f} s.", "",
-        "### Whole aggregator (the heads' layers kept)", "", speed_table(rows, "aggregator"), "",
-        "### Whole model (aggregator + camera, depth and point heads)", "", speed_table(rows, "model"), "",
-        "### Per-layer phase split (one profiled forward: phases synchronised)", "", split_table(rows), "",
-    ]
-    if alone:
-        split = {r["strategy"]: r["split"] for r in rows if r["part"] == "aggregator" and r["frames"] == big and r.get("split")}
-        report.append(f"One global layer's attention step alone at {big} frames (same config): " + ", ".join(
-            f"{n} {_fmt(t and 1e3 * t, '.1f')} ms (in the model: "
-            f"{_fmt(split.get(n) and sum(split[n][k] for k in ('match_ms', 'aggregate_ms', 'attention_ms')), '.1f')} ms)"
-            for n, t in alone.items()))
-        report.append("")
-    report += ["### Peak memory: measured vs the memory model", "", memory_report(rows, arch, args.height, args.width), ""]
-    if bench.skipped:
-        report += ["Skipped (time budget): " + "; ".join(bench.skipped), ""]
+            save(rows, alone, render(rows, alone, big))
+    text = render(rows, alone, big)
+    save(rows, alone, text)
     if args.profile:
-        report.append(run_profile(model, args.profile, args.height, args.width, device, Path(args.out)))
-    text = "\n".join(report)
+        text += "\n" + run_profile(model, args.profile, args.height, args.width, device, out)
+        save(rows, alone, text)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"env": env, "rows": rows, "alone": alone,
-                                                  "skipped": bench.skipped}, indent=1, default=str))
-    (out / "report.md").write_text(text + "\n")
     return 0
 
 

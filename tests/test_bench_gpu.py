@@ -47,11 +47,17 @@ def test_full_run_needs_cuda(capsys):
 
 def test_priority_order_and_the_time_budget(tmp_path, capsys):
     job = _job()
-    jobs = job.job_order([32, 1000], [32], ["dense", "httm", "uniform", "httm+reuse", "httm always"], 100, True)
+    jobs = job.job_order([32, 1000], [32], ["dense", "httm", "uniform", "httm+reuse", "httm always"],
+                         [16, 32, 64], True)
     assert jobs[:4] == [("aggregator", 32, "dense"), ("aggregator", 32, "httm"),
                         ("aggregator", 1000, "dense"), ("aggregator", 1000, "httm")]
     assert jobs.index(("aggregator", 1000, "uniform")) < jobs.index(("model", 32, "dense"))
     assert ("aggregator", 1000, "httm always") not in jobs and jobs[-1][0] == "split"
+    # "httm always" at its own lengths around the crossover, with dense where the main list lacks it
+    always = [j for j in jobs if j[2] == "httm always"]
+    assert always == [("aggregator", f, "httm always") for f in (16, 32, 64)]
+    assert jobs.index(("aggregator", 16, "dense")) == jobs.index(always[0]) - 1
+    assert jobs.count(("aggregator", 32, "dense")) == 1 and ("aggregator", 64, "dense") in jobs
     # no budget: a strategy's first length still runs (nothing to predict from), the next is skipped
     assert job.main(["--quick", "--budget-s", "0", "--no-split", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -59,3 +65,45 @@ def test_priority_order_and_the_time_budget(tmp_path, capsys):
     agg = {(r["frames"], r["strategy"]): r["seconds"] for r in rows["rows"] if r["part"] == "aggregator"}
     assert agg[(2, "dense")] > 0 and agg[(4, "dense")] is None
     assert "Skipped (time budget)" in out and any("dense at 4 frames" in s for s in rows["skipped"])
+
+
+def test_memory_refit_is_the_slope_of_the_two_largest_dense_lengths():
+    """Fixed bytes (the heads' weights, allocator state) cancel; only the slope refits the
+    work constant. The aggregator rows' model counts the heads' weights (all of VGGT is on the GPU)."""
+    from httm_dist.pipeline import memory
+
+    job = _job()
+    arch = job.VGGTConfig.preset("tiny")
+    h, w = 42, 56
+    base = memory.memory_model(arch, h, w, "dense", whole_model=False)
+    P = 1 + arch.num_register_tokens + (h // arch.patch_size) * (w // arch.patch_size)
+    extra = 7.0  # true constant = current + 7 bytes per channel
+    per_frame = base.per_frame_bytes + P * extra * arch.embed_dim
+    rows = [{"part": "aggregator", "frames": f, "tokens": f * P, "strategy": "dense",
+             "peak_bytes": int(5e9 + f * per_frame)} for f in (2, 8, 16)]
+    text = job.memory_report(rows, arch, h, w)
+    want = memory.WORK_BYTES_PER_CHANNEL + extra
+    assert f"slope between 8 and 16 frames): {want:.1f}" in text
+    heads = (memory._parameter_count(arch, True) - memory._parameter_count(arch, False)) * 4
+    assert heads > 0 and f"{(base.peak_bytes(16) + heads) / 1e9:.2f} |" in text
+    assert "Refitted" not in job.memory_report(rows[:1], arch, h, w)
+
+
+def test_results_are_saved_after_every_job(tmp_path, monkeypatch):
+    """A run cut short (a timeout) keeps results.json and report.md of the jobs that ran."""
+    job = _job()
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt  # as if the call's time ran out after the jobs
+
+    monkeypatch.setattr(job, "layer_alone", cut)
+    try:
+        job.main(["--quick", "--out", str(tmp_path)])
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("layer_alone was not reached")
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["frames"], r["strategy"]) for r in rows if r["part"] == "aggregator"} >= {(4, "dense"), (4, "httm always")}
+    assert any(r.get("split") for r in rows)
+    assert "Whole aggregator" in (tmp_path / "report.md").read_text()

@@ -87,3 +87,15 @@ def test_workers_on_a_cpu_cluster_get_the_cpu_default(ray_session):
     cfg = load_config(GPU_CONFIG, ["input=a", "output=b"])
     assert probe_worker_free_bytes(cfg) is None  # no GPU in this Ray cluster
     assert memory.resolve_max_frames(cfg, probe_worker_free_bytes(cfg)) == memory.CPU_MAX_FRAMES
+
+
+def test_local_free_bytes_reads_the_device_it_is_given(monkeypatch):
+    """``cuda:1`` reads GPU 1's free memory, not the current device's; ``cuda`` the current one."""
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (7, 9))
+    assert memory.local_free_bytes("cuda:1") == 7 and asked[-1] == torch.device("cuda", 1)
+    assert memory.local_free_bytes("cuda") == 7 and asked[-1] is None
+    assert memory.local_free_bytes("cpu") is None and len(asked) == 2

@@ -235,3 +235,20 @@ def test_model_forward_merges_without_host_sync_and_one_query_length(model, monk
     stats = merge_stats(model)
     assert len({s["q_len"] for s in stats}) == 1 and stats[0]["q_len"] < stats[0]["tokens"]
     apply_merging(model, MergeConfig(strategy="dense"))
+
+
+def test_plans_for_cuda_without_index_are_the_ones_cuda_0_finds(monkeypatch):
+    """bench_gpu prepares plans for ``torch.device("cuda")``; the forward's tensors are on
+    ``cuda:0``: both must hit one cache entry (CPU keys unchanged)."""
+    import httm_dist.merging.base as base
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    built = []
+    monkeypatch.setattr(base, "build_plan", lambda layout, f, anchor, device: built.append(device) or device)
+    fn = layers(MergeConfig(strategy="uniform"), 1)[0]
+    _, _, _, ctx = make()
+    first = fn.plans(ctx, torch.device("cuda"))
+    assert fn.plans(ctx, torch.device("cuda:0")) is first and fn.plans(ctx, "cuda") is first
+    assert built == [torch.device("cuda", 0)]
+    assert base.plan_device(torch.device("cpu")) == torch.device("cpu")
+    assert str(base.plan_device("cuda:1")) == "cuda:1"

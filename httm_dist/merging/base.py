@@ -57,6 +57,16 @@ class Assignment:
         return a.device == q.device and a.shape[0] == B and a.shape[-1] == N and a.shape[1] in (1, H)
 
 
+def plan_device(device: torch.device | str) -> torch.device:
+    """The device plans are built on and cached under: ``cuda`` without an index is the current
+    CUDA device (``cuda:0``), as the tensors it makes report, so a plan prepared for
+    ``torch.device("cuda")`` is the one a forward on ``cuda:0`` finds (other devices unchanged)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclass
 class SharedState:
     """State shared by the strategies of one ``apply_merging`` call (all patched layers)."""
@@ -132,6 +142,7 @@ class MergedAttention:
     def layout_plans(self, ctx: AttentionContext, device: torch.device, block_spatial: int, block_frames: int, fracs: tuple[float, ...]) -> tuple[MergePlan, ...]:
         """Cached dst plans (one per keep fraction) for the sequence ``ctx`` describes."""
         cfg = self.cfg
+        device = plan_device(device)
         key = (self.name, ctx.num_frames, ctx.tokens_per_frame, tuple(ctx.patch_grid), ctx.patch_start_idx, block_spatial, block_frames, fracs, str(device))
 
         def build() -> tuple[MergePlan, ...]:

@@ -148,7 +148,9 @@ def local_free_bytes(device: str) -> Optional[int]:
     """Free bytes of the GPU this process would use for ``model.device`` (None on CPU)."""
     if device == "cpu" or not torch.cuda.is_available():
         return None
-    free, _total = torch.cuda.mem_get_info()
+    dev = torch.device(device)
+    # mem_get_info() alone reads the current device, not the one ``device`` names (cuda:1)
+    free, _total = torch.cuda.mem_get_info(dev) if dev.type == "cuda" and dev.index is not None else torch.cuda.mem_get_info()
     return int(free)
 
 
