@@ -396,7 +396,7 @@ def demo_config(root: Union[str, Path], overrides: Sequence[str] = ()) -> JobCon
         "output": str(root / "output"),
         "model": {"preset": preset, "weights": None, "device": "cpu",
                   "allow_random_weights": preset == "tiny"},  # a build without the checkpoint
-        "merging": {"strategy": "httm", "q_keep": 0.5, "kv_keep": 0.5},
+        "merging": {"strategy": "httm", "q_keep": 0.5, "kv_keep": 0.5, "min_tokens": 0},
         "workers": 1,
         "gpus_per_worker": 0,
         "cpus_per_worker": 1,

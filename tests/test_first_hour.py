@@ -167,11 +167,13 @@ def test_every_run_names_its_model_on_the_driver(tmp_path, caplog, monkeypatch):
     (rec,) = [r for r in caplog.records if r.message.startswith("model: ")]
     assert rec.levelno == logging.WARNING and "RANDOM weights" in rec.message
     for part in ("preset 'vggt-1b'", "1190.6M parameters", "device auto",
-                 "merging uniform (q_keep=0.4, kv_keep=0.6)"):
+                 "merging uniform (q_keep=0.4, kv_keep=0.6, min_tokens=40000)"):
         assert part in rec.message, (part, rec.message)
     line = driver.describe_model(demo_config(tmp_path))
     assert "weights shipped with the package" in line and "layout prior" in line
     assert "not geometry" in line and "device cpu" in line
+    # the demo's scenes are short: it merges every layer rather than falling back to dense
+    assert "merging httm (q_keep=0.5, kv_keep=0.5, min_tokens=0)" in line
 
 
 # --------------------------------------------------------------------------- item 10

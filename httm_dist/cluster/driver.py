@@ -189,7 +189,7 @@ def describe_model(cfg: JobConfig) -> str:
     merging = merge.get("strategy", "?")
     if merging != "dense":
         merging += " (" + ", ".join(f"{k}={v}" for k, v in merge.items()
-                                    if k in ("q_keep", "kv_keep")) + ")"
+                                    if k in ("q_keep", "kv_keep", "min_tokens")) + ")"
     about = getattr(PRESETS.get(preset), "description", "")
     return (f"model: preset '{preset}'{f' ({about})' if about else ''}; {weights}; "
             f"{n / 1e6:.1f}M parameters; device {device}; merging {merging}")
