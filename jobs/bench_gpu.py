@@ -332,7 +332,7 @@ def memory_report(rows: list[dict], arch: VGGTConfig, height: int, width: int) -
     the two largest dense aggregator lengths (bytes per frame; the fixed terms, weights and
     allocator state, cancel), the model's other per-frame terms taken as they are."""
     lines = ["| part | frames | strategy | measured GB | model GB |", "|---|---|---|---|---|"]
-    heads = (memory._parameter_count(arch, True) - memory._parameter_count(arch, False)) * 4
+    heads = (memory.parameter_count(arch, True) - memory.parameter_count(arch, False)) * 4
     dense = []
     for r in rows:
         if r["peak_bytes"] is None:

@@ -84,7 +84,7 @@ def test_memory_refit_is_the_slope_of_the_two_largest_dense_lengths():
     text = job.memory_report(rows, arch, h, w)
     want = memory.WORK_BYTES_PER_CHANNEL + extra
     assert f"slope between 8 and 16 frames): {want:.1f}" in text
-    heads = (memory._parameter_count(arch, True) - memory._parameter_count(arch, False)) * 4
+    heads = (memory.parameter_count(arch, True) - memory.parameter_count(arch, False)) * 4
     assert heads > 0 and f"{(base.peak_bytes(16) + heads) / 1e9:.2f} |" in text
     assert "Refitted" not in job.memory_report(rows[:1], arch, h, w)
 

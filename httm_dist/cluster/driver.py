@@ -34,7 +34,6 @@ import uuid
 from datetime import datetime, timezone
 
 import ray
-import torch
 from ray import exceptions as rex
 
 from httm_dist.cluster.plan import Plan, plan_work, record_failure
@@ -44,10 +43,9 @@ from httm_dist.cluster.worker import (OutOfMemoryFault, ReconstructionWorker, Wo
                                      probe_worker_free_bytes, test_hooks_from_env)
 from httm_dist.config import JobConfig, validate_resources
 from httm_dist.errors import ConfigError, HttmDistError
-from httm_dist.model import VGGT, VGGTConfig
+from httm_dist.model import VGGTConfig
 from httm_dist.model.config import PRESETS, preset_weights as _preset_weights
-from httm_dist.model.vggt import count_parameters
-from httm_dist.pipeline.memory import resolve_max_frames, with_max_frames
+from httm_dist.pipeline.memory import parameter_count, resolve_max_frames, with_max_frames
 from httm_dist.pipeline.unit import failure_record, plan_units
 from httm_dist.results import ResultStore, RunSummary, SceneRecord
 from httm_dist.storage import redact
@@ -180,8 +178,7 @@ def describe_model(cfg: JobConfig) -> str:
         weights = f"weights shipped with the package ({shipped})"
     else:
         weights = "RANDOM weights (model.allow_random_weights: outputs are meaningless)"
-    with torch.device("meta"):
-        n = count_parameters(VGGT(VGGTConfig.preset(preset)))
+    n = parameter_count(VGGTConfig.preset(preset), whole_model=True)
     device = cfg.model.device
     if device == "auto":
         device = "auto (CUDA where a worker sees a GPU, else CPU)"

@@ -36,7 +36,7 @@ import torch
 
 from httm_dist.config import JobConfig
 from httm_dist.errors import ConfigError
-from httm_dist.model import VGGT, VGGTConfig
+from httm_dist.model import VGGT, VGGTConfig, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,17 @@ def memory_model(
     maps = {"httm": 3 * arch.num_heads * 8, "uniform": 3 * 8}.get(strategy, 0)
     per_token = kept * 2 * C * 4 + WORK_BYTES_PER_CHANNEL * C + maps
     per_pixel = 48 if whole_model else 24
-    weights = _parameter_count(arch, whole_model) * weight_bytes
+    weights = parameter_count(arch, whole_model) * weight_bytes
     fixed = weights + (HEAD_WORK_BYTES if whole_model else 0)
     return MemoryModel(float(fixed), float(tokens * per_token + height * width * per_pixel))
 
 
 @functools.lru_cache(maxsize=8)
-def _parameter_count(arch: Any, whole_model: bool) -> int:
+def parameter_count(arch: Any, whole_model: bool) -> int:
     """Parameters of the model (or its aggregator), counted on the meta device (no memory)."""
     with torch.device("meta"):
         model = VGGT(arch)
-    module = model if whole_model else model.aggregator
-    return sum(t.numel() for t in module.parameters())
+    return count_parameters(model if whole_model else model.aggregator)
 
 
 def frame_bound(image: Any, patch_size: int) -> tuple[int, int]:
