@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from plyfile import PlyData, PlyElement
 
+from httm_dist.results.frames import box_mask
+
 PLY_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
 
 
@@ -112,9 +114,7 @@ def select_pixels(
     then a seeded random subset of at most ``max_points`` over the scene.
     """
     s, h, w = depth.shape
-    rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
-    box = np.asarray(valid_box)[:, :, None, None]
-    keep = (cols >= box[:, 0]) & (cols < box[:, 2]) & (rows >= box[:, 1]) & (rows < box[:, 3])
+    keep = box_mask(valid_box, (h, w))
     keep &= np.isfinite(depth) & (depth > 0)
     if conf is not None:
         c = np.asarray(conf)
