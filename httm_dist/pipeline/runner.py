@@ -151,10 +151,11 @@ class ModelRunner:
         t0 = time.perf_counter()
         arrays = self._forward(loaded)
         model_outputs = {k: arrays[k] for k in _MODEL_OUTPUTS}
-        if nonfinite_counts(model_outputs):
+        counts = nonfinite_counts(model_outputs)
+        if counts:
             log.warning(
                 "unit %s: non-finite predictions (%s); rerunning it in fp32",
-                loaded.unit.unit_id, nonfinite_counts(model_outputs),
+                loaded.unit.unit_id, counts,
             )
             with self._full_precision():
                 arrays = self._forward(loaded)
