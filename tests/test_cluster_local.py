@@ -56,6 +56,28 @@ def test_config_change_is_refused_or_reprocessed_per_policy(dataset, tmp_path):
     assert sorted(u.scene_id for u in plan.queue) == ["b", "c"] and plan.skipped == ["a"]
 
 
+def test_scenes_that_no_worker_can_process_fail_in_the_driver_without_ray(dataset, tmp_path,
+                                                                        monkeypatch):
+    """An empty scene, or one below min_frames, is known at discovery: the driver records
+    its failure and, when nothing else is left, never connects to Ray (no worker start-up
+    just to fail it)."""
+    out = tmp_path / "out"
+
+    def no_ray(cfg):
+        raise AssertionError("the driver connected to Ray for scenes no worker can process")
+
+    monkeypatch.setattr(driver, "_connect", no_ray)
+    summary = run_job(job(dataset["root"], out, include=["e_empty", "a"], min_frames=FRAMES + 1),
+                      progress=False)
+    errors = {f["scene_id"]: f["error"] for f in summary["failures"]}
+    assert summary["failed"] == 2 and summary["done"] == 0 and summary["units_run"] == 0
+    assert "'e_empty' is empty" in errors["e_empty"]
+    assert f"fewer than min_frames={FRAMES + 1}" in errors["a"]
+    recs = ResultStore(str(out), {}).records()
+    assert {sid: (r.status, r.error) for sid, r in recs.items()} == {
+        sid: ("failed", err) for sid, err in errors.items()}
+
+
 def test_max_overlap_counts_units_running_at_once():
     assert max_overlap([]) == 0
     assert max_overlap([(0.0, 1.0), (1.0, 2.0)]) == 1  # touching, not overlapping

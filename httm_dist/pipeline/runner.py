@@ -28,7 +28,7 @@ from httm_dist.model import load_vggt
 from httm_dist.model.config import preset_weights
 from httm_dist.model.geometry import pose_encoding_to_extri_intri
 from httm_dist.model.preprocess import load_and_preprocess_frames
-from httm_dist.pipeline.unit import LoadedUnit, WorkUnit
+from httm_dist.pipeline.unit import LoadedUnit, WorkUnit, check_scene
 from httm_dist.storage import redact
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         scene = unit.scene
         n_scene = len(scene.frames)
-        if scene.error:  # discovery already found it unreadable (e.g. a corrupt archive)
-            raise SceneError(scene.error)
-        if n_scene == 0:
-            raise SceneError(f"scene '{scene.scene_id}' is empty: no image frames found at {scene.source}")
-        if n_scene < self.cfg.min_frames:
-            raise SceneError(
-                f"scene '{scene.scene_id}' has {n_scene} frame(s), fewer than min_frames="
-                f"{self.cfg.min_frames}"
-            )
+        check_scene(scene, self.cfg)  # the driver checked too; in-process callers may not have
         frames = unit.frames()
         if not frames:
             raise SceneError(

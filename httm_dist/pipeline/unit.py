@@ -18,6 +18,7 @@ import torch
 
 from httm_dist.config import JobConfig
 from httm_dist.data import SceneSpec
+from httm_dist.errors import SceneError
 from httm_dist.pipeline.chunks import plan_chunks
 from httm_dist.pipeline.memory import local_free_bytes, resolve_max_frames
 from httm_dist.results.record import SceneRecord
@@ -72,11 +73,27 @@ class WorkUnit:
         return tuple(self.scene.frames[start:end])
 
 
+def check_scene(scene: SceneSpec, cfg: JobConfig) -> None:
+    """Raises SceneError, naming the scene, when it cannot be processed whatever the worker:
+    discovery found it unreadable (``scene.error``, e.g. a corrupt archive), it has no image
+    frame, or fewer than ``min_frames``. Run by the driver (through :func:`plan_units`), so
+    such scenes fail without a worker or Ray, and again by the worker before it reads."""
+    n = len(scene.frames)
+    if scene.error:
+        raise SceneError(scene.error)
+    if n == 0:
+        raise SceneError(f"scene '{scene.scene_id}' is empty: no image frames found at {scene.source}")
+    if n < cfg.min_frames:
+        raise SceneError(f"scene '{scene.scene_id}' has {n} frame(s), fewer than min_frames={cfg.min_frames}")
+
+
 def plan_units(scene: SceneSpec, cfg: JobConfig) -> list[WorkUnit]:
     """The units that process ``scene``: one ``scene`` unit, or, when ``chunk.max_frames`` is
     set and the scene is longer, one ``chunk`` unit per overlapping chunk (run them anywhere,
     then :func:`assemble_unit`). ``auto`` not yet resolved by the driver is resolved here for
-    this process's device (``pipeline.memory``)."""
+    this process's device (``pipeline.memory``). Raises SceneError for a scene that
+    :func:`check_scene` refuses."""
+    check_scene(scene, cfg)
     n = len(scene.frames)
     max_frames = cfg.chunk.max_frames
     if max_frames == "auto":
