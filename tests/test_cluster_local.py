@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -76,6 +78,17 @@ def test_scenes_that_no_worker_can_process_fail_in_the_driver_without_ray(datase
     recs = ResultStore(str(out), {}).records()
     assert {sid: (r.status, r.error) for sid, r in recs.items()} == {
         sid: ("failed", err) for sid, err in errors.items()}
+
+
+def test_a_run_removes_temporary_files_that_killed_writers_left(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "_tmp").mkdir(parents=True)
+    stale = out / "_tmp" / ".x.npz.0123.tmp"
+    stale.write_bytes(b"half an npz")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    monkeypatch.setattr(driver, "_connect", lambda cfg: pytest.fail("no unit needs Ray here"))
+    run_job(job(dataset["root"], out, include=["e_empty"]), progress=False)
+    assert list((out / "_tmp").iterdir()) == []
 
 
 def test_max_overlap_counts_units_running_at_once():

@@ -192,6 +192,36 @@ def test_chunks(out):
         store.write_chunk("long", -1, a0, {})
 
 
+def test_cleared_chunks_leave_no_empty_folders_on_local_disk(tmp_path):
+    store = ResultStore(str(tmp_path / "out"))
+    for sid in ("long", "other"):
+        store.write_chunk(sid, 0, {"depth": np.ones((2, 2), np.float32)}, {})
+    store.clear_chunks("long")
+    assert sorted(p.name for p in (tmp_path / "out" / "_chunks").iterdir()) == ["other"]
+    store.clear_chunks("other")
+    assert not (tmp_path / "out" / "_chunks").exists()
+    store.clear_chunks("never-chunked")  # nothing to remove is no error
+
+
+def test_stale_temp_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import time
+
+    store = ResultStore(str(tmp_path / "out"))
+    commit(store, "a")  # creates _tmp/ and renames its files out of it
+    tmp = tmp_path / "out" / "_tmp"
+    stale, live = tmp / ".a.npz.dead.tmp", tmp / ".b.npz.live.tmp"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y" * 10)
+    old = time.time() - 601
+    os.utime(stale, (old, old))
+    assert store.remove_stale_temp_files() == (1, 1000)
+    assert sorted(p.name for p in tmp.iterdir()) == [live.name]
+    assert store.remove_stale_temp_files(older_than_s=0) == (1, 10)
+    assert ResultStore(str(tmp_path / "nothing-yet")).remove_stale_temp_files() == (0, 0)
+    assert results.open(str(tmp_path / "out")).scene_ids == ["a"]
+
+
 def test_bad_scene_ids_and_tables(tmp_path):
     store = ResultStore(str(tmp_path))
     pred = random_prediction()

@@ -92,6 +92,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
         if started_ray:
             ray.shutdown()
         raise
+    _remove_stale_temp_files(store)
     total = len(plan.scenes) + len(plan.failures)
     log.info("run %s: %d scenes to process (%d units), %d already committed, output %s",
              run_id, total, len(plan.queue), len(plan.skipped), redact(cfg.output))
@@ -121,6 +122,8 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     elif started_ray:
         ray.shutdown()
     bar.close()
+    if plan.queue:
+        _remove_stale_temp_files(store)  # a long run outlives what a killed writer left
 
     failures = plan.failures + [
         {"scene_id": sid, "error": rec.error, "attempts": rec.attempts}
@@ -164,6 +167,15 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     for f in summary.failures:
         log.warning("failed scene %r: %s", f["scene_id"], f["error"])
     return out
+
+
+def _remove_stale_temp_files(store: ResultStore) -> None:
+    """Removes what writers killed mid-write left under ``_tmp/``
+    (:meth:`ResultStore.remove_stale_temp_files`); a failure to do so is logged, never fatal."""
+    try:
+        store.remove_stale_temp_files()
+    except OSError as exc:
+        log.warning("could not remove stale temporary files of %s: %s", store, exc)
 
 
 def describe_model(cfg: JobConfig) -> str:

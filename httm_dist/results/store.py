@@ -28,6 +28,10 @@ from httm_dist.storage import full_url, get_fs, is_local, join_url, redact, retr
 
 log = logging.getLogger(__name__)
 
+#: Temporary files under ``_tmp/`` untouched this long are leftovers of killed writers: one
+#: object's write takes seconds, so ten minutes leaves a wide margin for slow disks.
+STALE_TEMP_S = 600.0
+
 
 def table_bytes(table: pa.Table) -> bytes:
     """Parquet bytes of ``table`` (zstd), for one whole-object PUT."""
@@ -275,8 +279,43 @@ class ResultStore:
         }
 
     def clear_chunks(self, scene_id: str) -> None:
-        """Remove every intermediate chunk object of ``scene_id`` (after its commit)."""
+        """Remove every intermediate chunk object of ``scene_id`` (after its commit), and on
+        local disk its then empty folder ``_chunks/<id>/`` (and ``_chunks/`` once empty)."""
         self._rm(self._list(layout.chunks_dir(scene_id)))
+        if is_local(self.fs):
+            for key in (layout.chunks_dir(scene_id), layout.CHUNKS_DIR):
+                try:
+                    os.rmdir(self.path(key))
+                except OSError:  # absent, or not empty (another scene's chunks)
+                    break
+
+    def remove_stale_temp_files(self, older_than_s: float = STALE_TEMP_S) -> tuple[int, int]:
+        """Remove the files under ``_tmp/`` (local disk only) not modified for
+        ``older_than_s`` seconds: left by writers killed mid-write (a SIGKILLed worker or
+        driver gets no chance to remove its temporary file), never read by anyone. A file
+        being written is modified as it grows, so live writes are kept. Returns ``(files,
+        bytes)`` removed; ``(0, 0)`` on object stores, whose writes leave no temporary object."""
+        if not is_local(self.fs):
+            return 0, 0
+        folder = self.path(layout.TMP_DIR)
+        cutoff = time.time() - older_than_s
+        files = size = 0
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return 0, 0
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_file(follow_symlinks=False) and st.st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    files, size = files + 1, size + st.st_size
+            except FileNotFoundError:  # renamed into place or removed meanwhile
+                continue
+        if files:
+            log.info("removed %d temporary file(s) (%.1f MB) under %s left by writers killed "
+                     "mid-write", files, size / 1e6, redact(self.url_of(layout.TMP_DIR)))
+        return files, size
 
     # ------------------------------------------------------------------ runs
 
