@@ -3,9 +3,11 @@
     ray job submit --working-dir . -- python jobs/reconstruct.py \
         --config configs/vggt1b-httm-gpu.yaml --set input=s3://bucket/scenes
 
-Inside a Ray job ``RAY_ADDRESS`` is set, so the driver joins the job's cluster (unless the
-config names ``ray.address``). Exit status as ``httm-dist run``: 0 all scenes done, 1 some
-failed, 2 configuration error.
+Every option after ``--config`` is one of ``httm-dist run`` (``--set KEY=VALUE``,
+``--no-progress``, ``-v``, ``-q``, ``--debug-libraries``) and is passed to it unchanged, so the
+two never drift apart. Inside a Ray job ``RAY_ADDRESS`` is set, so the driver joins the job's
+cluster (unless the config names ``ray.address``). Exit status as ``httm-dist run``: 0 all
+scenes done, 1 some failed, 2 configuration error.
 """
 
 from __future__ import annotations
@@ -21,21 +23,16 @@ from httm_dist.cli import main as cli_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Runs ``httm-dist run CONFIG [options]`` for ``--config CONFIG [options]``; returns its
+    exit status."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Other options are those of `httm-dist run` (see `httm-dist run --help`): "
+        "--set KEY=VALUE (repeatable), --no-progress, -v, -q, --debug-libraries.",
+    )
     parser.add_argument("--config", required=True, help="job config YAML (see configs/)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted config override, value parsed as YAML (repeatable)")
-    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG logging from httm-dist (libraries stay at INFO)")
-    args = parser.parse_args(argv)
-    forwarded = ["run", args.config]
-    for item in args.set:
-        forwarded += ["--set", item]
-    if args.no_progress:
-        forwarded.append("--no-progress")
-    if args.verbose:
-        forwarded.append("-v")
-    return cli_main(forwarded)
+    args, rest = parser.parse_known_args(argv)
+    return cli_main(["run", args.config, *rest])
 
 
 if __name__ == "__main__":

@@ -93,11 +93,12 @@ def test_run_exit_status_follows_the_summary(job, capsys, monkeypatch, failed, s
 
 
 def test_job_entry_point_in_a_subprocess(job, tmp_path):
-    """``jobs/reconstruct.py`` (what ``ray job submit`` runs) reports config errors the same way."""
+    """``jobs/reconstruct.py`` (what ``ray job submit`` runs) takes the options of
+    ``httm-dist run`` (the README's logging flags too) and reports config errors the same way."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "reconstruct.py"), "--config", str(job),
-         "--set", "chunk.overlap=0"],
+         "--set", "chunk.overlap=0", "--no-progress", "-q", "--debug-libraries"],
         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr
