@@ -402,9 +402,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except StorageError as exc:
         print(f"httm-dist: storage error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        print("httm-dist: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as the driver's JobStopped
+        print(f"httm-dist: {getattr(exc, 'how', 'interrupted')}; committed scenes are kept: "
+              "rerun the same command to resume", file=sys.stderr)
+        return int(getattr(exc, "exit_status", 130))
 
 
 def _one_line(exc: BaseException) -> str:

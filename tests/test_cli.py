@@ -92,6 +92,35 @@ def test_run_exit_status_follows_the_summary(job, capsys, monkeypatch, failed, s
     assert out.count("corrupt image x.png") == failed
 
 
+def test_sigterm_stops_the_run_like_ctrl_c_and_says_how_to_resume(job, capsys, monkeypatch):
+    """``ray job stop`` and batch schedulers send SIGTERM: the driver's handler (installed after
+    ``ray.init``) unwinds the run so that its workers and Ray are stopped; the CLI exits 143."""
+    import signal
+    import time
+
+    previous = signal.getsignal(signal.SIGTERM)
+    unwound = []
+
+    def fake_run_job(cfg, progress=True):
+        driver._stop_on_sigterm()  # what _connect does once Ray is up
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises at the next bytecode
+        finally:
+            unwound.append(True)
+            monkeypatch.setattr(driver.ray, "shutdown", lambda: None)
+            driver._shutdown()
+        return {}
+
+    monkeypatch.setattr(driver, "run_job", fake_run_job)
+    try:
+        assert main(["run", str(job)]) == 128 + signal.SIGTERM
+        assert unwound and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _one_clear_line(capsys.readouterr().err, "stopped (SIGTERM)", "rerun the same command to resume")
+
+
 def test_job_entry_point_in_a_subprocess(job, tmp_path):
     """``jobs/reconstruct.py`` (what ``ray job submit`` runs) takes the options of
     ``httm-dist run`` (the README's logging flags too) and reports config errors the same way."""

@@ -91,6 +91,25 @@ def test_a_run_removes_temporary_files_that_killed_writers_left(dataset, tmp_pat
     assert list((out / "_tmp").iterdir()) == []
 
 
+@pytest.mark.parametrize("output, refused", [
+    ("./my-out", True), ("file://my-out", True), ("{tmp}/out", False), ("s3://bucket/out", False)])
+def test_relative_output_is_refused_inside_a_ray_job_working_dir(dataset, tmp_path, monkeypatch,
+                                                                output, refused):
+    """Under ``ray job submit --working-dir .`` the job runs in Ray's temporary copy of the
+    folder: a relative output would be written there and deleted with the session."""
+    cfg = job(dataset["root"], output.format(tmp=tmp_path), include=["e_empty"])
+    driver.refuse_output_inside_job_working_dir(cfg)  # not in a Ray job: any output goes
+    monkeypatch.setenv(driver.RAY_JOB_CONFIG_ENV, json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}))
+    if refused:
+        with pytest.raises(ConfigError, match=r"relative path.*--working-dir.*absolute path"):
+            run_job(cfg, progress=False)
+    else:
+        driver.refuse_output_inside_job_working_dir(cfg)
+    monkeypatch.setenv(driver.RAY_JOB_CONFIG_ENV, json.dumps({"runtime_env": {}}))
+    driver.refuse_output_inside_job_working_dir(cfg)  # a job without --working-dir
+
+
 def test_max_overlap_counts_units_running_at_once():
     assert max_overlap([]) == 0
     assert max_overlap([(0.0, 1.0), (1.0, 2.0)]) == 1  # touching, not overlapping

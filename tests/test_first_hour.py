@@ -73,8 +73,12 @@ def test_readme_install_is_two_commands_and_ci_runs_the_second():
 
 def test_readme_calls_every_local_program_through_the_venv():
     """No bare ``httm-dist``/``python``/``pip`` that a fresh shell would not find; the
-    cluster line (``ray job submit -- python ...``) runs on the cluster's Python."""
+    cluster line (``ray job submit -- python ...``) runs on the cluster's Python; a block that
+    starts by activating the venv (the local Ray head: its jobs take ``python`` from the PATH
+    of the shell that ran ``ray start``) calls plain names."""
     for block in bash_blocks(README):
+        if block[0].startswith("source .venv/bin/activate"):
+            continue
         for line in block:
             for part in re.split(r"&&|\|\|", line):
                 words = shlex.split(part)
@@ -88,6 +92,20 @@ def test_readme_calls_every_local_program_through_the_venv():
     for cmd in commands:
         assert cmd.startswith(".venv/bin/"), cmd
     assert "source .venv/bin/activate" in README
+
+
+def test_readme_ray_job_lines_write_where_the_job_survives():
+    """``ray job submit --working-dir .`` runs the job in Ray's temporary copy of the folder:
+    each submit line's output is a bucket URL or an absolute path, and the local head is
+    started from the activated venv with the token auth that Ray 2.60 wants."""
+    submits = [ln for block in bash_blocks(README) for ln in block if ln.startswith("ray job submit")]
+    assert len(submits) >= 2, submits
+    for line in submits:
+        (output,) = [w.split("=", 1)[1] for w in shlex.split(line) if w.startswith("output=")]
+        assert "://" in output or output.startswith("$PWD/"), line
+    (local,) = [b for b in bash_blocks(README) if any(ln.startswith("ray start") for ln in b)]
+    assert local[0] == "source .venv/bin/activate && export RAY_AUTH_MODE=token", local
+    assert local[-1] == "ray stop" and "--address http://127.0.0.1:8265" in local[2]
 
 
 def test_readme_says_what_the_torch_pin_pulls_and_how_to_get_cpu_torch():

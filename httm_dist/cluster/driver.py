@@ -26,9 +26,12 @@ Workers write results themselves; the driver only sees small records. Step 2 is
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -76,6 +79,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     status).
     """
     validate_resources(cfg)
+    refuse_output_inside_job_working_dir(cfg)
     random_weights = not (cfg.model.weights or _preset_weights(cfg.model.preset))
     log.log(logging.WARNING if random_weights else logging.INFO, "%s", describe_model(cfg))
     run_id = run_id or new_run_id()
@@ -90,7 +94,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
         plan = plan_work(cfg, store, run_id)
     except BaseException:
         if started_ray:
-            ray.shutdown()
+            _shutdown()
         raise
     _remove_stale_temp_files(store)
     total = len(plan.scenes) + len(plan.failures)
@@ -118,9 +122,9 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
         finally:
             bar.close()
             if started_ray:
-                ray.shutdown()
+                _shutdown()
     elif started_ray:
-        ray.shutdown()
+        _shutdown()
     bar.close()
     if plan.queue:
         _remove_stale_temp_files(store)  # a long run outlives what a killed writer left
@@ -167,6 +171,32 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     for f in summary.failures:
         log.warning("failed scene %r: %s", f["scene_id"], f["error"])
     return out
+
+
+#: Set by Ray in the entrypoint of a ``ray job submit``: the job's runtime_env, as JSON.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def refuse_output_inside_job_working_dir(cfg: JobConfig) -> None:
+    """Raises ConfigError when ``output`` is a relative local path inside a Ray job started
+    with ``--working-dir``: the job (driver and workers) runs in Ray's temporary copy of that
+    folder (``/tmp/ray/session_*/runtime_resources/working_dir_files/...``, one per node), so
+    the results would land there and be deleted with the Ray session."""
+    try:
+        runtime_env = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return
+    if not runtime_env.get("working_dir"):
+        return
+    output = cfg.output
+    if "://" in output and not output.startswith("file://"):
+        return  # a bucket or other remote URL
+    path = output[len("file://"):] if output.startswith("file://") else output
+    if not os.path.isabs(os.path.expanduser(path)):
+        raise ConfigError(
+            f"output {redact(output)!r} is a relative path, and this Ray job runs in Ray's "
+            f"temporary copy of its --working-dir ({os.getcwd()}), deleted with the Ray "
+            "session: give an absolute path on storage every node shares, or a bucket URL")
 
 
 def _remove_stale_temp_files(store: ResultStore) -> None:
@@ -227,7 +257,39 @@ def _connect(cfg: JobConfig) -> bool:
         log.info("no ray.address and no RAY_ADDRESS: starting a private local Ray for this job "
                  "(set ray.address: auto to join a cluster started with `ray start`)")
         ray.init(address="local", include_dashboard=False)
+    _stop_on_sigterm()
     return True
+
+
+class JobStopped(KeyboardInterrupt):
+    """SIGTERM reached the driver (``ray job stop``, a batch scheduler's preemption,
+    ``timeout``): the run unwinds like Ctrl-C, stopping its workers and the Ray it started.
+    ``how`` and ``exit_status`` (128 + SIGTERM) are what the CLI reports."""
+
+    how = "stopped (SIGTERM)"
+    exit_status = 128 + signal.SIGTERM
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise JobStopped(f"stopped by signal {signum}")
+
+
+def _stop_on_sigterm() -> None:
+    """Makes SIGTERM raise :class:`JobStopped` in the driver's main thread. Installed after
+    ``ray.init``, whose own handler prints a native stack and exits on the spot: its workers
+    and the private Ray it started were then left to die on their own (the agents of a
+    private Ray stay running). Only the main thread can install a signal handler."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _shutdown() -> None:
+    """``ray.shutdown()``, then SIGTERM back to its default when :func:`_stop_on_sigterm`
+    set it (the Ray session it guarded is gone)."""
+    ray.shutdown()
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is _on_sigterm):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _worker_count(cfg: JobConfig, n_units: int) -> tuple[int, float]:
