@@ -127,8 +127,18 @@ def test_progress_logs_lines_when_not_on_a_terminal(caplog):
     bar.close()
     assert stream.getvalue() == ""
     (line,) = [r.getMessage() for r in caplog.records]
-    assert "2/3 scenes done, 1 failed, 12 frames" in line
+    assert "2/3 scenes done, 1 failed, 12 frames" in line and "left" not in line
     assert (bar.done, bar.failed, bar.frames) == (2, 1, 12)
+
+
+@pytest.mark.parametrize("elapsed, left", [(40.0, "about 80 s left"), (600.0, "about 20 min left"),
+                                           (3600.0, "about 2.0 h left")])
+def test_progress_lines_estimate_the_time_left_for_overnight_logs(caplog, elapsed, left):
+    bar = JobProgress(3, interval_s=0, stream=io.StringIO())
+    bar.started -= elapsed  # one scene of three took `elapsed`: two more take twice as long
+    with caplog.at_level("INFO", logger="httm_dist.cluster.progress"):
+        bar.scene_finished(True, frames=4)
+    assert caplog.records[-1].getMessage().endswith(f" s, {left}")
 
 
 def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeypatch):

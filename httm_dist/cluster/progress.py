@@ -69,9 +69,21 @@ class JobProgress:
         now = time.monotonic()
         if force or now - self._last_log >= self.interval_s:
             self._last_log = now
-            log.info("progress: %d/%d scenes done, %d failed, %d frames, %.2f frames/s, %.0f s",
+            log.info("progress: %d/%d scenes done, %d failed, %d frames, %.2f frames/s, %.0f s%s",
                      self.done, self.total, self.failed, self.frames, self.frames_per_s,
-                     self.elapsed)
+                     self.elapsed, self._eta())
+
+    def _eta(self) -> str:
+        """``", about 1.5 h left"`` at the run's pace so far in scenes (the bar's estimate);
+        empty before the first scene finishes or once none is left."""
+        finished = self.done + self.failed
+        left = self.total - finished
+        if not finished or left <= 0:
+            return ""
+        seconds = self.elapsed / finished * left
+        shown = (f"{seconds / 3600:.1f} h" if seconds >= 5400 else
+                 f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s")
+        return f", about {shown} left"
 
     def close(self) -> None:
         """Closes the bar (if any)."""
