@@ -107,3 +107,17 @@ def test_run_summary_round_trips_and_keeps_unknown_keys():
     assert back.replace(extra={}) == summary and back.extra == {"later": "kept"}
     with pytest.raises(ValueError, match="run_id"):
         results.read_run_summary({"done": 1})
+
+
+def test_output_format_doc_shows_every_key_of_a_scene_record():
+    """docs/output-format.md says every key is always present: its example has exactly the
+    keys a written record has."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "output-format.md").read_text()
+    section = doc[doc.index("## Scene record"):]
+    example = json.loads(re.search(r"```json\n(.*?)```", section, flags=re.S).group(1))
+    written = SceneRecord.done("scene_a", unit="scene", num_frames=3, chunks=1, attempts=1,
+                               model_hash="m", merge_hash="g", seconds=1.0, timings={}).to_dict()
+    assert sorted(example) == sorted(written)
