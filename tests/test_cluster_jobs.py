@@ -88,8 +88,9 @@ def test_local_run_assembles_the_long_scene_from_chunks_on_both_workers(local_ru
     assert rec["num_frames"] == LONG_FRAMES and len(rec["alignment"]) >= NUM_CHUNKS - 1
     per_worker = [w["units"].get("chunk", 0) for w in summary["worker_units"]]
     assert sum(per_worker) == NUM_CHUNKS and min(per_worker) >= 1, summary["worker_units"]
-    # 5 short scenes (3 good, 2 bad), the chunks, one assembly
-    assert summary["units_run"] == 5 + NUM_CHUNKS + 1
+    # 4 short scenes (3 good, the corrupt one; the empty one fails in the driver), the
+    # chunks, one assembly
+    assert summary["units_run"] == 4 + NUM_CHUNKS + 1
 
 
 def test_local_run_prefetches_queued_units(local_run):
