@@ -276,9 +276,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def _stop_on_sigterm() -> None:
     """Makes SIGTERM raise :class:`JobStopped` in the driver's main thread. Installed after
-    ``ray.init``, whose own handler prints a native stack and exits on the spot: its workers
-    and the private Ray it started were then left to die on their own (the agents of a
-    private Ray stay running). Only the main thread can install a signal handler."""
+    ``ray.init``, whose own handler prints a native stack dump and exits on the spot, so that
+    the run unwinds instead: its workers are killed and the Ray it started shut down by the
+    usual ``finally`` blocks, and the CLI prints one line on how to resume (exit 143). Only
+    the main thread can install a signal handler."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
 
