@@ -78,8 +78,8 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     ``failed`` count and ``failures`` list report them (the CLI turns them into its exit
     status).
     """
+    check_paths_in_job_working_dir(cfg)  # before validate_resources probes the output
     validate_resources(cfg)
-    refuse_output_inside_job_working_dir(cfg)
     random_weights = not (cfg.model.weights or _preset_weights(cfg.model.preset))
     log.log(logging.WARNING if random_weights else logging.INFO, "%s", describe_model(cfg))
     run_id = run_id or new_run_id()
@@ -177,26 +177,38 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def refuse_output_inside_job_working_dir(cfg: JobConfig) -> None:
-    """Raises ConfigError when ``output`` is a relative local path inside a Ray job started
-    with ``--working-dir``: the job (driver and workers) runs in Ray's temporary copy of that
-    folder (``/tmp/ray/session_*/runtime_resources/working_dir_files/...``, one per node), so
-    the results would land there and be deleted with the Ray session."""
+def check_paths_in_job_working_dir(cfg: JobConfig) -> None:
+    """Inside a Ray job started with ``--working-dir`` the job (driver and workers) runs in
+    Ray's temporary copy of that folder (``/tmp/ray/session_*/runtime_resources/
+    working_dir_files/...``, one per node, deleted with the Ray session; files git ignores are
+    not copied). Raises ConfigError, before anything is touched, when ``output`` is a relative
+    local path (the results would be written into that copy) or ``input`` is a relative local
+    path missing from it. Does nothing outside such a job."""
     try:
         runtime_env = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
     except (ValueError, AttributeError):
         return
     if not runtime_env.get("working_dir"):
         return
-    output = cfg.output
-    if "://" in output and not output.startswith("file://"):
-        return  # a bucket or other remote URL
-    path = output[len("file://"):] if output.startswith("file://") else output
-    if not os.path.isabs(os.path.expanduser(path)):
+    where = f"this Ray job runs in Ray's temporary copy of its --working-dir ({os.getcwd()})"
+    output = _relative_local_path(cfg.output)
+    if output is not None:
         raise ConfigError(
-            f"output {redact(output)!r} is a relative path, and this Ray job runs in Ray's "
-            f"temporary copy of its --working-dir ({os.getcwd()}), deleted with the Ray "
+            f"output {redact(cfg.output)!r} is a relative path, and {where}, deleted with the Ray "
             "session: give an absolute path on storage every node shares, or a bucket URL")
+    input_path = _relative_local_path(cfg.input)
+    if input_path is not None and not os.path.exists(input_path):
+        raise ConfigError(
+            f"input {redact(cfg.input)!r} is a relative path missing from the copy: {where}, "
+            "which leaves out what git ignores: give an absolute path or a bucket URL")
+
+
+def _relative_local_path(url: str) -> str | None:
+    """The path of ``url`` when it is a relative local path (plain or ``file://``), else None."""
+    if "://" in url and not url.startswith("file://"):
+        return None  # a bucket or other remote URL
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return None if os.path.isabs(os.path.expanduser(path)) else path
 
 
 def _remove_stale_temp_files(store: ResultStore) -> None:
