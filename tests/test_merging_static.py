@@ -89,6 +89,34 @@ def test_merged_forward_makes_no_host_sync(monkeypatch, cfg):
     assert fns[0].last_stats["tokens"] == q.shape[2]  # reading stats (a sync) works after
 
 
+class _AtenOps(TorchDispatchMode):
+    """Records the aten ops dispatched (names without overload)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("strategy", ["httm", "uniform"])
+def test_the_dense_rule_dispatches_exactly_the_unpatched_kernel(strategy):
+    """Under ``min_tokens`` a layer runs the dense kernel and nothing else: no tensor is made
+    for its stats (they hold plain counts), yet they read as for a merged layer."""
+    q, k, v, ctx = make()
+    fn = layers(MergeConfig(strategy=strategy), 1)[0]
+    with _AtenOps() as patched:
+        out = fn(q, k, v, ctx)
+    with _AtenOps() as unpatched:
+        ref = F.scaled_dot_product_attention(q, k, v)
+    assert patched.ops == unpatched.ops and torch.equal(out, ref)
+    B, H, N, _ = q.shape
+    st = fn.last_stats
+    assert not st["merged"] and st["q_kept"] == [float(N)] * H and st["q_len"] == st["kv_kept"] == N
+
+
 def test_query_length_is_static_across_layers_and_inputs():
     cfg = MergeConfig(min_tokens=0, block_spatial=8, block_frames=3)
     fns = layers(cfg, 3)
