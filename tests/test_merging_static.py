@@ -175,6 +175,23 @@ def test_capped_outliers_are_the_greedy_global_choice_and_padding_is_dropped():
         torch.testing.assert_close(out[b, h], ref[a.q_assign[b, h]], rtol=1e-5, atol=1e-6)
 
 
+def test_outliers_are_numbered_once_per_plan():
+    """restore_outliers numbers the outliers (a cumsum over [B, H, n_src]); split_outliers
+    reads its slots instead of numbering them again; without filtering nothing is numbered."""
+    q, k, v, ctx = make(seed=4)
+    for frac, cumsums in ((0.1, 1), (0.0, 0)):
+        f = layers(MergeConfig(min_tokens=0, block_spatial=8, block_frames=3, outlier_frac=frac), 1)[0]
+        with _AtenOps() as rec:
+            a = f.plan(q, k, v, ctx, PhaseTimer(False))
+        assert rec.ops.count("cumsum") == cumsums
+        # and the merged queries it hands over are the means over its final assignment
+        if a.q_means is not None:
+            (ref,), _ = matching.aggregate([q], a.q_assign, a.q_slots)
+            torch.testing.assert_close(a.q_means, ref, rtol=1e-5, atol=1e-6)
+        else:
+            assert a.q_slots == a.q_kept == int(a.q_assign.max()) + 1
+
+
 def test_unmerge_writes_the_layout_the_block_reads_without_a_copy():
     out = torch.randn(2, 3, 5, 4)
     assign = torch.randint(0, 5, (2, 3, 7))
