@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from httm_dist.merging import MergeConfig, apply_merging, merge_stats  # noqa: E402
-from httm_dist.merging.base import MergedAttention  # noqa: E402
+from httm_dist.merging.patch import installed  # noqa: E402
 from httm_dist.model import VGGT, VGGTConfig  # noqa: E402
 from httm_dist.model.hooks import AttentionContext  # noqa: E402
 from httm_dist.pipeline import memory  # noqa: E402
@@ -133,12 +133,21 @@ def peak_bytes(device: torch.device) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
-def prepare(model: torch.nn.Module, frames: int, tokens: int, grid: tuple[int, int], psi: int, device: torch.device) -> None:
-    """Build every patched layer's static plans for this shape before timing."""
-    for block in model.aggregator.global_blocks:
-        fn = block.attn.attn_fn
-        if isinstance(fn, MergedAttention):
-            fn.prepare(AttentionContext(frames, tokens, grid, psi, 0), device)
+def sequence(model: torch.nn.Module, frames: int, height: int, width: int,
+             x: Optional[torch.Tensor] = None) -> AttentionContext:
+    """The token layout the model's global blocks see for ``frames`` frames of ``height x
+    width`` pixels (layer 0; ``x`` the block input, for strategies that match on it)."""
+    agg = model.aggregator
+    grid = (height // agg.patch_size, width // agg.patch_size)
+    psi = agg.patch_start_idx
+    return AttentionContext(frames, psi + grid[0] * grid[1], grid, psi, 0, x)
+
+
+def prepare(model: torch.nn.Module, ctx: AttentionContext, device: torch.device) -> None:
+    """Build every patched layer's static plans for the sequence ``ctx`` before timing."""
+    for fn in installed(model):
+        if fn is not None:
+            fn.prepare(ctx, device)
 
 
 def images_for(frames: int, height: int, width: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -153,12 +162,10 @@ def images_for(frames: int, height: int, width: int, device: torch.device, seed:
 
 
 def phase_split(model: torch.nn.Module, cfg: MergeConfig, run: Callable[[], Any], device: torch.device,
-                ctx_shape: tuple[int, int], grid: tuple[int, int]) -> dict:
+                ctx: AttentionContext) -> dict:
     """One forward with ``profile`` on: per-layer mean phase times and shapes."""
     apply_merging(model, MergeConfig.from_dict({**cfg.to_dict(), "profile": True}))
-    agg = model.aggregator
-    S, tokens = ctx_shape
-    prepare(model, S, tokens, grid, agg.patch_start_idx, device)
+    prepare(model, ctx, device)
     run()
     stats = [s for s in merge_stats(model) if s["merged"]]
     apply_merging(model, cfg)
@@ -180,25 +187,28 @@ def phase_split(model: torch.nn.Module, cfg: MergeConfig, run: Callable[[], Any]
     }
 
 
-def layer_alone(frames: int, tokens: int, grid: tuple[int, int], psi: int, arch: VGGTConfig, cfg: MergeConfig,
-                device: torch.device, dtype: torch.dtype, bench: Bench) -> Optional[float]:
-    """The attention step of one global layer alone (q, k, v in, output out), seconds; None when
-    the budget is spent (the inputs are made on the device, inside the budget)."""
-    from httm_dist.merging.patch import _STRATEGIES
-    from httm_dist.merging.base import SharedState
-
+def layer_alone(model: VGGT, frames: int, height: int, width: int, cfg: MergeConfig,
+                dtype: torch.dtype, bench: Bench) -> Optional[float]:
+    """The attention step of one global layer alone (random q, k, v in, output out): the
+    model's first patched layer's strategy called directly, seconds; None when the budget is
+    spent (the inputs are made on the device, inside the budget). Leaves the model dense."""
+    device, arch = bench.device, model.config
     H, d = arch.num_heads, arch.embed_dim // arch.num_heads
-    N = frames * tokens
     if bench.left() <= 0:
         bench.skipped.append(f"alone {cfg.strategy} at {frames} frames (budget spent)")
         return None
     g = torch.Generator(device=device).manual_seed(1)
+    ctx = sequence(model, frames, height, width)
+    N = frames * ctx.tokens_per_frame
     q, k, v = (torch.randn(1, H, N, d, generator=g, device=device, dtype=dtype) for _ in range(3))
-    x = torch.randn(1, N, arch.embed_dim, generator=g, device=device)
-    ctx = AttentionContext(frames, tokens, grid, psi, 0, x)
-    fn = _STRATEGIES[cfg.strategy](cfg, 0, 0, SharedState(cfg))
+    ctx = sequence(model, frames, height, width, torch.randn(1, N, arch.embed_dim, generator=g, device=device))
+    apply_merging(model, cfg)
+    fn = next(f for f in installed(model) if f is not None)
     fn.prepare(ctx, device)
-    return bench.timed(("alone", cfg.strategy), frames, lambda: fn(q, k, v, ctx))
+    try:
+        return bench.timed(("alone", cfg.strategy), frames, lambda: fn(q, k, v, ctx))
+    finally:
+        apply_merging(model, MergeConfig(strategy="dense"))
 
 
 def job_order(frames: list[int], model_frames: list[int], names: list[str], always_frames: list[int],
@@ -229,9 +239,6 @@ def run_jobs(model: torch.nn.Module, jobs: list[tuple[str, int, str]], height: i
     it); ``split`` jobs add the phase split to their aggregator row. ``on_job`` gets the rows
     so far after each job (to save them, so a timeout keeps what was measured)."""
     device = bench.device
-    psi = model.aggregator.patch_start_idx
-    grid = (height // model.aggregator.patch_size, width // model.aggregator.patch_size)
-    tokens = psi + grid[0] * grid[1]
     cfgs = dict(strats)
     rows: dict[tuple[str, int, str], dict] = {}
     x, x_frames = None, None
@@ -241,6 +248,7 @@ def run_jobs(model: torch.nn.Module, jobs: list[tuple[str, int, str]], height: i
             x, x_frames = images_for(frames, height, width, device), frames
         cfg = cfgs[name]
         target = model if part == "model" else model.aggregator
+        ctx = sequence(model, frames, height, width)
 
         def run() -> Any:
             with torch.inference_mode():
@@ -253,16 +261,16 @@ def run_jobs(model: torch.nn.Module, jobs: list[tuple[str, int, str]], height: i
                 if t is not None:
                     bench.skipped.append(f"phase split {name} at {frames} frames")
                 continue
-            row["split"] = phase_split(model, cfg, run, device, (frames, tokens), grid)
+            row["split"] = phase_split(model, cfg, run, device, ctx)
             if on_job is not None:
                 on_job(_sorted_rows(rows, cfgs))
             continue
         apply_merging(model, cfg)
-        prepare(model, frames, tokens, grid, psi, device)
+        prepare(model, ctx, device)
         peak_reset(device)
         t = bench.timed((part, name), frames, run)
         rows[(part, frames, name)] = {
-            "part": part, "frames": frames, "tokens": frames * tokens, "strategy": name, "seconds": t,
+            "part": part, "frames": frames, "tokens": frames * ctx.tokens_per_frame, "strategy": name, "seconds": t,
             "peak_bytes": peak_bytes(device) if t is not None else None}
         log.info("%s %d frames %s: %s s", part, frames, name, "skipped" if t is None else f"{t:.3f}")
         if on_job is not None:
@@ -378,9 +386,7 @@ def run_profile(model: VGGT, frames: int, height: int, width: int, device: torch
     cfg = MergeConfig()
     apply_merging(model, cfg)
     x = images_for(frames, height, width, device)
-    psi = model.aggregator.patch_start_idx
-    grid = (height // 14, width // 14)
-    prepare(model, frames, psi + grid[0] * grid[1], grid, psi, device)
+    prepare(model, sequence(model, frames, height, width), device)
     with torch.inference_mode():
         model.aggregator(x)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -498,11 +504,9 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]], threads: int) -> i
     big = max((r["frames"] for r in rows if r["part"] == "aggregator" and r.get("split")), default=None)
     alone: dict = {}
     if big is not None:
-        psi = model.aggregator.patch_start_idx
-        grid = (args.height // arch.patch_size, args.width // arch.patch_size)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         for name, cfg in strats[1:3]:
-            alone[name] = layer_alone(big, psi + grid[0] * grid[1], grid, psi, arch, cfg, device, dtype, bench)
+            alone[name] = layer_alone(model, big, args.height, args.width, cfg, dtype, bench)
             save(rows, alone, render(rows, alone, big))
     text = render(rows, alone, big)
     save(rows, alone, text)
