@@ -15,6 +15,7 @@ from httm_dist.merging.httm import HttmAttention
 from httm_dist.merging.uniform import UniformAttention
 from httm_dist.model import VGGT, VGGTConfig
 from httm_dist.model.hooks import AttentionContext
+from httm_dist.model.rope import RopeTable
 
 
 def make(S=6, grid=(4, 6), psi=5, B=2, H=4, d=16, C=32, dtype=torch.float32, seed=0):
@@ -297,3 +298,46 @@ def test_plans_for_cuda_without_index_are_the_ones_cuda_0_finds(monkeypatch):
     assert built == [torch.device("cuda", 0)]
     assert base.plan_device(torch.device("cpu")) == torch.device("cpu")
     assert str(base.plan_device("cuda:1")) == "cuda:1"
+
+
+class _FreshBytes(TorchDispatchMode):
+    """Bytes of the tensors the dispatched ops write that share storage with none of their inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {a.untyped_storage().data_ptr() for a in [*args, *(kwargs or {}).values()] if isinstance(a, torch.Tensor)}
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in ins:
+                self.bytes += o.numel() * o.element_size()
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_the_official_formula_bit_for_bit_in_two_writes(dtype):
+    """Found profiling issue 14's point 4 (the whole forward, not one layer): RoPE on q and k
+    of every block was the largest copy of the forward (-t2 and the rotated halves stacked:
+    five writes of q's size). It now writes twice and stays bit-identical to the official
+    ``t * cos + rotate_half(t) * sin`` (halves: ``rotate_half(t) = cat(-t2, t1)``)."""
+    rope = RopeTable((3, 5), 5, 16, 100.0, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    t = (10 * torch.randn(2, 4, 6 * rope.tokens, 16, generator=g)).to(dtype)
+    for x in (t, t.transpose(1, 2).contiguous().transpose(1, 2)):  # contiguous, and a strided view
+        cos, sin = rope._cos_sin(dtype)
+        f = x.unflatten(-2, (6, rope.tokens))
+        halves = [h.chunk(2, dim=-1) for h in f.chunk(2, dim=-1)]  # (y, x) halves, each (t1, t2)
+        rotated = torch.cat([torch.cat([-t2, t1], dim=-1) for t1, t2 in halves], dim=-1)
+        ref = (f * cos + rotated * sin).flatten(-3, -2)
+        with _FreshBytes() as rec:
+            out = rope.apply(x)
+        assert torch.equal(out, ref) and out.dtype == dtype
+        assert rec.bytes <= 2 * x.numel() * x.element_size()
+        # under autograd (training): the same values, and gradients flow
+        y = x.detach().requires_grad_(True)
+        out = rope.apply(y)
+        assert torch.equal(out.detach(), ref) and out.requires_grad
+        out.sum().backward()
+        assert y.grad is not None and torch.isfinite(y.grad).all()
