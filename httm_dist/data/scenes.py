@@ -33,7 +33,7 @@ from fsspec.implementations.zip import ZipFileSystem
 import natsort
 from PIL import Image
 
-from httm_dist.data.manifest import manifest_scenes
+from httm_dist.data.manifest import manifest_scenes, with_frame_versions
 from httm_dist.data.spec import FrameRef, SceneSpec, object_version, validate_scene_id
 from httm_dist.errors import ConfigError, SceneError, StorageError
 from httm_dist.storage import full_url, get_fs, redact, retry
@@ -338,6 +338,8 @@ def discover_scenes(
         out.append(SceneSpec(scene.scene_id, scene.source, scene.kind, frames, scene.error,
                              scene.version))
     out.sort(key=lambda s: s.scene_id)
+    if is_file:  # manifest frames were not listed: look up the versions of those kept
+        out = with_frame_versions(out, storage_options)
     log.info("found %d scenes (%d frames) under %s", len(out), sum(len(s.frames) for s in out), shown)
     return out
 
