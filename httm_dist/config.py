@@ -22,13 +22,13 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
 
 import fsspec
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from httm_dist.configbase import Invalid, Section, closest, unknown_key
+from httm_dist.configbase import Invalid, Section, closest
 from httm_dist.errors import ConfigError, StorageError
 from httm_dist.merging.config import MergeConfig
 from httm_dist.model import VGGTConfig
@@ -38,11 +38,49 @@ from httm_dist.storage import check_reachable, get_fs, redact
 
 log = logging.getLogger(__name__)
 
-ALIGN_OPTIONS = ("loss", "threshold", "iters", "ransac", "ransac_hypotheses",
-                 "ransac_sample_points", "inlier_threshold", "tol")
-"""The keyword options of ``pipeline.align.robust_sim3`` that ``chunk.align_options`` may set
-(its ``seed`` comes from the scene). Named here, not read from the function, so that the config
-does not import the pipeline, which imports the config (a test keeps the two in step)."""
+class AlignOptions(Section):
+    """The keyword options of ``pipeline.align.robust_sim3`` that ``chunk.align_options`` may
+    set, with the ranges a job accepts. The defaults are the function's (a test keeps the two in
+    step); the config keeps only the keys a job sets and passes them on. Named here, not read
+    from the function, so that the config does not import the pipeline, which imports the
+    config. ``seed`` is not one: the alignment's random sampling is seeded by the pipeline so
+    that reruns align the same way."""
+
+    root: ClassVar[str] = "chunk.align_options"
+
+    loss: Literal["cauchy", "huber"] = "cauchy"
+    """IRLS loss: ``cauchy`` (redescending, for gross outliers) or ``huber``."""
+    threshold: Optional[float] = Field(None, gt=0)
+    """IRLS loss scale in units of the scene's extent; null = twice the weighted median
+    residual of the current fit (adapts to the noise level)."""
+    iters: int = Field(30, ge=1)
+    """Most IRLS rounds. At least 1: with none, the alignment would be the unrefined RANSAC
+    start (one 3-point fit) or the plain least-squares fit, and the record would not say so."""
+    ransac: bool = True
+    """Start IRLS from the least-median-of-squares best of ``ransac_hypotheses`` 3-point fits
+    and the plain fit (robust to up to 50% outliers); false = from the plain fit."""
+    ransac_hypotheses: int = Field(128, ge=1)
+    """3-point Sim(3) hypotheses the RANSAC start scores."""
+    ransac_sample_points: int = Field(2000, ge=3)
+    """Point pairs (random sample) each hypothesis is scored on."""
+    inlier_threshold: float = Field(0.05, gt=0)
+    """A pair is an inlier when its residual (units of the scene's extent) is below this; the
+    share of inliers is compared with ``chunk.min_inlier_fraction``."""
+    tol: float = Field(1e-12, ge=0, lt=1)
+    """IRLS stops when the transform changes by less than this (relative); 0 = run all
+    ``iters`` rounds."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_seed(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "seed" in data:
+            raise Invalid("seed", "cannot be set: the pipeline seeds each alignment so that "
+                          "reruns align the same way; remove it")
+        return data
+
+
+ALIGN_OPTIONS = tuple(AlignOptions.model_fields)
+"""The names ``chunk.align_options`` may set (the fields of :class:`AlignOptions`)."""
 
 
 class ModelSection(Section):
@@ -112,16 +150,20 @@ class ChunkSection(Section):
     max_points: int = Field(100_000, ge=3)
     """At most this many overlap pixels (seeded random sample) per chunk pair."""
     align_options: dict = Field(default_factory=dict)
-    """Extra keyword options of ``pipeline.align.robust_sim3`` (loss, threshold, iters,
-    ransac, inlier_threshold, ...)."""
+    """Keyword options of ``pipeline.align.robust_sim3`` (loss, threshold, iters, ransac,
+    ransac_hypotheses, ransac_sample_points, inlier_threshold, tol): see :class:`AlignOptions`
+    for each one's meaning, default and range. Checked when the config loads; only the keys
+    set here are kept (the others take the function's defaults)."""
+
+    @field_validator("align_options", mode="before")
+    @classmethod
+    def _null_is_no_options(cls, value: Any) -> Any:
+        return {} if value is None else value
 
     @field_validator("align_options")
     @classmethod
-    def _align_keys(cls, options: dict) -> dict:
-        for key in options:
-            if key not in ALIGN_OPTIONS:
-                raise unknown_key(f"chunk.align_options.{key}", ALIGN_OPTIONS, "chunk.align_options.")
-        return options
+    def _align_options(cls, options: dict) -> dict:
+        return AlignOptions.from_dict(options).model_dump(exclude_unset=True)
 
     @model_validator(mode="after")
     def _overlap_below_chunk(self) -> "ChunkSection":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -167,3 +169,34 @@ def test_errors_name_the_problem():
         robust_sim3(np.eye(3), np.eye(3), loss="l1")
     with pytest.raises(ValueError, match="non-negative"):
         umeyama_sim3(np.eye(3), np.eye(3), -np.ones(3))
+
+
+@pytest.mark.parametrize(
+    "option, value, needle",
+    [
+        ("iters", -1, "iters must be an integer >= 0, got -1"),
+        ("iters", 2.5, "iters must be an integer >= 0, got 2.5"),
+        ("ransac_hypotheses", 0, "ransac_hypotheses must be an integer >= 1, got 0"),
+        ("ransac_sample_points", True, "ransac_sample_points must be an integer >= 3, got True"),
+        ("threshold", 0.0, "threshold must be a positive finite number"),
+        ("inlier_threshold", np.inf, "inlier_threshold must be a positive finite number"),
+        ("inlier_threshold", None, "inlier_threshold must be a positive finite number"),
+        ("tol", -1e-9, "tol must be a number >= 0 and < 1"),
+        ("ransac", "no", "ransac must be true or false, got 'no'"),
+    ],
+)
+def test_each_bad_option_is_named(option, value, needle):
+    """Checked before any work, one option at a time (the job config checks them at load)."""
+    pts = np.random.default_rng(0).normal(size=(10, 3))
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        robust_sim3(pts, pts, **{option: value})
+
+
+def test_zero_iters_returns_the_start_unrefined():
+    rng = np.random.default_rng(3)
+    src = rng.normal(size=(200, 3))
+    dst = 2.0 * src + 0.01 * rng.normal(size=src.shape)
+    sim, report = robust_sim3(src, dst, iters=0, ransac=False)
+    assert report.iterations == 0 and not report.converged
+    plain = umeyama_sim3(src, dst)
+    np.testing.assert_allclose(sim.as_matrix(), plain.as_matrix(), rtol=0, atol=1e-12)

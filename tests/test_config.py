@@ -240,12 +240,99 @@ def test_the_documented_configs_ship():
 
 
 def test_align_options_are_the_keyword_options_of_robust_sim3():
+    """Same names and defaults as the function's keyword options (less ``seed``), so the
+    config checks exactly what ``robust_sim3`` is given."""
     import inspect
 
-    from httm_dist.config import ALIGN_OPTIONS
+    from httm_dist.config import ALIGN_OPTIONS, AlignOptions
     from httm_dist.pipeline.align import robust_sim3
 
     params = inspect.signature(robust_sim3).parameters
-    keyword = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert set(ALIGN_OPTIONS) == keyword - {"seed"}
+    keyword = {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(ALIGN_OPTIONS) == set(keyword) - {"seed"}
+    assert AlignOptions().model_dump() == {n: keyword[n] for n in ALIGN_OPTIONS}
     assert load_config(BASE, ["chunk.align_options.iters=5"]).chunk.align_options == {"iters": 5}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("iters=0", "'chunk.align_options.iters' must be >= 1, got 0"),
+        ("iters=-3", "'chunk.align_options.iters' must be >= 1, got -3"),
+        ("iters=2.5", "'chunk.align_options.iters' must be an integer, got 2.5"),
+        ("iters=thirty", "'chunk.align_options.iters' must be an integer, got 'thirty'"),
+        ("ransac_hypotheses=0", "'chunk.align_options.ransac_hypotheses' must be >= 1, got 0"),
+        ("ransac_sample_points=2", "'chunk.align_options.ransac_sample_points' must be >= 3, got 2"),
+        ("threshold=0", "'chunk.align_options.threshold' must be > 0, got 0"),
+        ("threshold=-0.1", "'chunk.align_options.threshold' must be > 0, got -0.1"),
+        ("threshold=.nan", "'chunk.align_options.threshold' must be a finite number, got nan"),
+        ("inlier_threshold=0", "'chunk.align_options.inlier_threshold' must be > 0, got 0"),
+        ("inlier_threshold='0.1'", "'chunk.align_options.inlier_threshold' must be a number, got '0.1'"),
+        ("tol=-0.001", "'chunk.align_options.tol' must be >= 0 and < 1, got -0.001"),
+        ("tol=2", "'chunk.align_options.tol' must be >= 0 and < 1, got 2"),
+        ("loss=l2", "'chunk.align_options.loss' must be one of 'cauchy' | 'huber', got 'l2'"),
+        ("ransac=maybe", "'chunk.align_options.ransac' must be true/false, got 'maybe'"),
+        ("ransac=1", "'chunk.align_options.ransac' must be true/false, got 1"),
+        ("seed=3", "'chunk.align_options.seed' cannot be set: the pipeline seeds each alignment so "
+                   "that reruns align the same way; remove it"),
+    ],
+)
+def test_bad_align_options_fail_at_load_naming_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(BASE, [f"chunk.align_options.{override}"])
+    assert str(err.value) == message
+
+
+def test_unknown_align_option_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config({**BASE, "chunk": {"align_options": {"inlier_treshold": 0.1}}})
+    assert str(err.value) == (
+        "unknown config key 'chunk.align_options.inlier_treshold'; did you mean "
+        "'chunk.align_options.inlier_threshold'? (valid keys in chunk.align_options: "
+        "inlier_threshold, iters, loss, ransac, ransac_hypotheses, ransac_sample_points, "
+        "threshold, tol)"
+    )
+    with pytest.raises(ConfigError, match=r"^'chunk\.align_options' must be a mapping, got \[1\]$"):
+        load_config(BASE, ["chunk.align_options=[1]"])
+
+
+# Each documented option at its default and at another value in range (the limits included).
+GOOD_ALIGN = {
+    "loss": ["cauchy", "huber"],
+    "threshold": [None, 1e-6, 0.5, 3],
+    "iters": [30, 1, 200],
+    "ransac": [True, False],
+    "ransac_hypotheses": [128, 1, 512],
+    "ransac_sample_points": [2000, 3, 50_000],
+    "inlier_threshold": [0.05, 1e-4, 2],
+    "tol": [1e-12, 0, 0.5],
+}
+
+
+def test_defaults_and_every_documented_align_option_load_and_run():
+    """What the config accepts, ``robust_sim3`` runs with: the same seeded random point pairs
+    (a known Sim(3), 5% noise) align under every accepted option."""
+    import numpy as np
+
+    from httm_dist.config import ALIGN_OPTIONS
+    from httm_dist.pipeline.align import Sim3, robust_sim3
+
+    assert set(GOOD_ALIGN) == set(ALIGN_OPTIONS)
+    assert load_config(BASE).chunk.align_options == {}
+    assert load_config(BASE, ["chunk.align_options=null"]).chunk.align_options == {}
+    rng = np.random.default_rng(7)
+    src = rng.normal(size=(400, 3))
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    truth = Sim3(1.7, q * np.sign(np.linalg.det(q)), rng.normal(size=3))
+    dst = truth.apply(src) + 0.05 * rng.normal(size=src.shape)
+    for key, values in GOOD_ALIGN.items():
+        for value in values:
+            cfg = load_config({**BASE, "chunk": {"align_options": {key: value}}})
+            options = cfg.chunk.align_options
+            assert options == {key: value}  # only the key set, as given
+            if key in ("threshold", "inlier_threshold", "tol") and value is not None:
+                assert type(options[key]) is float  # an int given for a float option
+            assert load_config(cfg.to_dict()) == cfg
+            sim, report = robust_sim3(src, dst, **options)
+            assert abs(sim.scale - truth.scale) < 0.05 * truth.scale, (key, value, sim.scale)
+            assert report.num_points == len(src)

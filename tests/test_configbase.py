@@ -27,7 +27,7 @@ def _job(key: str, value):
     node[leaf] = value
     node = load_config(data)
     for part in key.split("."):
-        node = getattr(node, part)
+        node = node[part] if isinstance(node, dict) else getattr(node, part)  # align_options: a dict
     return node
 
 
@@ -52,6 +52,7 @@ def _model(key: str, value):
 INT_KEYS = [
     (_job, "workers", "workers", 2),
     (_job, "chunk.overlap", "chunk.overlap", 3),
+    (_job, "chunk.align_options.iters", "chunk.align_options.iters", 5),
     (_merge, "block_frames", "merging.block_frames", 2),
     (_model, "depth", "depth", 4),
     (_model, "camera_head.trunk_depth", "camera_head.trunk_depth", 2),
@@ -59,6 +60,7 @@ INT_KEYS = [
 FLOAT_KEYS = [
     (_job, "cpus_per_worker", "cpus_per_worker"),
     (_job, "chunk.residual_threshold", "chunk.residual_threshold"),
+    (_job, "chunk.align_options.inlier_threshold", "chunk.align_options.inlier_threshold"),
     (_merge, "q_keep", "merging.q_keep"),
     (_model, "mlp_ratio", "mlp_ratio"),
 ]
@@ -99,10 +101,11 @@ def test_a_float_key_refuses_non_finite_bools_and_strings(build, key, name, bad)
     "build, key, name, suggestion",
     [
         (_job, "chunk.overlapp", "chunk.overlapp", "chunk.overlap"),
+        (_job, "chunk.align_options.iter", "chunk.align_options.iter", "chunk.align_options.iters"),
         (_merge, "kv_kep", "merging.kv_kep", "merging.kv_keep"),
         (_model, "camera_head.trunk_dept", "camera_head.trunk_dept", "camera_head.trunk_depth"),
     ],
-    ids=["job", "merging", "model"],
+    ids=["job", "align_options", "merging", "model"],
 )
 def test_unknown_keys_get_the_same_hint_everywhere(build, key, name, suggestion):
     with pytest.raises(ConfigError) as err:
@@ -114,11 +117,12 @@ def test_unknown_keys_get_the_same_hint_everywhere(build, key, name, suggestion)
     "build, key, value, message",
     [
         (_job, "chunk.min_inlier_fraction", 1.5, "'chunk.min_inlier_fraction' must be >= 0 and <= 1, got 1.5"),
+        (_job, "chunk.align_options.tol", 1.0, "'chunk.align_options.tol' must be >= 0 and < 1, got 1.0"),
         (_merge, "q_keep", 0, "'merging.q_keep' must be > 0 and <= 1, got 0"),
         (_model, "patch_embed.num_register_tokens", -1,
          "'patch_embed.num_register_tokens' must be >= 0, got -1"),
     ],
-    ids=["job", "merging", "model"],
+    ids=["job", "align_options", "merging", "model"],
 )
 def test_limits_state_the_whole_range(build, key, value, message):
     with pytest.raises(ConfigError) as err:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import io
 import json
-import gzip
+import logging
+import os
 import tarfile
+import uuid
 import zipfile
 
 import fsspec
@@ -13,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from httm_dist.data import discover_scenes, natural_key, read_scene_frames
+from httm_dist.data import discover_scenes, natural_key, read_scene_frames, scene_fingerprint
 from httm_dist.data import scenes as scenes_mod
+from httm_dist.data.spec import object_version
 from httm_dist.errors import ConfigError, SceneError
-from httm_dist.storage import get_fs
+from httm_dist.storage import get_fs, is_local
 
 # scene "a": folder with natural-sort names, mixed-case extensions, a nested subfolder,
 # plus files that are not frames
@@ -52,16 +57,24 @@ def zip_bytes(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def root(request, tmp_path):
-    """``(root_url, storage_options, fs, root_path)`` of an empty input root."""
+def _input_root(request, tmp_path):
+    """``(root_url, storage_options, fs, root_path)`` of an empty input root on the storage
+    ``request.param`` names (local, memory or s3)."""
     if request.param == "local":
         url, opts = str(tmp_path / "input"), None
+    elif request.param == "memory":
+        url, opts = f"memory://input-{uuid.uuid4().hex[:12]}/input", None
     else:
         bucket, opts = request.getfixturevalue("s3_bucket")
         url = f"{bucket}/input"
     fs, path = get_fs(url, opts)
     return url, opts, fs, path
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def root(request, tmp_path):
+    """An empty input root (see :func:`_input_root`)."""
+    return _input_root(request, tmp_path)
 
 
 def put(fs, path: str, files: dict[str, bytes]) -> None:
@@ -265,3 +278,198 @@ def test_manifest_without_frame_index_keeps_order_and_validates(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"scene_id": "s/../x", "uri": "a.jpg"}\n')
     with pytest.raises(ConfigError, match="s/../x"):
         discover_scenes(str(tmp_path / "bad.jsonl"))
+
+
+def test_archive_versions_are_the_objects_versions(root):
+    # taken from the root listing now: they must equal what a stat of the object says, or
+    # every archive scene would look changed to a resume
+    url, opts, fs, path = root
+    make_dataset(fs, path)
+    archives = [s for s in discover_scenes(url, opts) if s.kind != "folder"]
+    assert len(archives) == 3
+    fs.invalidate_cache()
+    for scene in archives:
+        assert scene.version == object_version(fs.info(get_fs(scene.source, opts)[1])), scene.scene_id
+
+
+@pytest.mark.parametrize("listing", ["full", "without a change tag"])
+def test_archive_versions_cost_no_stat_when_the_listing_has_them(monkeypatch, listing):
+    fs = fsspec.filesystem("memory")
+    base = f"/scenes-{uuid.uuid4().hex}"
+    for i in range(5):
+        fs.pipe_file(f"{base}/s{i}.tar", tar_bytes({f"f{i}.png": bytes([i])}))
+    stats = []
+    real_info, real_ls = type(fs).info, type(fs).ls
+    monkeypatch.setattr(type(fs), "info", lambda self, p, **kw: stats.append(p) or real_info(self, p, **kw))
+    if listing != "full":  # like an HTTP listing: names and types, no size or date
+        monkeypatch.setattr(type(fs), "ls", lambda self, p, detail=True, **kw: [
+            {"name": e["name"], "type": e["type"], "size": None} for e in real_ls(self, p, detail=True, **kw)])
+    scenes = discover_scenes(f"memory://{base}")
+    assert [s.scene_id for s in scenes] == [f"s{i}" for i in range(5)]
+    archive_stats = [p for p in stats if p.endswith(".tar")]
+    assert len(archive_stats) == (0 if listing == "full" else 5)
+    listed = {e["name"]: e for e in real_ls(fs, base, detail=True)}
+    for i, scene in enumerate(scenes):
+        path = f"{base}/s{i}.tar"  # (memory's listing and info write the date differently)
+        assert scene.version == object_version(listed[path] if listing == "full" else real_info(fs, path))
+        assert scene.version.split(":")[1]  # a change tag, so a rewrite is seen
+    fs.rm(base, recursive=True)
+
+
+# --------------------------------------------------------------------------- manifest versions
+
+
+@pytest.fixture(params=["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])
+def vroot(request, tmp_path):
+    """An empty input root, in memory too (see :func:`_input_root`)."""
+    url, opts, fs, path = _input_root(request, tmp_path)
+    yield url, opts, fs, path
+    if request.param == "memory":
+        fs.rm(path, recursive=True)
+
+
+def rewrite(fs, path: str, data: bytes) -> None:
+    """Rewrite a file in place (same URI); on local disk its mtime surely moves (a write within
+    one clock tick of the last could keep it)."""
+    fs.pipe_file(path, data)
+    if is_local(fs):
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    fs.invalidate_cache()
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_manifest_fingerprint_sees_a_frame_rewritten_in_place(vroot):
+    url, opts, fs, path = vroot
+    put(fs, path, {"imgs/a/1.jpg": b"a1", "imgs/a/2.jpg": b"a2", "imgs/b/3.jpg": b"b3",
+                   "arc.tar": tar_bytes(MEMBERS)})
+    put(fs, path, {"man.jsonl": _jsonl([
+        {"scene_id": "s", "uri": "imgs/a/1.jpg"}, {"scene_id": "s", "uri": "imgs/a/2.jpg"},
+        {"scene_id": "t", "uri": "imgs/b/3.jpg"},
+        {"scene_id": "u", "uri": f"tar://f9.jpg::{url}/arc.tar"}])})
+
+    def prints() -> dict[str, str]:
+        return {s.scene_id: scene_fingerprint(s) for s in discover_scenes(f"{url}/man.jsonl", opts)}
+
+    first = prints()
+    assert prints() == first  # unchanged input: the same fingerprints
+    scenes = {s.scene_id: s for s in discover_scenes(f"{url}/man.jsonl", opts)}
+    # each frame carries its file's version, as a folder scene's frames do
+    folder = {f.name: f.version for s in discover_scenes(f"{url}/imgs", opts) for f in s.frames}
+    assert [f.version for f in scenes["s"].frames] == [folder["1.jpg"], folder["2.jpg"]]
+    assert scenes["t"].frames[0].version == folder["3.jpg"] != ""
+    assert scenes["u"].frames[0].version.startswith(f"{len(tar_bytes(MEMBERS))}:")  # the archive's
+
+    rewrite(fs, f"{path}/imgs/a/2.jpg", b"A2")  # same size, same URI, new content
+    after = prints()
+    assert after["s"] != first["s"] and after["t"] == first["t"] and after["u"] == first["u"]
+    rewrite(fs, f"{path}/arc.tar", tar_bytes({**MEMBERS, "f9.jpg": b"T9"}))
+    assert prints() == {**after, "u": prints()["u"]} and prints()["u"] != first["u"]
+
+
+class _Calls:
+    """Counts the ``ls`` / ``info`` calls filesystem ``fs`` gets, by path (fsspec form).
+    Patched on the instance (fsspec hands out one cached instance per protocol and options;
+    s3fs's sync methods are instance attributes)."""
+
+    def __init__(self, monkeypatch, fs, fail_ls: frozenset[str] = frozenset()):
+        self.ls: list[str] = []
+        self.info: list[str] = []
+        real_ls, real_info = fs.ls, fs.info
+
+        def ls(p, *args, **kwargs):
+            p = fs._strip_protocol(p).rstrip("/")
+            self.ls.append(p)
+            if p in fail_ls:
+                raise PermissionError(f"listing {p} is not allowed")
+            return real_ls(p, *args, **kwargs)
+
+        def info(p, *args, **kwargs):
+            if isinstance(p, str):  # LocalFileSystem.ls stats its entries with DirEntry objects
+                self.info.append(fs._strip_protocol(p).rstrip("/"))
+            return real_info(p, *args, **kwargs)
+
+        monkeypatch.setattr(fs, "ls", ls)
+        monkeypatch.setattr(fs, "info", info)
+
+
+MANY = {"imgs/a/1.jpg": b"a1", "imgs/a/2.jpg": b"a2", "imgs/a/3.jpg": b"a3",
+        "imgs/b/1.jpg": b"b1", "imgs/b/2.jpg": b"b2", "imgs/c/1.jpg": b"c1", "imgs/c/x.txt": b"no"}
+MANY_ROWS = [{"scene_id": sid, "uri": f"imgs/{rel}"} for sid, rel in
+             [("s", "a/1.jpg"), ("s", "a/2.jpg"), ("s", "b/1.jpg"),
+              ("t", "a/3.jpg"), ("t", "b/2.jpg"), ("t", "c/1.jpg")]]
+
+
+def test_manifest_versions_list_each_folder_once(vroot, monkeypatch):
+    url, opts, fs, path = vroot
+    put(fs, path, {**MANY, "man.csv": _manifest_bytes("csv", MANY_ROWS)})
+    frames = {f"{path}/imgs/{r['uri'][5:]}" for r in MANY_ROWS}
+    folders = {f"{path}/imgs/{d}" for d in "abc"}
+    calls = _Calls(monkeypatch, fs)
+    scenes = discover_scenes(f"{url}/man.csv", opts)
+    assert sorted(p for p in calls.ls if p in folders) == sorted(folders)  # one listing each
+    assert not [p for p in calls.info if p in frames]  # and no per-frame lookup
+    assert all(f.version for s in scenes for f in s.frames)
+    monkeypatch.undo()
+
+    # b cannot be listed (an S3 prefix readable without ListBucket): its frames are looked up
+    calls = _Calls(monkeypatch, fs, fail_ls=frozenset({f"{path}/imgs/b"}))
+    fallback = discover_scenes(f"{url}/man.csv", opts)
+    assert sorted(p for p in calls.info if p in frames) == [f"{path}/imgs/b/1.jpg", f"{path}/imgs/b/2.jpg"]
+    assert all(f.version for s in fallback for f in s.frames)
+    if not url.startswith("memory://"):  # memory's info() says "created" as a datetime, ls() as a float
+        assert fallback == scenes
+
+
+def test_missing_manifest_frame_still_fails_naming_it(vroot, caplog):
+    url, opts, fs, path = vroot
+    put(fs, path, {"imgs/a/1.jpg": b"a1", "man.jsonl": _jsonl([
+        {"scene_id": "s", "uri": "imgs/a/1.jpg"}, {"scene_id": "s", "uri": "imgs/a/gone.jpg"},
+        {"scene_id": "t", "uri": "imgs/nofolder/x.jpg"}])})
+    s, t = discover_scenes(f"{url}/man.jsonl", opts)
+    assert [bool(f.version) for f in s.frames] == [True, False] and t.frames[0].version == ""
+    assert "1 manifest frame(s) in" in caplog.text and "cannot be found or read (gone.jpg)" in caplog.text
+    with pytest.raises(SceneError, match=r"'s'.*imgs/a/gone\.jpg"):
+        read_scene_frames(s, opts)
+    with pytest.raises(SceneError, match=r"'t'.*imgs/nofolder/x\.jpg"):
+        read_scene_frames(t, opts)
+
+
+def test_rerun_redoes_a_rewritten_manifest_frame_and_old_outputs_once(tmp_path, caplog):
+    """What the driver decides (``plan_work``): a committed manifest scene is redone when a
+    frame was rewritten in place; one committed before frame versions counted (its fingerprint
+    has the URIs only) is redone once, then skipped."""
+    from httm_dist.cluster.plan import plan_work
+    from httm_dist.config import load_config
+    from httm_dist.results import ResultStore
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    put(fsspec.filesystem("file"), str(root), {**MANY, "man.csv": _manifest_bytes("csv", MANY_ROWS)})
+    cfg = load_config({"input": str(root / "man.csv"), "output": str(out),
+                       "model": {"preset": "tiny", "allow_random_weights": True}})
+    (out / "scenes").mkdir(parents=True)
+
+    def commit(scene, fingerprint) -> None:
+        record = {"scene_id": scene.scene_id, "status": "done", "model_hash": cfg.model_hash(),
+                  "merge_hash": cfg.merge_hash(), "num_frames": len(scene.frames),
+                  "input_fingerprint": fingerprint}
+        (out / "scenes" / f"{scene.scene_id}.json").write_text(json.dumps(record))
+
+    def todo() -> list[str]:
+        return sorted({u.scene_id for u in plan_work(cfg, ResultStore(str(out), {}), "r").queue})
+
+    scenes = discover_scenes(cfg.input)
+    for scene in scenes:  # as the version before this one recorded them
+        unversioned = tuple(dataclasses.replace(f, version="") for f in scene.frames)
+        commit(scene, scene_fingerprint(dataclasses.replace(scene, frames=unversioned)))
+    caplog.set_level(logging.WARNING, logger="httm_dist")
+    assert todo() == ["s", "t"]  # redone once...
+    assert "scene 's': its inputs changed since it was committed" in caplog.text
+    for scene in scenes:
+        commit(scene, scene_fingerprint(scene))
+    assert todo() == []  # ...then skipped while nothing changes
+    rewrite(fsspec.filesystem("file"), str(root / "imgs" / "c" / "1.jpg"), b"C1")
+    assert todo() == ["t"]  # a frame of t rewritten in place

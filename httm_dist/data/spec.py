@@ -21,8 +21,10 @@ class FrameRef:
     ``tar://sub/f1.jpg::s3://bucket/root/scene.tar``); ``frame_index``: the frame's position
     in the full ordered sequence (before stride), or the manifest's ``frame_index``;
     ``name``: its path relative to the scene folder / archive (manifest: the file name);
-    ``version``: the file's size and ETag or modification time when discovery listed them
-    (``""`` for archive members and manifest rows: their container's version stands for them).
+    ``version``: the file's size and ETag or modification time, from discovery's listing
+    (manifest frames: see :func:`~httm_dist.data.manifest.with_frame_versions`, which gives a
+    chained URL the version of the object holding its bytes, and ``""`` to a frame it cannot
+    find); ``""`` for the members of an archive scene, whose archive's version stands for them.
     """
 
     uri: str
@@ -63,9 +65,8 @@ def scene_fingerprint(scene: SceneSpec) -> str:
     """sha256 of what a scene's outputs are computed from: its source and version, and the
     URI and version of each frame kept (after stride and cap). Recorded with each committed
     scene; a rerun reprocesses a scene whose fingerprint changed (frames added, removed or
-    rewritten). For a manifest scene only the frame URIs count: the manifest's own version
-    would change for every scene when one row is added, and the frames' files are not listed,
-    so a frame rewritten in place under the same URI is not seen."""
+    rewritten). A manifest scene counts its frames' URIs and versions, not the manifest's own
+    version (that would change for every scene when one row is added)."""
     parts = [scene.source, scene.kind, scene.version, [[f.uri, f.version] for f in scene.frames]]
     return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
 

@@ -210,6 +210,32 @@ def _lmeds_start(
     return Sim3(scale[best], R[best], t[best])
 
 
+def _check_options(loss, threshold, iters, ransac, ransac_hypotheses, ransac_sample_points,
+                   inlier_threshold, tol) -> None:
+    """Raise ValueError naming the first option of :func:`robust_sim3` that is out of range.
+
+    (A job checks the same options when its config loads: ``httm_dist.config.AlignOptions``,
+    which also asks for ``iters >= 1``; here 0 is allowed and means "the start, unrefined".)
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"alignment loss must be one of {LOSSES}, got {loss!r}")
+    if not isinstance(ransac, (bool, np.bool_)):
+        raise ValueError(f"alignment ransac must be true or false, got {ransac!r}")
+    for name, value, low in (("iters", iters, 0), ("ransac_hypotheses", ransac_hypotheses, 1),
+                             ("ransac_sample_points", ransac_sample_points, 3)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"alignment {name} must be an integer >= {low}, got {value!r}")
+    for name, value, allow_none in (("threshold", threshold, True), ("inlier_threshold", inlier_threshold, False)):
+        if value is None and allow_none:
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
+                or not (np.isfinite(value) and value > 0):
+            raise ValueError(f"alignment {name} must be a positive finite number (units of the "
+                             f"scene's extent), got {value!r}")
+    if isinstance(tol, (bool, np.bool_)) or not isinstance(tol, (int, float, np.number)) or not 0 <= tol < 1:
+        raise ValueError(f"alignment tol must be a number >= 0 and < 1 (relative change), got {tol!r}")
+
+
 def robust_sim3(
     src: np.ndarray,
     dst: np.ndarray,
@@ -235,16 +261,17 @@ def robust_sim3(
       ``1 / (1 + (r/k)²)``, redescending, for gross outliers; "huber": ``min(1, k/r)``) and refits.
       ``k`` is ``threshold`` (units of the scene scale) or, when None, twice the weighted median
       residual of the current fit (adapts to the noise level), floored at 1e-7.
-    - Stops when the transform changes by less than ``tol`` (relative) or after ``iters`` rounds.
+    - Stops when the transform changes by less than ``tol`` (relative) or after ``iters`` rounds
+      (0: the start, unrefined).
 
     Returns the transform (mapping ``src`` onto ``dst``) and an :class:`AlignmentReport`.
+    Raises ValueError naming an option out of range (loss not cauchy/huber, threshold or
+    inlier_threshold not > 0, iters < 0, ransac_hypotheses < 1, ransac_sample_points < 3,
+    tol not in [0, 1), a non-integer count) and :class:`AlignmentError` when fewer than 3
+    valid pairs remain or the target points are degenerate.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"alignment loss must be one of {LOSSES}, got {loss!r}")
-    if threshold is not None and not threshold > 0:
-        raise ValueError(f"alignment threshold must be positive (units of scene scale), got {threshold}")
-    if iters < 0 or ransac_hypotheses < 1 or ransac_sample_points < 3:
-        raise ValueError("alignment iters must be >= 0, ransac_hypotheses >= 1, ransac_sample_points >= 3")
+    _check_options(loss, threshold, iters, ransac, ransac_hypotheses, ransac_sample_points,
+                   inlier_threshold, tol)
     src, dst, weights = _check_pairs(src, dst, weights)
     valid = np.isfinite(src).all(-1) & np.isfinite(dst).all(-1) & np.isfinite(weights) & (weights > 0)
     src, dst, weights = src[valid], dst[valid], weights[valid]
