@@ -444,6 +444,7 @@ def point4_table(rows: list[dict]) -> str:
     if p is None:
         return "Not measured (skipped or not asked for: --point4-frames)."
     d, h = p["dense"], p["httm"]
+    timed = {r["strategy"]: r["seconds"] for r in rows if r["part"] == "aggregator" and r["frames"] == p["frames"]}
 
     def per_layer(r: dict) -> str:
         ms = r["attention_ms"]
@@ -455,6 +456,8 @@ def point4_table(rows: list[dict]) -> str:
         "perf_counter).", "",
         "| | dense | httm |", "|---|---|---|",
         f"| whole forward, s | {d['forward_s']:.3f} | {h['forward_s']:.3f} |",
+        f"| its timed row above, s (one cold run when longer than {LONG_S:.0f} s) | {_fmt(timed.get('dense'))} | "
+        f"{_fmt(timed.get('httm'))} |",
         f"| global attention modules, s (per layer mean / min / max ms) | {per_layer(d)} | {per_layer(h)} |",
         f"| rest of the forward, s (frame blocks, MLPs, embed: the same work) | {d['rest_s']:.3f} | {h['rest_s']:.3f} |",
         f"| global attention module {p['layer']} in the model, ms | {d['attention_ms'][p['layer']]:.1f} | "
@@ -463,7 +466,8 @@ def point4_table(rows: list[dict]) -> str:
         f"{_fmt(h['alone_ms'], '.1f')} |",
         "",
         "Read: httm's rest above dense's is overhead outside the attention (memory, allocator); its "
-        "module in the model above the same module alone is overhead the model's context adds.",
+        "module in the model above the same module alone is overhead the model's context adds; a "
+        "timed row above this warm forward is first-run cost (new shapes: cuDNN plans, allocator growth).",
     ]
     return "\n".join(lines)
 

@@ -39,6 +39,7 @@ def test_quick_run_prints_every_table_and_saves_its_rows(tmp_path, capsys):
     # issue 14's point 4: both strategies' forwards with their 4 global attention modules timed
     p4 = agg[(4, "httm")]["point4"]
     assert p4["frames"] == 4 and p4["layer"] == 2 and "Issue 14 point 4" in text
+    assert f"| its timed row above, s (one cold run when longer than 5 s) | {agg[(4, 'dense')]['seconds']:.3f} |" in text
     for name in ("dense", "httm"):
         r = p4[name]
         assert len(r["attention_ms"]) == 4 and min(r["attention_ms"]) > 0 and r["alone_ms"] > 0
