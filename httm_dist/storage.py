@@ -8,6 +8,7 @@ secrets are kept out of logs and outputs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gzip
 import logging
 import os
@@ -325,11 +326,33 @@ def register_secrets(obj: Any) -> None:
 _ENV_NOT_SECRET = {"PWD", "OLDPWD"}  # "pwd" names a password elsewhere, a folder here
 
 
-def _env_secrets() -> list[str]:
-    return [
-        v for k, v in os.environ.items()
-        if len(v) >= _MIN_SECRET_LENGTH and k not in _ENV_NOT_SECRET and _is_sensitive_name(k)
-    ]
+@functools.lru_cache(maxsize=4096)
+def _is_secret_env_name(name: str) -> bool:
+    """Does the environment variable ``name`` hold a secret? (Cached: names are few and fixed.)"""
+    return name not in _ENV_NOT_SECRET and _is_sensitive_name(name)
+
+
+_secrets_cache: tuple[Any, tuple[str, ...]] = (None, ())
+
+
+def _secrets() -> tuple[str, ...]:
+    """Registered and environment secret values, longest first (so a secret holding another
+    is hidden whole).
+
+    The environment is read on every call, since a secret may be set at any time, but its
+    names are classified once (:func:`_is_secret_env_name`) and the list is rebuilt only when
+    the secret values in the environment or the number of registered secrets (which only
+    grows, through :func:`register_secrets`) changed.
+    """
+    global _secrets_cache
+    values = (os.environ.get(k, "") for k in os.environ if _is_secret_env_name(k))  # decodes only secrets' values
+    env = tuple(v for v in values if len(v) >= _MIN_SECRET_LENGTH)
+    key = (env, len(_KNOWN_SECRETS))
+    cached_key, secrets = _secrets_cache
+    if key != cached_key:
+        secrets = tuple(sorted(_KNOWN_SECRETS.union(env), key=len, reverse=True))
+        _secrets_cache = (key, secrets)
+    return secrets
 
 
 def redact_text(text: str) -> str:
@@ -343,7 +366,7 @@ def redact_text(text: str) -> str:
     """
     if not text:
         return text
-    for secret in sorted(_KNOWN_SECRETS.union(_env_secrets()), key=len, reverse=True):
+    for secret in _secrets():
         if secret in text:
             text = text.replace(secret, REDACTED)
     if "://" in text:

@@ -21,6 +21,13 @@ frames of 294x518 = 782 tokens, bf16 autocast as the model runs on CUDA):
    that size, outside the model) at the largest length: the gap is issue 14's point 4.
 3. The memory model (``httm_dist.pipeline.memory``) against the measured peaks, with the
    refitted ``WORK_BYTES_PER_CHANNEL`` to paste there.
+4. Issue 14's point 4 at ``--point4-frames`` (300): where httm's time goes in the model. One
+   aggregator forward each of dense and httm with every global attention module timed by
+   CUDA events (no sync added): the modules' total and the rest of the forward (the same work
+   in both: a gap there is overhead outside the attention), and the middle module run again
+   alone on the very input it had in the model (a gap there is overhead of the model's context).
+   On CPU (measured for issue 14 on a 16-head model, fp32 and bf16 autocast) the merged
+   attention step in the model costs what it costs alone, op for op and byte for byte.
 
 A time budget (``--budget-s``, default 400 s of measuring) skips a run whose time, predicted
 quadratically from the same strategy's previous length, would exceed what is left; runs go in
@@ -34,6 +41,7 @@ cached after its first scene of a shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
@@ -42,7 +50,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +60,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from httm_dist.merging import MergeConfig, apply_merging, merge_stats  # noqa: E402
-from httm_dist.merging.base import MergedAttention  # noqa: E402
+from httm_dist.merging.patch import installed  # noqa: E402
 from httm_dist.model import VGGT, VGGTConfig  # noqa: E402
 from httm_dist.model.hooks import AttentionContext  # noqa: E402
 from httm_dist.pipeline import memory  # noqa: E402
@@ -133,12 +141,21 @@ def peak_bytes(device: torch.device) -> Optional[int]:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
-def prepare(model: torch.nn.Module, frames: int, tokens: int, grid: tuple[int, int], psi: int, device: torch.device) -> None:
-    """Build every patched layer's static plans for this shape before timing."""
-    for block in model.aggregator.global_blocks:
-        fn = block.attn.attn_fn
-        if isinstance(fn, MergedAttention):
-            fn.prepare(AttentionContext(frames, tokens, grid, psi, 0), device)
+def sequence(model: torch.nn.Module, frames: int, height: int, width: int,
+             x: Optional[torch.Tensor] = None) -> AttentionContext:
+    """The token layout the model's global blocks see for ``frames`` frames of ``height x
+    width`` pixels (layer 0; ``x`` the block input, for strategies that match on it)."""
+    agg = model.aggregator
+    grid = (height // agg.patch_size, width // agg.patch_size)
+    psi = agg.patch_start_idx
+    return AttentionContext(frames, psi + grid[0] * grid[1], grid, psi, 0, x)
+
+
+def prepare(model: torch.nn.Module, ctx: AttentionContext, device: torch.device) -> None:
+    """Build every patched layer's static plans for the sequence ``ctx`` before timing."""
+    for fn in installed(model):
+        if fn is not None:
+            fn.prepare(ctx, device)
 
 
 def images_for(frames: int, height: int, width: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -153,12 +170,10 @@ def images_for(frames: int, height: int, width: int, device: torch.device, seed:
 
 
 def phase_split(model: torch.nn.Module, cfg: MergeConfig, run: Callable[[], Any], device: torch.device,
-                ctx_shape: tuple[int, int], grid: tuple[int, int]) -> dict:
+                ctx: AttentionContext) -> dict:
     """One forward with ``profile`` on: per-layer mean phase times and shapes."""
     apply_merging(model, MergeConfig.from_dict({**cfg.to_dict(), "profile": True}))
-    agg = model.aggregator
-    S, tokens = ctx_shape
-    prepare(model, S, tokens, grid, agg.patch_start_idx, device)
+    prepare(model, ctx, device)
     run()
     stats = [s for s in merge_stats(model) if s["merged"]]
     apply_merging(model, cfg)
@@ -180,38 +195,128 @@ def phase_split(model: torch.nn.Module, cfg: MergeConfig, run: Callable[[], Any]
     }
 
 
-def layer_alone(frames: int, tokens: int, grid: tuple[int, int], psi: int, arch: VGGTConfig, cfg: MergeConfig,
-                device: torch.device, dtype: torch.dtype, bench: Bench) -> Optional[float]:
-    """The attention step of one global layer alone (q, k, v in, output out), seconds; None when
-    the budget is spent (the inputs are made on the device, inside the budget)."""
-    from httm_dist.merging.patch import _STRATEGIES
-    from httm_dist.merging.base import SharedState
-
+def layer_alone(model: VGGT, frames: int, height: int, width: int, cfg: MergeConfig,
+                dtype: torch.dtype, bench: Bench) -> Optional[float]:
+    """The attention step of one global layer alone (random q, k, v in, output out): the
+    model's first patched layer's strategy called directly, seconds; None when the budget is
+    spent (the inputs are made on the device, inside the budget). Leaves the model dense."""
+    device, arch = bench.device, model.config
     H, d = arch.num_heads, arch.embed_dim // arch.num_heads
-    N = frames * tokens
     if bench.left() <= 0:
         bench.skipped.append(f"alone {cfg.strategy} at {frames} frames (budget spent)")
         return None
     g = torch.Generator(device=device).manual_seed(1)
+    ctx = sequence(model, frames, height, width)
+    N = frames * ctx.tokens_per_frame
     q, k, v = (torch.randn(1, H, N, d, generator=g, device=device, dtype=dtype) for _ in range(3))
-    x = torch.randn(1, N, arch.embed_dim, generator=g, device=device)
-    ctx = AttentionContext(frames, tokens, grid, psi, 0, x)
-    fn = _STRATEGIES[cfg.strategy](cfg, 0, 0, SharedState(cfg))
+    ctx = sequence(model, frames, height, width, torch.randn(1, N, arch.embed_dim, generator=g, device=device))
+    apply_merging(model, cfg)
+    fn = next(f for f in installed(model) if f is not None)
     fn.prepare(ctx, device)
-    return bench.timed(("alone", cfg.strategy), frames, lambda: fn(q, k, v, ctx))
+    try:
+        return bench.timed(("alone", cfg.strategy), frames, lambda: fn(q, k, v, ctx))
+    finally:
+        apply_merging(model, MergeConfig(strategy="dense"))
+
+
+@contextlib.contextmanager
+def attention_spans(model: torch.nn.Module, device: torch.device, keep: Optional[int] = None) -> Iterator[dict]:
+    """Times every global block's attention module (qkv, q/k norm, RoPE, the attention step,
+    proj) in the forward run inside, by forward hooks on the modules (the strategies are not
+    touched): CUDA events on CUDA (no sync added to the forward), else ``perf_counter``. On
+    exit the yielded dict holds ``ms``, per global block in order, and with ``keep`` also
+    ``inputs``: block ``keep``'s ``(args, kwargs)``, to run that module again alone."""
+    marks: dict[int, list] = {}
+    out: dict[str, Any] = {"ms": [], "inputs": None}
+
+    def now() -> Any:
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def pre(i: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if i == keep:
+                out["inputs"] = (args, kwargs)
+            marks[i] = [now()]
+        return hook
+
+    def post(i: int) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            marks[i].append(now())
+        return hook
+
+    handles = []
+    for i, block in enumerate(model.aggregator.global_blocks):
+        handles.append(block.attn.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(block.attn.register_forward_hook(post(i), with_kwargs=True))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    out["ms"] = [a.elapsed_time(b) if device.type == "cuda" else 1e3 * (b - a)
+                 for a, b in (marks[i] for i in sorted(marks))]
+
+
+def point4(model: VGGT, x: torch.Tensor, height: int, width: int, cfgs: dict, bench: Bench) -> dict:
+    """Issue 14's point 4 (httm costs more per layer in the model than the same layer alone),
+    decomposed at ``x``'s length: for dense and httm, one aggregator forward with every global
+    attention module timed (:func:`attention_spans`), the rest of that forward (frame blocks,
+    MLPs, patch embed: the same work in both, so a difference there is overhead outside the
+    attention), and the middle global attention module run again alone on the input it had
+    in the model (a difference to its in-model time is overhead the model's context adds)."""
+    device = bench.device
+    frames = x.shape[1]
+    prepare_ctx = sequence(model, frames, height, width)
+    keep = len(model.aggregator.global_blocks) // 2
+    res: dict[str, Any] = {"frames": frames, "layer": keep}
+    for name in ("dense", "httm"):
+        apply_merging(model, cfgs[name])
+        prepare(model, prepare_ctx, device)
+        bench.sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode(), attention_spans(model, device, keep) as spans:
+            model.aggregator(x)
+        bench.sync()
+        total = time.perf_counter() - t0
+        args, kwargs = spans["inputs"]
+        attn = model.aggregator.global_blocks[keep].attn
+
+        def alone() -> torch.Tensor:
+            with torch.inference_mode():
+                return attn(*args, **kwargs)
+
+        t = bench.timed(("point4 alone", name), frames, alone)
+        ms = spans["ms"]
+        res[name] = {"forward_s": total, "attention_ms": ms, "rest_s": total - sum(ms) / 1e3,
+                     "alone_ms": None if t is None else 1e3 * t}
+        del args, kwargs, spans
+    apply_merging(model, MergeConfig(strategy="dense"))
+    return res
 
 
 def job_order(frames: list[int], model_frames: list[int], names: list[str], always_frames: list[int],
-              split: bool) -> list[tuple[str, int, str]]:
+              split: bool, point4_frames: Optional[int] = None) -> list[tuple[str, int, str]]:
     """(part, frames, strategy) in priority order, so the budget skips the least needed:
     (1) aggregator dense and httm at every length (the issue's targets), (2) aggregator
-    uniform, (3) whole model dense and httm, (4) plan reuse and ``httm always`` at its own lengths ``always_frames``, spanning the
+    uniform, (3) whole model dense and httm, then issue 14's point 4 at ``point4_frames``
+    (part ``point4``, :func:`point4`; with the aggregator rows it needs where ``frames`` lacks
+    them), (4) plan reuse and ``httm always`` at its own lengths ``always_frames``, spanning the
     ``min_tokens`` crossover (with dense there, where ``frames`` lacks it), (5) whole
     model uniform and reuse, (6) the profiled phase splits (part ``split``)."""
     has = set(names)
     jobs = [("aggregator", f, n) for f in frames for n in ("dense", "httm") if n in has]
     jobs += [("aggregator", f, "uniform") for f in frames if "uniform" in has]
     jobs += [("model", f, n) for f in model_frames for n in ("dense", "httm") if n in has]
+    if point4_frames and {"dense", "httm"} <= has:
+        f = point4_frames
+        jobs += [("aggregator", f, n) for n in ("dense", "httm") if f not in frames]
+        jobs.append(("point4", f, "httm"))
     jobs += [("aggregator", f, "httm+reuse") for f in frames if "httm+reuse" in has]
     if "httm always" in has:
         for f in always_frames:
@@ -229,9 +334,6 @@ def run_jobs(model: torch.nn.Module, jobs: list[tuple[str, int, str]], height: i
     it); ``split`` jobs add the phase split to their aggregator row. ``on_job`` gets the rows
     so far after each job (to save them, so a timeout keeps what was measured)."""
     device = bench.device
-    psi = model.aggregator.patch_start_idx
-    grid = (height // model.aggregator.patch_size, width // model.aggregator.patch_size)
-    tokens = psi + grid[0] * grid[1]
     cfgs = dict(strats)
     rows: dict[tuple[str, int, str], dict] = {}
     x, x_frames = None, None
@@ -241,11 +343,23 @@ def run_jobs(model: torch.nn.Module, jobs: list[tuple[str, int, str]], height: i
             x, x_frames = images_for(frames, height, width, device), frames
         cfg = cfgs[name]
         target = model if part == "model" else model.aggregator
+        ctx = sequence(model, frames, height, width)
 
         def run() -> Any:
             with torch.inference_mode():
                 return target(x)
 
+        if part == "point4":
+            row = rows.get(("aggregator", frames, name))
+            dense = rows.get(("aggregator", frames, "dense"), {}).get("seconds")
+            t = None if row is None or dense is None else row["seconds"]
+            if t is None or bench.left() < 1.5 * (t + dense):
+                bench.skipped.append(f"point 4 at {frames} frames")
+                continue
+            row["point4"] = point4(model, x, height, width, cfgs, bench)
+            if on_job is not None:
+                on_job(_sorted_rows(rows, cfgs))
+            continue
         if part == "split":
             row = rows.get(("aggregator", frames, name))
             t = None if row is None else row["seconds"]
@@ -253,16 +367,16 @@ def run_jobs(model: torch.nn.Module, jobs: list[tuple[str, int, str]], height: i
                 if t is not None:
                     bench.skipped.append(f"phase split {name} at {frames} frames")
                 continue
-            row["split"] = phase_split(model, cfg, run, device, (frames, tokens), grid)
+            row["split"] = phase_split(model, cfg, run, device, ctx)
             if on_job is not None:
                 on_job(_sorted_rows(rows, cfgs))
             continue
         apply_merging(model, cfg)
-        prepare(model, frames, tokens, grid, psi, device)
+        prepare(model, ctx, device)
         peak_reset(device)
         t = bench.timed((part, name), frames, run)
         rows[(part, frames, name)] = {
-            "part": part, "frames": frames, "tokens": frames * tokens, "strategy": name, "seconds": t,
+            "part": part, "frames": frames, "tokens": frames * ctx.tokens_per_frame, "strategy": name, "seconds": t,
             "peak_bytes": peak_bytes(device) if t is not None else None}
         log.info("%s %d frames %s: %s s", part, frames, name, "skipped" if t is None else f"{t:.3f}")
         if on_job is not None:
@@ -324,6 +438,40 @@ def split_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def point4_table(rows: list[dict]) -> str:
+    """Issue 14's point 4, from :func:`point4`'s result: dense and httm side by side."""
+    p = next((r["point4"] for r in rows if r.get("point4")), None)
+    if p is None:
+        return "Not measured (skipped or not asked for: --point4-frames)."
+    d, h = p["dense"], p["httm"]
+    timed = {r["strategy"]: r["seconds"] for r in rows if r["part"] == "aggregator" and r["frames"] == p["frames"]}
+
+    def per_layer(r: dict) -> str:
+        ms = r["attention_ms"]
+        return f"{sum(ms) / 1e3:.3f} ({statistics.mean(ms):.1f} / {min(ms):.1f} / {max(ms):.1f})"
+
+    lines = [
+        f"At {p['frames']} frames, one aggregator forward each; the global attention modules (qkv, "
+        "norms, RoPE, attention step, proj) timed in it by CUDA events (no sync added; on CPU "
+        "perf_counter).", "",
+        "| | dense | httm |", "|---|---|---|",
+        f"| whole forward, s | {d['forward_s']:.3f} | {h['forward_s']:.3f} |",
+        f"| its timed row above, s (one cold run when longer than {LONG_S:.0f} s) | {_fmt(timed.get('dense'))} | "
+        f"{_fmt(timed.get('httm'))} |",
+        f"| global attention modules, s (per layer mean / min / max ms) | {per_layer(d)} | {per_layer(h)} |",
+        f"| rest of the forward, s (frame blocks, MLPs, embed: the same work) | {d['rest_s']:.3f} | {h['rest_s']:.3f} |",
+        f"| global attention module {p['layer']} in the model, ms | {d['attention_ms'][p['layer']]:.1f} | "
+        f"{h['attention_ms'][p['layer']]:.1f} |",
+        f"| the same module alone, on the input it had there, ms | {_fmt(d['alone_ms'], '.1f')} | "
+        f"{_fmt(h['alone_ms'], '.1f')} |",
+        "",
+        "Read: httm's rest above dense's is overhead outside the attention (memory, allocator); its "
+        "module in the model above the same module alone is overhead the model's context adds; a "
+        "timed row above this warm forward is first-run cost (new shapes: cuDNN plans, allocator growth).",
+    ]
+    return "\n".join(lines)
+
+
 def memory_report(rows: list[dict], arch: VGGTConfig, height: int, width: int) -> str:
     """Measured peaks next to the memory model, and the refitted work constant.
 
@@ -378,9 +526,7 @@ def run_profile(model: VGGT, frames: int, height: int, width: int, device: torch
     cfg = MergeConfig()
     apply_merging(model, cfg)
     x = images_for(frames, height, width, device)
-    psi = model.aggregator.patch_start_idx
-    grid = (height // 14, width // 14)
-    prepare(model, frames, psi + grid[0] * grid[1], grid, psi, device)
+    prepare(model, sequence(model, frames, height, width), device)
     with torch.inference_mode():
         model.aggregator(x)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -414,6 +560,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--always-frames", default="16,32,48,64",
                     help="frame counts of 'httm always' (min_tokens 0), around the min_tokens crossover "
                          "(782 tokens a frame: 12.5k-50k tokens)")
+    ap.add_argument("--point4-frames", type=int, default=300, metavar="FRAMES",
+                    help="issue 14's point 4 (the attention in the model vs alone) at FRAMES frames; 0: off")
     ap.add_argument("--height", type=int, default=294)
     ap.add_argument("--width", type=int, default=518)
     ap.add_argument("--preset", default="vggt-1b")
@@ -438,6 +586,7 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]], threads: int) -> i
         torch.set_num_threads(1)  # tiny tensors: threads only add contention
         args.preset, args.height, args.width = "tiny", 42, 56
         args.frames, args.model_frames, args.always_frames = "2,4", "2", "2,4"
+        args.point4_frames = 4 if args.point4_frames else 0
         strats = [(n, MergeConfig.from_dict({**c.to_dict(), "min_tokens": 0, "block_spatial": 4, "block_frames": 2}))
                   for n, c in strategies()]
         if args.profile:
@@ -460,7 +609,7 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]], threads: int) -> i
     bench = Bench(device, args.budget_s, reps=1 if args.quick else 3)
     t0 = time.perf_counter()
     names = [n for n, _ in strats]
-    jobs = job_order(frames, model_frames, names, always_frames, not args.no_split)
+    jobs = job_order(frames, model_frames, names, always_frames, not args.no_split, args.point4_frames)
     env = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
            f"torch {torch.__version__}, CUDA {torch.version.cuda}, preset {args.preset}, "
            f"{args.height}x{args.width} frames, random weights")
@@ -482,6 +631,7 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]], threads: int) -> i
                 f"{_fmt(split.get(n) and sum(split[n][k] for k in ('match_ms', 'aggregate_ms', 'attention_ms')), '.1f')} ms)"
                 for n, t in alone.items()))
             report.append("")
+        report += ["### Issue 14 point 4: the attention in the model vs alone", "", point4_table(rows), ""]
         report += ["### Peak memory: measured vs the memory model", "", memory_report(rows, arch, args.height, args.width), ""]
         if bench.skipped:
             report += ["Skipped (time budget): " + "; ".join(bench.skipped), ""]
@@ -498,11 +648,9 @@ def _run(args: argparse.Namespace, argv: Optional[list[str]], threads: int) -> i
     big = max((r["frames"] for r in rows if r["part"] == "aggregator" and r.get("split")), default=None)
     alone: dict = {}
     if big is not None:
-        psi = model.aggregator.patch_start_idx
-        grid = (args.height // arch.patch_size, args.width // arch.patch_size)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         for name, cfg in strats[1:3]:
-            alone[name] = layer_alone(big, psi + grid[0] * grid[1], grid, psi, arch, cfg, device, dtype, bench)
+            alone[name] = layer_alone(model, big, args.height, args.width, cfg, dtype, bench)
             save(rows, alone, render(rows, alone, big))
     text = render(rows, alone, big)
     save(rows, alone, text)

@@ -36,6 +36,14 @@ def test_quick_run_prints_every_table_and_saves_its_rows(tmp_path, capsys):
     assert split["layers"] == 4 and split["q_len"] <= 1.0 and split["kv_kept"] < 1.0
     assert "| 4 | 68 |" in text and (tmp_path / "report.md").read_text().strip() == text.strip()
     assert (tmp_path / "profile_httm_2.json").exists()
+    # issue 14's point 4: both strategies' forwards with their 4 global attention modules timed
+    p4 = agg[(4, "httm")]["point4"]
+    assert p4["frames"] == 4 and p4["layer"] == 2 and "Issue 14 point 4" in text
+    assert f"| its timed row above, s (one cold run when longer than 5 s) | {agg[(4, 'dense')]['seconds']:.3f} |" in text
+    for name in ("dense", "httm"):
+        r = p4[name]
+        assert len(r["attention_ms"]) == 4 and min(r["attention_ms"]) > 0 and r["alone_ms"] > 0
+        assert 0 < r["rest_s"] < r["forward_s"]
 
 
 def test_full_run_needs_cuda(capsys):
@@ -58,6 +66,11 @@ def test_priority_order_and_the_time_budget(tmp_path, capsys):
     assert always == [("aggregator", f, "httm always") for f in (16, 32, 64)]
     assert jobs.index(("aggregator", 16, "dense")) == jobs.index(always[0]) - 1
     assert jobs.count(("aggregator", 32, "dense")) == 1 and ("aggregator", 64, "dense") in jobs
+    # point 4 after the whole model's dense and httm rows, with the aggregator rows it compares
+    with_p4 = job.job_order([32, 1000], [32], ["dense", "httm"], [], False, 300)
+    assert with_p4[-3:] == [("aggregator", 300, "dense"), ("aggregator", 300, "httm"), ("point4", 300, "httm")]
+    assert job.job_order([32, 1000], [32], ["dense", "httm"], [], False, 1000)[-1] == ("point4", 1000, "httm")
+    assert not any(j[0] == "point4" for j in jobs)  # off unless asked for
     # no budget: a strategy's first length still runs (nothing to predict from), the next is skipped
     assert job.main(["--quick", "--budget-s", "0", "--no-split", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -19,6 +19,7 @@ import pytest
 
 from httm_dist.data import discover_scenes, natural_key, read_scene_frames, scene_fingerprint
 from httm_dist.data import scenes as scenes_mod
+from httm_dist.data.spec import object_version
 from httm_dist.errors import ConfigError, SceneError
 from httm_dist.storage import get_fs, is_local
 
@@ -277,6 +278,42 @@ def test_manifest_without_frame_index_keeps_order_and_validates(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"scene_id": "s/../x", "uri": "a.jpg"}\n')
     with pytest.raises(ConfigError, match="s/../x"):
         discover_scenes(str(tmp_path / "bad.jsonl"))
+
+
+def test_archive_versions_are_the_objects_versions(root):
+    # taken from the root listing now: they must equal what a stat of the object says, or
+    # every archive scene would look changed to a resume
+    url, opts, fs, path = root
+    make_dataset(fs, path)
+    archives = [s for s in discover_scenes(url, opts) if s.kind != "folder"]
+    assert len(archives) == 3
+    fs.invalidate_cache()
+    for scene in archives:
+        assert scene.version == object_version(fs.info(get_fs(scene.source, opts)[1])), scene.scene_id
+
+
+@pytest.mark.parametrize("listing", ["full", "without a change tag"])
+def test_archive_versions_cost_no_stat_when_the_listing_has_them(monkeypatch, listing):
+    fs = fsspec.filesystem("memory")
+    base = f"/scenes-{uuid.uuid4().hex}"
+    for i in range(5):
+        fs.pipe_file(f"{base}/s{i}.tar", tar_bytes({f"f{i}.png": bytes([i])}))
+    stats = []
+    real_info, real_ls = type(fs).info, type(fs).ls
+    monkeypatch.setattr(type(fs), "info", lambda self, p, **kw: stats.append(p) or real_info(self, p, **kw))
+    if listing != "full":  # like an HTTP listing: names and types, no size or date
+        monkeypatch.setattr(type(fs), "ls", lambda self, p, detail=True, **kw: [
+            {"name": e["name"], "type": e["type"], "size": None} for e in real_ls(self, p, detail=True, **kw)])
+    scenes = discover_scenes(f"memory://{base}")
+    assert [s.scene_id for s in scenes] == [f"s{i}" for i in range(5)]
+    archive_stats = [p for p in stats if p.endswith(".tar")]
+    assert len(archive_stats) == (0 if listing == "full" else 5)
+    listed = {e["name"]: e for e in real_ls(fs, base, detail=True)}
+    for i, scene in enumerate(scenes):
+        path = f"{base}/s{i}.tar"  # (memory's listing and info write the date differently)
+        assert scene.version == object_version(listed[path] if listing == "full" else real_info(fs, path))
+        assert scene.version.split(":")[1]  # a change tag, so a rewrite is seen
+    fs.rm(base, recursive=True)
 
 
 # --------------------------------------------------------------------------- manifest versions

@@ -10,10 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 import httm_dist.results as results
-from httm_dist.model.preprocess import load_and_preprocess_frames
+from httm_dist.model.preprocess import ImageDecodeError, frame_geometry, load_and_preprocess_frames
 from httm_dist.results import ResultStore, SceneRecord, build_frame_table, column_matrices, scene_arrays, validity_mask
 from httm_dist.results.frames import FRAME_SCHEMA, V2_COLUMNS
 from httm_dist.storage import get_fs
@@ -152,3 +153,37 @@ def test_frame_table_records_the_orientation_and_the_upright_size():
     # the portrait fills the 56-wide crop; the landscape is padded top and bottom in the batch
     assert table.column("valid_box").to_pylist()[0] == [0, 0, 56, 56]
     assert table.column("valid_box").to_pylist()[1][1] > 0
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+def test_frame_geometry_is_where_the_loader_puts_the_content(mode):
+    # fresh odd sizes (portrait and landscape, odd paddings) in one batch; a dark photo, so
+    # the content is never white and the padding always is
+    rng = np.random.default_rng()
+    sizes = [tuple(int(v) for v in rng.integers(100, 300, size=2)) for _ in range(5)] + [(170, 61)]
+    images, geometry = load_and_preprocess_frames([_png(w, h) for w, h in sizes], mode, 56)
+    batch_hw = tuple(images.shape[-2:])
+    for (w, h), g, img in zip(sizes, geometry, images):
+        assert g == frame_geometry((h, w), mode, 56, batch_hw), (w, h)
+        x0, y0, x1, y1 = g.valid_box()
+        inside = torch.zeros(batch_hw, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        assert (img[:, ~inside] == 1.0).all() and (img[:, inside] < 1.0).all(), (w, h)
+
+
+def test_frame_geometry_worked_examples_and_errors(tmp_path):
+    g = frame_geometry((252, 168), "crop", 56)  # resized 56x84, the middle 56 rows kept
+    assert (g.resized_hw, g.crop_top, g.content_hw, g.pad_top, g.pad_left) == ((84, 56), 14, (56, 56), 0, 0)
+    g = frame_geometry((252, 168), "pad", 56)  # resized 42x56, centred in a 56 square
+    assert (g.resized_hw, g.crop_top, g.content_hw, g.pad_top, g.pad_left) == ((56, 42), 0, (56, 42), 0, 7)
+    g = frame_geometry((90, 160), "crop", 56, (71, 85))  # 56x28 content, then odd batch padding (floor halves)
+    assert (g.content_hw, g.pad_top, g.pad_left) == ((28, 56), 21, 14)
+    with pytest.raises(ValueError, match="cannot be resized"):
+        frame_geometry((10, 1000), "crop", 56)
+    with pytest.raises(ValueError, match="larger than the stored input"):
+        frame_geometry((252, 168), "pad", 56, (56, 42))
+    with pytest.raises(ValueError, match="mode"):
+        frame_geometry((10, 10), "stretch", 56)
+    with pytest.raises(ImageDecodeError, match=r"long\.png.*cannot be resized"):
+        (tmp_path / "long.png").write_bytes(_png(1000, 10))
+        load_and_preprocess_frames([str(tmp_path / "long.png")], "crop", 56)

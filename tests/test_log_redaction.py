@@ -4,17 +4,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pytest
 
+from httm_dist import storage
 from httm_dist.cli import _one_line
 from httm_dist.errors import StorageError
 from httm_dist.results import ResultStore
 from httm_dist.results.record import RunSummary, SceneRecord
-from httm_dist.storage import redact_text
+from httm_dist.storage import redact_text, register_secrets
 
 # known credentials, in the shapes AWS uses (none is real)
 KEY_ID = "ASIAZZEXAMPLE7KEY2ID"
@@ -109,3 +112,28 @@ def test_records_run_summaries_and_errors_carry_no_credentials(tmp_path):
 ])
 def test_redaction_keeps_ordinary_text(text):
     assert redact_text(text) == text
+
+
+def test_secrets_set_or_changed_after_a_first_redaction_are_hidden(monkeypatch):
+    # the secret list is cached between calls: it must follow the environment and registrations
+    first, second, registered = (f"{word}-{uuid.uuid4().hex}" for word in ("first", "second", "registered"))
+    line = f"sent {first} then {second} and {registered}"
+    assert redact_text(line) == line  # warms the cache with none of them
+    monkeypatch.setenv("HTTM_TEST_API_TOKEN", first)
+    assert redact_text(line) == f"sent *** then {second} and {registered}"
+    monkeypatch.setenv("HTTM_TEST_API_TOKEN", second)  # same name, new value
+    assert redact_text(line) == f"sent {first} then *** and {registered}"
+    register_secrets({"options": {"session_token": registered}})
+    assert redact_text(line) == f"sent {first} then *** and ***"
+    monkeypatch.delenv("HTTM_TEST_API_TOKEN")
+    assert redact_text(line) == f"sent {first} then {second} and ***"
+
+
+def test_the_secret_list_is_rebuilt_only_when_the_environment_changes(monkeypatch):
+    monkeypatch.setenv("HTTM_TEST_PASSWORD", f"pw-{uuid.uuid4().hex}")
+    secrets = storage._secrets()
+    assert storage._secrets() is secrets  # unchanged environment: the cached tuple
+    monkeypatch.setenv("HTTM_TEST_UNRELATED", "a plain value, not a secret")
+    assert storage._secrets() is secrets  # a variable whose name is not a secret's changes nothing
+    monkeypatch.setenv("HTTM_TEST_PASSWORD", f"pw-{uuid.uuid4().hex}")
+    assert storage._secrets() is not secrets and os.environ["HTTM_TEST_PASSWORD"] in storage._secrets()

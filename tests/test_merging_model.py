@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from httm_dist.merging import MergeConfig, apply_merging, merge_stats
+from httm_dist.merging.patch import installed
 from httm_dist.model import VGGT, VGGTConfig
 
 
@@ -153,8 +154,8 @@ def _look_alike() -> torch.nn.Module:
     return module
 
 
-@pytest.mark.parametrize("call", [lambda m: apply_merging(m, MC()), merge_stats],
-                         ids=["apply_merging", "merge_stats"])
+@pytest.mark.parametrize("call", [lambda m: apply_merging(m, MC()), merge_stats, installed],
+                         ids=["apply_merging", "merge_stats", "installed"])
 @pytest.mark.parametrize("unknown", [lambda model: torch.nn.Linear(2, 2), lambda model: _look_alike(),
                                      lambda model: model.camera_head],
                          ids=["linear", "look-alike", "camera-head"])
@@ -163,3 +164,12 @@ def test_unknown_models_are_refused_naming_what_is_expected(model, unknown, call
     with pytest.raises(TypeError, match=r"cannot patch a .*; expected one of httm_dist\.model\.vggt\.VGGT, "
                                         r"httm_dist\.model\.aggregator\.Aggregator, vggt\.models\.vggt\.VGGT"):
         call(unknown(model))
+
+
+def test_installed_lists_each_global_blocks_strategy(model):
+    apply_merging(model, MC(strategy="uniform", layers=(0, 2)))
+    fns = installed(model)
+    assert [None if f is None else (f.name, f.layer_idx) for f in fns] == [("uniform", 0), None, ("uniform", 2), None]
+    assert installed(model.aggregator) == fns  # the aggregator alone is the same blocks
+    apply_merging(model, MC(strategy="dense"))
+    assert installed(model) == [None] * 4

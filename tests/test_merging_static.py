@@ -15,6 +15,7 @@ from httm_dist.merging.httm import HttmAttention
 from httm_dist.merging.uniform import UniformAttention
 from httm_dist.model import VGGT, VGGTConfig
 from httm_dist.model.hooks import AttentionContext
+from httm_dist.model.rope import RopeTable
 
 
 def make(S=6, grid=(4, 6), psi=5, B=2, H=4, d=16, C=32, dtype=torch.float32, seed=0):
@@ -89,6 +90,34 @@ def test_merged_forward_makes_no_host_sync(monkeypatch, cfg):
     assert fns[0].last_stats["tokens"] == q.shape[2]  # reading stats (a sync) works after
 
 
+class _AtenOps(TorchDispatchMode):
+    """Records the aten ops dispatched (names without overload)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("strategy", ["httm", "uniform"])
+def test_the_dense_rule_dispatches_exactly_the_unpatched_kernel(strategy):
+    """Under ``min_tokens`` a layer runs the dense kernel and nothing else: no tensor is made
+    for its stats (they hold plain counts), yet they read as for a merged layer."""
+    q, k, v, ctx = make()
+    fn = layers(MergeConfig(strategy=strategy), 1)[0]
+    with _AtenOps() as patched:
+        out = fn(q, k, v, ctx)
+    with _AtenOps() as unpatched:
+        ref = F.scaled_dot_product_attention(q, k, v)
+    assert patched.ops == unpatched.ops and torch.equal(out, ref)
+    B, H, N, _ = q.shape
+    st = fn.last_stats
+    assert not st["merged"] and st["q_kept"] == [float(N)] * H and st["q_len"] == st["kv_kept"] == N
+
+
 def test_query_length_is_static_across_layers_and_inputs():
     cfg = MergeConfig(min_tokens=0, block_spatial=8, block_frames=3)
     fns = layers(cfg, 3)
@@ -145,6 +174,23 @@ def test_capped_outliers_are_the_greedy_global_choice_and_padding_is_dropped():
         n = int(a.q_kept[b, h])
         ref = F.scaled_dot_product_attention(qm[b, h, :n], km[b, h], vm[b, h])
         torch.testing.assert_close(out[b, h], ref[a.q_assign[b, h]], rtol=1e-5, atol=1e-6)
+
+
+def test_outliers_are_numbered_once_per_plan():
+    """restore_outliers numbers the outliers (a cumsum over [B, H, n_src]); split_outliers
+    reads its slots instead of numbering them again; without filtering nothing is numbered."""
+    q, k, v, ctx = make(seed=4)
+    for frac, cumsums in ((0.1, 1), (0.0, 0)):
+        f = layers(MergeConfig(min_tokens=0, block_spatial=8, block_frames=3, outlier_frac=frac), 1)[0]
+        with _AtenOps() as rec:
+            a = f.plan(q, k, v, ctx, PhaseTimer(False))
+        assert rec.ops.count("cumsum") == cumsums
+        # and the merged queries it hands over are the means over its final assignment
+        if a.q_means is not None:
+            (ref,), _ = matching.aggregate([q], a.q_assign, a.q_slots)
+            torch.testing.assert_close(a.q_means, ref, rtol=1e-5, atol=1e-6)
+        else:
+            assert a.q_slots == a.q_kept == int(a.q_assign.max()) + 1
 
 
 def test_unmerge_writes_the_layout_the_block_reads_without_a_copy():
@@ -237,6 +283,34 @@ def test_model_forward_merges_without_host_sync_and_one_query_length(model, monk
     apply_merging(model, MergeConfig(strategy="dense"))
 
 
+@pytest.mark.parametrize("strategy", ["httm", "uniform"])
+def test_whole_model_forward_syncs_only_in_its_input_check(model, monkeypatch, strategy):
+    """Issue 14: no host sync anywhere in a merged forward (patch embed, both block kinds,
+    RoPE, the merging, the heads), not only inside the hooks. The one read left is the
+    input check (images finite), which VGGT.forward and Aggregator.forward each make."""
+    import httm_dist.model.aggregator as aggregator_module
+    import httm_dist.model.vggt as vggt_module
+
+    x = torch.rand(1, 5, 3, 42, 56, generator=torch.Generator().manual_seed(3))
+    checked = []
+
+    def check_images(images, patch_size):  # validated once, outside the guard
+        checked.append(images)
+        return images
+
+    apply_merging(model, MergeConfig(strategy=strategy, min_tokens=0, block_spatial=4, block_frames=2, plan_reuse=2))
+    with torch.inference_mode():
+        model(x)  # plans built
+        aggregator_module.check_images(x, 14)
+        for module in (aggregator_module, vggt_module):
+            monkeypatch.setattr(module, "check_images", check_images)
+        with no_host_sync(monkeypatch):
+            out = model(x)
+    assert len(checked) == 2 and torch.isfinite(out["depth"]).all()
+    assert all(s["merged"] for s in merge_stats(model))
+    apply_merging(model, MergeConfig(strategy="dense"))
+
+
 def test_plans_for_cuda_without_index_are_the_ones_cuda_0_finds(monkeypatch):
     """bench_gpu prepares plans for ``torch.device("cuda")``; the forward's tensors are on
     ``cuda:0``: both must hit one cache entry (CPU keys unchanged)."""
@@ -252,3 +326,46 @@ def test_plans_for_cuda_without_index_are_the_ones_cuda_0_finds(monkeypatch):
     assert built == [torch.device("cuda", 0)]
     assert base.plan_device(torch.device("cpu")) == torch.device("cpu")
     assert str(base.plan_device("cuda:1")) == "cuda:1"
+
+
+class _FreshBytes(TorchDispatchMode):
+    """Bytes of the tensors the dispatched ops write that share storage with none of their inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {a.untyped_storage().data_ptr() for a in [*args, *(kwargs or {}).values()] if isinstance(a, torch.Tensor)}
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in ins:
+                self.bytes += o.numel() * o.element_size()
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_is_the_official_formula_bit_for_bit_in_two_writes(dtype):
+    """Found profiling issue 14's point 4 (the whole forward, not one layer): RoPE on q and k
+    of every block was the largest copy of the forward (-t2 and the rotated halves stacked:
+    five writes of q's size). It now writes twice and stays bit-identical to the official
+    ``t * cos + rotate_half(t) * sin`` (halves: ``rotate_half(t) = cat(-t2, t1)``)."""
+    rope = RopeTable((3, 5), 5, 16, 100.0, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    t = (10 * torch.randn(2, 4, 6 * rope.tokens, 16, generator=g)).to(dtype)
+    for x in (t, t.transpose(1, 2).contiguous().transpose(1, 2)):  # contiguous, and a strided view
+        cos, sin = rope._cos_sin(dtype)
+        f = x.unflatten(-2, (6, rope.tokens))
+        halves = [h.chunk(2, dim=-1) for h in f.chunk(2, dim=-1)]  # (y, x) halves, each (t1, t2)
+        rotated = torch.cat([torch.cat([-t2, t1], dim=-1) for t1, t2 in halves], dim=-1)
+        ref = (f * cos + rotated * sin).flatten(-3, -2)
+        with _FreshBytes() as rec:
+            out = rope.apply(x)
+        assert torch.equal(out, ref) and out.dtype == dtype
+        assert rec.bytes <= 2 * x.numel() * x.element_size()
+        # under autograd (training): the same values, and gradients flow
+        y = x.detach().requires_grad_(True)
+        out = rope.apply(y)
+        assert torch.equal(out.detach(), ref) and out.requires_grad
+        out.sum().backward()
+        assert y.grad is not None and torch.isfinite(y.grad).all()

@@ -11,7 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from httm_dist.errors import ConfigError
 from httm_dist.model import PRESETS, WeightsMismatchError, load_vggt, register_preset
+from httm_dist.model import weights
+from httm_dist.model.config import VGGTConfig
+from httm_dist.model.vggt import VGGT
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +143,26 @@ def test_hf_url_without_huggingface_hub_explains(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import raises ImportError
     with pytest.raises(ImportError, match="huggingface_hub"):
         load_vggt("tiny", weights="hf://facebook/VGGT-1B/model.safetensors", device="cpu")
+
+
+def test_expected_shapes_are_built_once_per_config(monkeypatch, tmp_path, reference):
+    cfg = VGGTConfig.preset("tiny")
+    with torch.device("meta"):
+        built = {k: tuple(v.shape) for k, v in VGGT(cfg).state_dict().items()}
+    weights.expected_shapes.cache_clear()
+    builds = []
+    real = weights.VGGT
+    monkeypatch.setattr(weights, "VGGT", lambda c: builds.append(c) or real(c))
+    assert dict(weights.expected_shapes(cfg)) == built
+    with pytest.raises(TypeError):  # shared between callers: read-only
+        weights.expected_shapes(cfg)["extra"] = (1,)
+    path = write(tmp_path / "w.safetensors", reference)
+    assert weights.check_weights_file("tiny", path) == len(reference)
+    assert weights.check_weights_file("tiny", path) == len(reference)
+    assert builds == [cfg]  # both checks used the one map built above
+    # another config value is another map (e.g. a preset re-registered with another shape)
+    other = VGGTConfig.from_dict({**cfg.to_dict(), "num_register_tokens": cfg.num_register_tokens + 1})
+    assert weights.expected_shapes(other) != weights.expected_shapes(cfg) and builds == [cfg, other]
+    bad = {k: v for k, v in reference.items() if not k.endswith("qkv.weight")}
+    with pytest.raises(ConfigError, match="does not fit preset 'tiny'.*missing keys"):
+        weights.check_weights_file("tiny", write(tmp_path / "bad.safetensors", bad))

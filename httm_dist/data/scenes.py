@@ -184,7 +184,20 @@ def _folder_scene(fs, scene_path: str, scene_id: str, ignore: frozenset[str] = f
     return SceneSpec(scene_id, full_url(fs, base), "folder", frames)
 
 
-def _archive_scene(fs, path: str, scene_id: str, kind: str) -> SceneSpec:
+def _archive_version(fs, path: str, entry: dict | None) -> str:
+    """The archive's :func:`object_version`: from its entry in the root listing (no request)
+    when that entry tells a size and a change tag, as local disks, S3, GCS and memory listings
+    do, else from ``fs.info`` (e.g. an HTTP listing has neither)."""
+    if entry and entry.get("size") is not None:
+        version = object_version(entry)
+        if not version.endswith(":"):  # "<size>:<tag>", the tag empty when the entry has none
+            return version
+    return object_version(retry(lambda: fs.info(path), what=f"stat {redact(full_url(fs, path))}"))
+
+
+def _archive_scene(fs, path: str, scene_id: str, kind: str, entry: dict | None = None) -> SceneSpec:
+    """The scene of one archive at ``path``; ``entry`` is its root-listing entry, reused for
+    the version (see :func:`_archive_version`)."""
     url = full_url(fs, path)
     try:
         members, others = retry(lambda: _archive_members(fs, path, kind), what=f"index archive {url}")
@@ -196,8 +209,7 @@ def _archive_scene(fs, path: str, scene_id: str, kind: str) -> SceneSpec:
     frames = tuple(
         FrameRef(uri=f"{kind}://{m}::{url}", frame_index=i, name=m) for i, m in enumerate(members)
     )
-    version = object_version(retry(lambda: fs.info(path), what=f"stat {redact(url)}"))
-    return SceneSpec(scene_id, url, kind, frames, version=version)
+    return SceneSpec(scene_id, url, kind, frames, version=_archive_version(fs, path, entry))
 
 
 def _ignored(fs, path: str, ignore: frozenset[str]) -> bool:
@@ -208,12 +220,13 @@ def _ignored(fs, path: str, ignore: frozenset[str]) -> bool:
 
 def _list_root(
     fs, root: str, input_url: str, ignore: frozenset[str] = frozenset()
-) -> tuple[list[tuple[str, str, str]], int]:
-    """Immediate children of ``root`` as ``(scene_id, path, kind)``, and how many image files
-    lie directly in ``root`` (frames of a scene when ``root`` is one scene's folder)."""
+) -> tuple[list[tuple[str, str, str, dict]], int]:
+    """Immediate children of ``root`` as ``(scene_id, path, kind, listing entry)``, and how
+    many image files lie directly in ``root`` (frames of a scene when ``root`` is one scene's
+    folder)."""
     fs.invalidate_cache(root)
     entries = retry(lambda: fs.ls(root, detail=True), what=f"list {redact(input_url)}")
-    found: dict[str, tuple[str, str, str]] = {}
+    found: dict[str, tuple[str, str, str, dict]] = {}
     root_images = 0
     for entry in entries:
         path = entry["name"].rstrip("/")
@@ -242,7 +255,7 @@ def _list_root(
                 f"scene id {sid!r} appears twice under {redact(input_url)} "
                 f"({posixpath.basename(found[sid][1])} and {name}); rename one of them"
             )
-        found[sid] = (sid, path, kind)
+        found[sid] = (sid, path, kind, entry)
     return list(found.values()), root_images
 
 
@@ -300,17 +313,17 @@ def discover_scenes(
             validate_scene_id(sid, input_url)
             log.info("input %s holds %d images and no scene folders or archives: reading it "
                      "as one scene %r", shown, root_images, sid)
-            children = [(sid, root, "folder")]
+            children = [(sid, root, "folder", None)]
         elif root_images:
             log.warning("ignoring %d images directly under %s: it also holds scenes; put each "
                         "scene in its own folder or archive", root_images, shown)
         children = [c for c in children if _wanted(c[0], include_g, exclude_g)]
 
-        def build(child: tuple[str, str, str]) -> SceneSpec:
-            sid, path, kind = child
+        def build(child: tuple[str, str, str, dict | None]) -> SceneSpec:
+            sid, path, kind, entry = child
             if kind == "folder":
                 return _folder_scene(fs, path, sid, ignored)
-            return _archive_scene(fs, path, sid, kind)
+            return _archive_scene(fs, path, sid, kind, entry)
 
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(children)))) as pool:
             scenes = list(pool.map(build, children))

@@ -77,12 +77,12 @@ def derive_frames(original_hw: Any, input_hw: Any, mode: str) -> list:
 
     ``original_hw`` [S, 2] and ``input_hw`` [S, 2] (height, width) are the ``orig_*`` and
     ``input_*`` columns. The target size is the input width in crop mode (every frame is
-    resized to it) and the input side in pad mode (inputs are square); the resized size is the
-    loader's own arithmetic (``preprocess._resized_size``), then the loader's crop and centred
-    padding. Raises ``ValueError`` for an unknown mode or sizes that this mode cannot have
-    produced (e.g. a non-square input in pad mode).
+    resized to it) and the input side in pad mode (inputs are square); the geometry is the
+    loader's own (:func:`httm_dist.model.preprocess.frame_geometry`, placed in the stored
+    input). Raises ``ValueError`` naming the frame for an unknown mode or sizes that this
+    mode cannot have produced (e.g. a non-square input in pad mode).
     """
-    from httm_dist.model.preprocess import FrameGeometry, _resized_size  # deferred (torch)
+    from httm_dist.model.preprocess import frame_geometry  # deferred (torch)
 
     if mode not in MODES:
         raise ValueError(f"preprocessing mode must be one of {MODES}, got {mode!r}")
@@ -91,23 +91,13 @@ def derive_frames(original_hw: Any, input_hw: Any, mode: str) -> list:
     if len(orig) != len(inp):
         raise ValueError(f"original_hw has {len(orig)} frames but input_hw has {len(inp)}")
     frames = []
-    for k, ((h, w), (in_h, in_w)) in enumerate(zip(orig.tolist(), inp.tolist())):  # a few integer operations per frame
+    for k, (hw, (in_h, in_w)) in enumerate(zip(orig.tolist(), inp.tolist())):  # a few integer operations per frame
         if mode == "pad" and in_h != in_w:
             raise ValueError(f"frame {k}: input {in_h}x{in_w} is not square, so not made in pad mode")
-        target = in_w
-        new_w, new_h = _resized_size(w, h, mode, target)
-        if new_w <= 0 or new_h <= 0:
-            raise ValueError(f"frame {k}: a {w}x{h} photo cannot be resized to size {target} ({mode} mode)")
-        crop_top = (new_h - target) // 2 if mode == "crop" and new_h > target else 0
-        body_h = min(new_h, target) if mode == "crop" else new_h  # crop keeps `target` rows
-        if body_h > in_h or new_w > in_w:
-            raise ValueError(
-                f"frame {k}: a {w}x{h} photo in {mode} mode at size {target} gives {new_w}x{body_h}, "
-                f"larger than the stored input {in_w}x{in_h}"
-            )
-        frames.append(FrameGeometry(
-            (h, w), (new_h, new_w), crop_top, (in_h - body_h) // 2, (in_w - new_w) // 2, (body_h, new_w),
-        ))
+        try:
+            frames.append(frame_geometry(tuple(hw), mode, in_w, (in_h, in_w)))
+        except ValueError as exc:
+            raise ValueError(f"frame {k}: {exc}") from None
     return frames
 
 

@@ -40,12 +40,13 @@ class Assignment:
 
     ``q_assign`` / ``kv_assign`` are ``[B, H or 1, N]`` (1: one plan for all heads);
     ``kv_assign is q_assign`` when q, k and v share the plan. ``q_kept`` ``[B, H]`` counts the
-    real query slots per head (``q_slots`` is the padded count fed to the kernel).
+    real query slots per head, or is one int for every head (``uniform``); ``q_slots`` is the
+    padded count fed to the kernel.
     """
 
     q_assign: torch.Tensor
     q_slots: int
-    q_kept: torch.Tensor
+    q_kept: torch.Tensor | int
     kv_assign: torch.Tensor
     kv_slots: int
     q_means: Optional[torch.Tensor] = None
@@ -122,7 +123,11 @@ class MergedAttention:
         if self._last is None:
             return None
         out = dict(self._last)
-        out["q_kept"] = out["q_kept"].float().mean(0).tolist()
+        kept, heads = out["q_kept"], out.pop("heads")
+        if isinstance(kept, torch.Tensor):  # [B, H] or [B, 1] (one plan for all heads)
+            out["q_kept"] = kept.float().mean(0).expand(heads).tolist()
+        else:  # one static count for every head
+            out["q_kept"] = [float(kept)] * heads
         return out
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, timer: PhaseTimer) -> Assignment:
@@ -162,7 +167,7 @@ class MergedAttention:
                 f"describes {ctx.num_frames} frames x {ctx.tokens_per_frame} tokens"
             )
         if N < self.cfg.min_tokens:  # merging does not pay: the unpatched block's exact call
-            self._record(N, torch.full((1, 1), N, device=q.device).expand(B, H), N, N, False, None, merged=False)
+            self._record(N, H, N, N, N, False, None, merged=False)
             return F.scaled_dot_product_attention(q, k, v)
         timer = PhaseTimer(self.cfg.profile and q.is_cuda)
         last = self.shared.last
@@ -191,20 +196,23 @@ class MergedAttention:
         with timer("aggregate"):
             out = unmerge(out, a.q_assign)
         a.q_means = None  # only valid for the tensors it was computed from
-        self._record(N, a.q_kept.expand(B, H), a.q_slots, a.kv_slots, reused, timer)
+        self._record(N, H, a.q_kept, a.q_slots, a.kv_slots, reused, timer)
         return out
 
     def _record(
-        self, N: int, q_kept: torch.Tensor, q_len: int, kv_kept: int, reused: bool,
+        self, N: int, heads: int, q_kept: torch.Tensor | int, q_len: int, kv_kept: int, reused: bool,
         timer: Optional[PhaseTimer], merged: bool = True,
     ) -> None:
-        """Keep this call's stats; ``q_kept`` stays a device tensor (read in ``last_stats``)."""
+        """Keep this call's stats. ``q_kept`` is a device tensor ``[B, H or 1]`` (read in
+        ``last_stats``, where reading it is a sync) or one count for every head (an int: the
+        dense rule and ``uniform`` need no tensor for it)."""
         times = timer.times if timer is not None else {"match": 0.0, "aggregate": 0.0, "attention": 0.0}
         self._last = {
             "layer": self.layer_idx,
             "strategy": self.name,
             "merged": merged,
             "tokens": N,
+            "heads": heads,
             "q_kept": q_kept,
             "q_len": q_len,
             "kv_kept": kv_kept,

@@ -52,14 +52,13 @@ class HttmAttention(MergedAttention):
         filtering = cfg.outlier_frac > 0 and plan_q.num_src > 0
         count, cap = outlier_budget(cfg.outlier_frac, H, N, plan_q.num_src, cfg.outlier_cap) if filtering else (0, 0)
         with timer("aggregate"):
-            outliers = torch.zeros(q_src.shape, dtype=torch.bool, device=q.device)
-            q_means = None
             if count:
                 (sums,), sizes = aggregate_sums([q], assignment(plan_q, q_src), plan_q.num_kept)
                 means = slot_means(sums, sizes, (B, H, plan_q.num_kept))
                 outliers, sel = select_outliers(q, means, plan_q, q_src, count, cap)
-            q_assign, q_slots, q_kept = restore_outliers(plan_q, q_src, outliers, cap)
-            if count:
-                q_means = split_outliers(q, sums, sizes, plan_q, q_src, outliers, sel, q_slots)
+                q_assign, q_slots, q_kept, slots = restore_outliers(plan_q, q_src, outliers, cap)
+                q_means = split_outliers(q, sums, sizes, plan_q, q_src, slots, sel, q_slots)
+            else:  # no filtering: every head keeps the plan's slots, merged in __call__
+                q_assign, q_slots, q_kept, q_means = assignment(plan_q, q_src), plan_q.num_kept, plan_q.num_kept, None
             kv_assign = assignment(plan_kv, k_src)
         return Assignment(q_assign, q_slots, q_kept, kv_assign, plan_kv.num_kept, q_means)

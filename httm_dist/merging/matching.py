@@ -377,17 +377,19 @@ def select_outliers(
 
 def restore_outliers(
     plan: MergePlan, src_slots: torch.Tensor, outliers: torch.Tensor, cap: int
-) -> tuple[torch.Tensor, int, torch.Tensor]:
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """Give every outlier a slot of its own after the ``plan.num_kept`` shared ones.
 
     Returns the final assignment ``[B, H, N]``, the padded slot count ``num_kept + cap`` (static:
-    ``cap`` bounds every head's outlier count, :func:`outlier_budget`) and the per-head query
-    count ``[B, H]`` (a device tensor; slots past it are empty padding).
+    ``cap`` bounds every head's outlier count, :func:`outlier_budget`), the per-head query
+    count ``[B, H]`` (a device tensor; slots past it are empty padding) and the final slot of
+    every src ``[B, H, n_src]`` (outliers numbered in token order after the shared slots), which
+    :func:`split_outliers` reads instead of numbering them again.
     """
     rank = outliers.cumsum(-1) - 1
     n_out = outliers.sum(-1)
     slots = torch.where(outliers, plan.num_kept + rank, src_slots)
-    return assignment(plan, slots), plan.num_kept + cap, plan.num_kept + n_out
+    return assignment(plan, slots), plan.num_kept + cap, plan.num_kept + n_out, slots
 
 
 def split_outliers(
@@ -396,25 +398,25 @@ def split_outliers(
     sizes: torch.Tensor,
     plan: MergePlan,
     src_slots: torch.Tensor,
-    outliers: torch.Tensor,
+    slots: torch.Tensor,
     sel: torch.Tensor,
     num_slots: int,
 ) -> torch.Tensor:
     """Query means ``[B, H, num_slots, d]`` after taking the outliers out of their merged tokens.
 
     ``sums`` / ``sizes`` are the first aggregation (``plan.num_kept`` slots per head): each
-    outlier's contribution is subtracted there and it becomes the slot after the shared ones
-    (in token order), as :func:`restore_outliers` numbers them. Cheaper than aggregating again.
-    ``outliers`` / ``sel`` are :func:`select_outliers`' mask and ``[B, count]`` index.
+    outlier's contribution is subtracted there and it becomes its own slot, the one
+    :func:`restore_outliers` gave it (``slots``, ``[B, H, n_src]``, its last output). Cheaper
+    than aggregating again. ``sel`` is :func:`select_outliers`' ``[B, count]`` index.
     """
     B, H, N, d = q.shape
     M, n_src = plan.num_kept, plan.num_src
     b = torch.arange(B, device=q.device).view(B, 1)
     bh = (b * H + torch.div(sel, n_src, rounding_mode="floor")).flatten()
     j = (sel % n_src).flatten()
-    flat = (b * (H * n_src) + sel).flatten()  # index into outliers.flatten()
+    flat = (b * (H * n_src) + sel).flatten()  # index into [B, H, n_src].flatten()
     rows = q.reshape(B * H, N, d)[bh, plan.src_tokens[j]].to(sums.dtype)
-    new = M + (outliers.cumsum(-1) - 1).flatten()[flat]
+    new = slots.flatten()[flat]
     # one fresh buffer: the shared slots copied in, outliers subtracted there in place
     out_sums = sums.new_empty(B * H, num_slots, d)
     out_sizes = sizes.new_empty(B * H, num_slots)

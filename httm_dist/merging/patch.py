@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch.nn as nn
 
@@ -80,6 +80,17 @@ def apply_merging(model: nn.Module, cfg: Union[MergeConfig, Mapping[str, Any]]) 
     adapter.install({i: cls(cfg, i, position, shared) for position, i in enumerate(layers)})
     log.info("merging: %s on global blocks %s of %s", cfg.strategy, layers, type(model).__name__)
     return model
+
+
+def installed(model: nn.Module) -> list[Optional[MergedAttention]]:
+    """The strategy installed on each of ``model``'s global blocks, ``None`` where a block runs
+    dense (all ``None`` after ``apply_merging(model, {"strategy": "dense"})``).
+
+    ``model``: as for :func:`apply_merging` (anything else raises ``TypeError``). For callers
+    that need the strategies themselves, e.g. to build their plans for a sequence shape ahead
+    of the first forward (``MergedAttention.prepare``).
+    """
+    return _adapter(model, "installed").installed()
 
 
 def merge_stats(model: nn.Module) -> list[dict[str, Any]]:

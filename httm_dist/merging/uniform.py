@@ -40,5 +40,4 @@ class UniformAttention(MergedAttention):
             src = match(ctx.x.to(q.dtype).unsqueeze(1), plan)
         with timer("aggregate"):
             assign = assignment(plan, src)
-        kept = torch.full((q.shape[0], 1), plan.num_kept, device=q.device)
-        return Assignment(assign, plan.num_kept, kept, assign, plan.num_kept)
+        return Assignment(assign, plan.num_kept, plan.num_kept, assign, plan.num_kept)

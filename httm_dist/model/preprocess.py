@@ -10,6 +10,7 @@ Two modes, as in the official code:
   padded with white (1.0) to ``target_size`` x ``target_size`` with top/left = pad // 2.
 
 Images of different shapes in one batch are padded white, centred, to the largest H and W.
+Where each frame lands (resize, crop, padding offsets) is computed once, by :func:`frame_geometry`.
 
 Where httm-dist deliberately differs from the official loader (which gets these wrong):
 
@@ -196,13 +197,13 @@ def _resized_size(width: int, height: int, mode: str, target_size: int) -> tuple
     return new_width, new_height
 
 
-def _pad_white(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad [3,h,w] with 1.0 to [3,height,width], top/left = pad // 2."""
+def _pad_white(img: torch.Tensor, height: int, width: int, top: int, left: int) -> torch.Tensor:
+    """Pad [3,h,w] with 1.0 to [3,height,width], its top-left pixel at (``top``, ``left``)
+    (offsets from :func:`frame_geometry`)."""
     h_pad = height - img.shape[1]
     w_pad = width - img.shape[2]
     if h_pad <= 0 and w_pad <= 0:
         return img
-    top, left = h_pad // 2, w_pad // 2
     return F.pad(img, (left, w_pad - left, top, h_pad - top), mode="constant", value=1.0)
 
 
@@ -271,6 +272,65 @@ class FrameGeometry:
         )
 
 
+def _own_input_hw(mode: str, target_size: int, content_hw: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of one frame's model input before batching: ``target_size`` square in
+    pad mode, the (resized, cropped) content itself in crop mode."""
+    return (target_size, target_size) if mode == "pad" else content_hw
+
+
+def frame_geometry(
+    orig_hw: tuple[int, int],
+    mode: str = "crop",
+    target_size: int = DEFAULT_TARGET_SIZE,
+    input_hw: tuple[int, int] | None = None,
+    *,
+    exif_orientation: int = 1,
+    orientation_applied: bool = False,
+) -> FrameGeometry:
+    """Where the loader puts an image of ``orig_hw`` = (height, width) pixels in its model input:
+    the official ``load_and_preprocess_images`` arithmetic, the one place it is computed (the
+    loader and :mod:`httm_dist.export` both use it).
+
+    In order: resize (crop: width -> ``target_size``, height -> ``round(h * target_size / w /
+    14) * 14``; pad: the longest side -> ``target_size``, the other rounded the same way); in
+    crop mode keep the middle ``target_size`` rows of a taller image (``crop_top`` = excess //
+    2); in pad mode centre the content in a ``target_size`` square (top/left = pad // 2); then
+    centre that frame input (top/left = pad // 2) in ``input_hw``, the (height, width) of the
+    input it is stored in (a batch's largest H and W; default: the frame's own input, no
+    batch padding). ``exif_orientation``/``orientation_applied`` are recorded as given.
+
+    Raises ``ValueError`` for an unknown mode or a ``target_size`` that is not a positive
+    multiple of 14, an image too elongated to resize (a side would round to 0 pixels), or an
+    ``input_hw`` smaller than the frame's own input.
+    """
+    _validate_options(mode, target_size)
+    height, width = (int(v) for v in orig_hw)
+    new_width, new_height = _resized_size(width, height, mode, target_size)
+    if new_width <= 0 or new_height <= 0:
+        raise ValueError(
+            f"a {width}x{height} image cannot be resized to size {target_size} ({mode} mode): it is "
+            f"too elongated for a side that is a multiple of {PATCH_SIZE} pixels"
+        )
+    cropped = mode == "crop" and new_height > target_size
+    crop_top = (new_height - target_size) // 2 if cropped else 0
+    content_hw = (target_size if cropped else new_height, new_width)
+    own_h, own_w = _own_input_hw(mode, target_size, content_hw)
+    geometry = FrameGeometry(
+        (height, width), (new_height, new_width), crop_top,
+        (own_h - content_hw[0]) // 2, (own_w - content_hw[1]) // 2, content_hw,
+        exif_orientation, orientation_applied,
+    )
+    if input_hw is None:
+        return geometry
+    in_h, in_w = (int(v) for v in input_hw)
+    if own_h > in_h or own_w > in_w:
+        raise ValueError(
+            f"a {width}x{height} image in {mode} mode at size {target_size} gives {own_w}x{own_h}, "
+            f"larger than the stored input {in_w}x{in_h}"
+        )
+    return geometry.padded((in_h - own_h) // 2, (in_w - own_w) // 2)
+
+
 def preprocess_frame(
     source: ImageSource,
     mode: str = "crop",
@@ -279,33 +339,24 @@ def preprocess_frame(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[torch.Tensor, FrameGeometry]:
     """Load one image and preprocess it: the float32 tensor [3, h, w] in [0, 1] (values k/255)
-    and its :class:`FrameGeometry`. Options as in :func:`decode_image`."""
+    and its :class:`FrameGeometry` (:func:`frame_geometry`). Options as in :func:`decode_image`."""
     _validate_options(mode, target_size)
     decoded = decode_image(source, exif_orientation, max_pixels)
-    img = decoded.image
-    width, height = img.size
-    new_width, new_height = _resized_size(width, height, mode, target_size)
-    if new_width <= 0 or new_height <= 0:
-        raise ImageDecodeError(
-            f"image {_describe(source)} is {width}x{height}: too elongated to resize to "
-            f"{target_size} pixels with a side that is a multiple of {PATCH_SIZE}; crop it first"
+    width, height = decoded.image.size
+    try:
+        geometry = frame_geometry(
+            (height, width), mode, target_size,
+            exif_orientation=decoded.exif_orientation, orientation_applied=decoded.orientation_applied,
         )
-    img = img.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    except ValueError as exc:
+        raise ImageDecodeError(f"image {_describe(source)}: {exc}; crop it first") from None
+    (new_height, new_width), (content_h, _) = geometry.resized_hw, geometry.content_hw
+    img = decoded.image.resize((new_width, new_height), Image.Resampling.BICUBIC)
     tensor = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
     tensor = tensor.to(torch.float32).div(255)
-    crop_top = 0
-    if mode == "crop" and new_height > target_size:
-        crop_top = (new_height - target_size) // 2
-        tensor = tensor[:, crop_top : crop_top + target_size, :]
-    geometry = FrameGeometry(
-        (height, width), (new_height, new_width), crop_top, 0, 0, tuple(tensor.shape[1:]),
-        decoded.exif_orientation, decoded.orientation_applied,
-    )
-    if mode == "pad":
-        content = tensor.shape[1:]
-        tensor = _pad_white(tensor, target_size, target_size)
-        geometry = geometry.padded((target_size - content[0]) // 2, (target_size - content[1]) // 2)
-    return tensor, geometry
+    tensor = tensor[:, geometry.crop_top : geometry.crop_top + content_h, :]
+    input_h, input_w = _own_input_hw(mode, target_size, geometry.content_hw)
+    return _pad_white(tensor, input_h, input_w, geometry.pad_top, geometry.pad_left), geometry
 
 
 def preprocess_image(
@@ -347,11 +398,17 @@ def load_and_preprocess_frames(
         max_h = max(h for h, _ in shapes)
         max_w = max(w for _, w in shapes)
         logger.info("images of different shapes %s padded white to %dx%d", sorted(shapes), max_h, max_w)
-        geometries = [
-            g.padded((max_h - img.shape[1]) // 2, (max_w - img.shape[2]) // 2)
-            for g, img in zip(geometries, images)
+        batched = [
+            frame_geometry(g.orig_hw, mode, target_size, (max_h, max_w), exif_orientation=g.exif_orientation,
+                           orientation_applied=g.orientation_applied)
+            for g in geometries
         ]
-        images = [_pad_white(img, max_h, max_w) for img in images]
+        # each frame's input moves by what batching added to its content's offsets
+        images = [
+            _pad_white(img, max_h, max_w, b.pad_top - g.pad_top, b.pad_left - g.pad_left)
+            for img, g, b in zip(images, geometries, batched)
+        ]
+        geometries = batched
     return torch.stack(images), geometries
 
 

@@ -12,9 +12,11 @@ missing, unexpected or mis-shaped key is a ``WeightsMismatchError`` that lists t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
@@ -73,8 +75,8 @@ def load_vggt(
 
     source = os.fspath(weights)
     with torch.device("meta"):
-        model = VGGT(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model = VGGT(config)  # receives the checkpoint's tensors (assign=True): one per load
+    expected = _state_shapes(model)  # this model's own map, not expected_shapes(): no second build
     with _open_checkpoint(source, storage_options or {}) as checkpoint:
         shapes = checkpoint.shapes
         dropped = [k for k in shapes if k.startswith(DROPPED_PREFIX)]
@@ -138,9 +140,7 @@ def check_weights_file(
             f"({type(exc).__name__}: {first}): download it again, or point model.weights at "
             "another copy"
         ) from None
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in VGGT(VGGTConfig.preset(preset)).state_dict().items()}
-    missing, unexpected, mismatched = _compare_shapes(expected, shapes)
+    missing, unexpected, mismatched = _compare_shapes(expected_shapes(VGGTConfig.preset(preset)), shapes)
     if missing or unexpected or mismatched:
         parts = [f"{len(keys)} {label} (e.g. {keys[0]})" for label, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected),
@@ -151,6 +151,20 @@ def check_weights_file(
             "model.weights at a checkpoint of this preset"
         )
     return len(shapes)
+
+
+def _state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of ``model`` and its shape."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@functools.lru_cache(maxsize=8)
+def expected_shapes(config: VGGTConfig) -> Mapping[str, tuple[int, ...]]:
+    """Every state-dict key of a VGGT of ``config`` and its shape: what a checkpoint must hold
+    (``track_head.*`` aside). Built once per config value (configs are frozen and hashable) on
+    the meta device, so no memory; read-only, since it is shared."""
+    with torch.device("meta"):
+        return MappingProxyType(_state_shapes(VGGT(config)))
 
 
 def _compare_shapes(
