@@ -373,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Third-party loggers that say something at INFO for every scene: fsspec's ``tar`` logs
+#: "Inferred compression None from file name ..." for each archive. WARNING unless
+#: ``--debug-libraries``.
+CHATTY_LIBRARY_LOGGERS = ("tar",)
+
+
 def setup_logging(verbose: int = 0, quiet: int = 0, debug_libraries: bool = False) -> None:
     """INFO by default; ``-v`` DEBUG for httm-dist's own loggers only; ``-q`` WARNING (``-qq``
     ERROR) for all. Third-party loggers (botocore prints credentials at DEBUG) go to DEBUG
@@ -386,6 +392,8 @@ def setup_logging(verbose: int = 0, quiet: int = 0, debug_libraries: bool = Fals
     else:
         logging.basicConfig(level=root_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httm_dist").setLevel(level)
+    for name in CHATTY_LIBRARY_LOGGERS:  # back to the root's level with --debug-libraries
+        logging.getLogger(name).setLevel(logging.NOTSET if debug_libraries else max(level, logging.WARNING))
     install_log_redaction(root)
 
 

@@ -126,6 +126,24 @@ def test_sigterm_stops_the_run_like_ctrl_c_and_says_how_to_resume(job, capsys, m
     _one_clear_line(capsys.readouterr().err, "stopped (SIGTERM)", "rerun the same command to resume")
 
 
+def test_per_archive_library_chatter_is_off_unless_debugging_libraries():
+    """fsspec's tar logger says 'Inferred compression None from file name' at INFO for every
+    archive scene: thousands of lines in an overnight log."""
+    from httm_dist.cli import setup_logging
+
+    tar = logging.getLogger("tar")
+    try:
+        setup_logging()
+        assert not tar.isEnabledFor(logging.INFO) and tar.isEnabledFor(logging.WARNING)
+        assert logging.getLogger("httm_dist").isEnabledFor(logging.INFO)
+        setup_logging(debug_libraries=True)
+        assert tar.isEnabledFor(logging.DEBUG)
+    finally:
+        tar.setLevel(logging.NOTSET)
+        setup_logging()
+        tar.setLevel(logging.NOTSET)
+
+
 def test_job_entry_point_in_a_subprocess(job, tmp_path):
     """``jobs/reconstruct.py`` (what ``ray job submit`` runs) takes the options of
     ``httm-dist run`` (the README's logging flags too) and reports config errors the same way."""
