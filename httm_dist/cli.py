@@ -46,10 +46,12 @@ def _run_and_report(cfg: Any, progress: bool) -> int:
     import httm_dist.cluster.driver as driver  # deferred (Ray, torch): keeps --help fast
 
     summary = driver.run_job(cfg, progress=progress)
+    kept = summary.get("not_retried", 0)
     print(
         f"run {summary.get('run_id')}: {summary.get('done', 0)} done, {summary.get('failed', 0)} "
-        f"failed, {summary.get('skipped', 0)} already committed; {summary.get('frames', 0)} "
-        f"frames in {summary.get('seconds', 0):.1f} s"
+        f"failed, {summary.get('skipped', 0)} already committed"
+        + (f", {kept} failed in earlier runs and not retried (retry_failed: false)" if kept else "")
+        + f"; {summary.get('frames', 0)} frames in {summary.get('seconds', 0):.1f} s"
     )
     for failure in summary.get("failures", []):
         print(f"  failed: {failure.get('scene_id')}: {failure.get('error')}")

@@ -77,6 +77,17 @@ def test_missing_or_broken_config_file(tmp_path, capsys):
     _one_clear_line(capsys.readouterr().err, "'unknown_section'")
 
 
+def test_run_line_names_failed_scenes_it_did_not_retry(job, capsys, monkeypatch):
+    """With retry_failed: false a rerun skips scenes that failed before: its line must not
+    read as if the output held no failure."""
+    monkeypatch.setattr(driver, "run_job", lambda cfg, progress=True: {
+        "run_id": "r2", "done": 0, "failed": 0, "skipped": 3, "not_retried": 2, "frames": 0,
+        "seconds": 0.5, "failures": []})
+    assert main(["run", str(job), "--set", "retry_failed=false"]) == 0
+    assert ("0 done, 0 failed, 3 already committed, 2 failed in earlier runs and not retried "
+            "(retry_failed: false); 0 frames") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("failed, status", [(0, 0), (2, 1)])
 def test_run_exit_status_follows_the_summary(job, capsys, monkeypatch, failed, status):
     seen = {}
