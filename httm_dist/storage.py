@@ -124,8 +124,22 @@ _PERMANENT_CLIENT_CODES = {
 }
 
 
+try:
+    from aiohttp import ClientResponseError as _HTTPResponseError  # optional (fsspec http)
+except ImportError:  # pragma: no cover - no http support installed
+    _HTTPResponseError = None
+# The 4xx (client error) HTTP statuses worth retrying: 408 Request Timeout, 429 Too Many
+# Requests; any other (403 Forbidden, 401, 410, ...) answers the same again.
+_RETRIED_HTTP_4XX = {408, 429}
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Is ``exc`` worth retrying? Network/timeouts/5xx yes; missing, forbidden, bad input no."""
+    """Is ``exc`` worth retrying? Network/timeouts/5xx yes; missing, forbidden, bad input no.
+
+    An HTTP error response (aiohttp's ``ClientResponseError``, which fsspec's HTTP filesystem
+    raises unchanged for any status but 404) is permanent for a 4xx status other than 408 and
+    429 (e.g. 403 on a folder URL of a server that does not list folders), transient else.
+    """
     if isinstance(exc, (HttmDistError, ValueError, *_PERMANENT_OS_ERRORS)):
         return False
     code = getattr(exc, "response", None)
@@ -133,7 +147,24 @@ def is_transient(exc: BaseException) -> bool:
         err_code = str(code.get("Error", {}).get("Code", ""))
         if err_code in _PERMANENT_CLIENT_CODES:
             return False
+    if _HTTPResponseError is not None and isinstance(exc, _HTTPResponseError):
+        if 400 <= exc.status < 500 and exc.status not in _RETRIED_HTTP_4XX:
+            return False
     return isinstance(exc, _TRANSIENT)
+
+
+def _as_os_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` standing for an HTTP error response that is not worth retrying, or
+    ``None`` for any other error. fsspec's HTTP filesystem raises aiohttp's
+    ``ClientResponseError`` for any failed status but 404 (``FileNotFoundError``), which no
+    caller knows: 401/403 become ``PermissionError`` and 410 ``FileNotFoundError``, as s3fs
+    translates S3's answers, any other ``OSError``; so callers handle them as they handle
+    the same failure on disk or S3 (a frame a server refuses fails its scene)."""
+    if _HTTPResponseError is None or not isinstance(exc, _HTTPResponseError):
+        return None
+    kind = {401: PermissionError, 403: PermissionError, 404: FileNotFoundError,
+            410: FileNotFoundError}.get(exc.status, OSError)
+    return kind(f"HTTP {exc.status} {exc.message}: {exc.request_info.real_url}")
 
 
 def retry(
@@ -142,7 +173,8 @@ def retry(
     """Call ``fn()``, retrying transient storage errors with exponential backoff and jitter.
 
     Permanent errors (missing file, permission denied, bad value) are raised at once,
-    unchanged. After the last failed attempt a :class:`StorageError` naming ``what`` (which
+    unchanged, but for an HTTP 4xx error response, raised as the matching ``OSError`` (see
+    :func:`_as_os_error`) from it. After the last failed attempt a :class:`StorageError` naming ``what`` (which
     should contain the URL) is raised from the last error.
     """
     if attempts < 1:
@@ -152,7 +184,10 @@ def retry(
             return fn()
         except BaseException as exc:  # noqa: BLE001 - filtered just below
             if not is_transient(exc):
-                raise
+                translated = _as_os_error(exc)
+                if translated is None:
+                    raise
+                raise translated from exc
             if attempt == attempts:
                 raise StorageError(
                     redact(f"{what} failed after {attempts} attempts: {type(exc).__name__}: {exc}")

@@ -80,6 +80,35 @@ def test_retry_botocore_errors():
     assert fn.calls == 1
 
 
+def _http_error(status: int):
+    import aiohttp
+    from yarl import URL
+
+    url = URL("http://host/imgs")
+    return aiohttp.ClientResponseError(aiohttp.RequestInfo(url, "GET", {}, url), (), status=status,
+                                       message="x")
+
+
+@pytest.mark.parametrize("status, raised", [(401, PermissionError), (403, PermissionError),
+                                            (404, FileNotFoundError), (410, FileNotFoundError),
+                                            (405, OSError), (451, OSError)])
+def test_retry_does_not_retry_http_client_errors(status, raised):
+    # e.g. 403 on a folder URL of a server that lists no folders: asking again gets 403 again;
+    # raised as the OSError callers handle for the same failure on disk or S3
+    fn = Flaky(_http_error(status), failures=10)
+    with pytest.raises(raised, match=f"HTTP {status} x: http://host/imgs") as info:
+        retry(fn, what="list http://host/imgs", attempts=5)
+    assert type(info.value) is raised and not isinstance(info.value, StorageError)
+    assert fn.calls == 1 and not storage.is_transient(_http_error(status))
+    assert isinstance(info.value.__cause__, type(_http_error(status)))
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503])
+def test_retry_retries_http_timeouts_throttling_and_server_errors(status):
+    fn = Flaky(_http_error(status), failures=2)
+    assert retry(fn, what="read http://host/imgs/f.png", attempts=3) == 42 and fn.calls == 3
+
+
 def test_backoff_grows(monkeypatch):
     delays = []
     monkeypatch.setattr(storage.time, "sleep", delays.append)
