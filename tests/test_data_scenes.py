@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import email.utils
 import gzip
+import http.server
 import io
 import json
 import logging
 import os
 import tarfile
+import threading
 import uuid
 import zipfile
 
@@ -18,8 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from httm_dist.data import discover_scenes, natural_key, read_scene_frames, scene_fingerprint
+from httm_dist import storage
+from httm_dist.data import manifest as manifest_mod
 from httm_dist.data import scenes as scenes_mod
-from httm_dist.data.spec import object_version
+from httm_dist.data.spec import listed_version, object_version
 from httm_dist.errors import ConfigError, SceneError
 from httm_dist.storage import get_fs, is_local
 
@@ -473,3 +479,175 @@ def test_rerun_redoes_a_rewritten_manifest_frame_and_old_outputs_once(tmp_path, 
     assert todo() == []  # ...then skipped while nothing changes
     rewrite(fsspec.filesystem("file"), str(root / "imgs" / "c" / "1.jpg"), b"C1")
     assert todo() == ["t"]  # a frame of t rewritten in place
+
+
+# --------------------------------------------------------------------------- manifest versions: HTTP, odd URLs
+
+
+class _HTTPFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves the server's ``folder`` (Content-Length and Last-Modified, no ETag, an index page
+    for a folder like nginx's autoindex), or 403 for any folder URL when ``server.forbid_folders``
+    (nginx without autoindex, S3/GCS static sites, CDNs). Records ``(method, path)`` requests."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=self.server_folder, **kwargs)
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        self.server.requests.append((self.command, self.path))
+        if self.server.forbid_folders and os.path.isdir(self.translate_path(self.path)):
+            self.send_error(403)
+            return None
+        return super().send_head()
+
+
+@pytest.fixture(params=["folders forbidden", "autoindex"])
+def http_files(request, tmp_path):
+    """``(base URL, served folder, server)`` of a local HTTP server in a thread."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = type("Handler", (_HTTPFiles,), {"server_folder": str(folder)})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.requests, server.forbid_folders = [], request.param == "folders forbidden"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", folder, server
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_manifest_frames_are_versioned_without_listing_folders(http_files, tmp_path, monkeypatch):
+    base, folder, server = http_files
+    retries = []
+    monkeypatch.setattr(storage.time, "sleep", retries.append)
+    put(fsspec.filesystem("file"), str(folder), {"imgs/a/f0.png": b"a0", "imgs/a/f1.png": b"a1",
+                                                "imgs/b/f2.png": b"b2"})
+    rows = [{"scene_id": "s", "uri": f"{base}/imgs/a/f0.png"}, {"scene_id": "s", "uri": f"{base}/imgs/a/f1.png"},
+            {"scene_id": "t", "uri": f"{base}/imgs/b/f2.png"}]
+    (tmp_path / "m.csv").write_bytes(_manifest_bytes("csv", rows))
+
+    def prints() -> dict[str, str]:
+        return {s.scene_id: scene_fingerprint(s) for s in discover_scenes(str(tmp_path / "m.csv"))}
+
+    s, t = discover_scenes(str(tmp_path / "m.csv"))
+    assert not retries  # nothing refused was retried (a 403 used to be, then stopped the run)
+    assert not [p for _, p in server.requests if not p.endswith(".png")]  # no folder asked for
+    for frame in (*s.frames, *t.frames):  # size and Last-Modified, from a HEAD request
+        lm = email.utils.formatdate(os.stat(folder / frame.uri[len(base) + 1:]).st_mtime, usegmt=True)
+        assert frame.version == f"2:{lm}", frame.uri
+    assert read_scene_frames(s) == [b"a0", b"a1"]
+
+    first = prints()
+    rewrite(fsspec.filesystem("file"), str(folder / "imgs/a/f1.png"), b"A1")  # same size, +1 s
+    after = prints()
+    assert after["s"] != first["s"] and after["t"] == first["t"]
+
+    if server.forbid_folders:  # a frame the server refuses fails its own scene, at once
+        rows.append({"scene_id": "u", "uri": f"{base}/imgs/a"})
+        (tmp_path / "m.csv").write_bytes(_manifest_bytes("csv", rows))
+        *_, u = discover_scenes(str(tmp_path / "m.csv"))
+        assert u.frames[0].version == ""
+        with pytest.raises(SceneError, match=r"'u'.*PermissionError: HTTP 403"):
+            read_scene_frames(u)
+        assert not retries
+
+
+def test_manifest_versions_survive_any_listing_failure(vroot, monkeypatch):
+    # a listing that stays unreachable (StorageError after retries) means "cannot list" too
+    url, opts, fs, path = vroot
+    put(fs, path, {**MANY, "man.csv": _manifest_bytes("csv", MANY_ROWS)})
+    scenes = discover_scenes(f"{url}/man.csv", opts)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    real_ls = fs.ls
+
+    def ls(p, *args, **kwargs):
+        if fs._strip_protocol(p).rstrip("/") == f"{path}/imgs/a":
+            raise ConnectionError("connection reset")
+        return real_ls(p, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "ls", ls)
+    again = discover_scenes(f"{url}/man.csv", opts)
+    assert all(f.version for s in again for f in s.frames)
+    if not url.startswith("memory://"):  # memory's info() says "created" as a datetime, ls() as a float
+        assert again == scenes
+
+
+def test_manifest_frame_of_an_unknown_protocol_fails_only_its_scene(tmp_path, caplog):
+    put(fsspec.filesystem("file"), str(tmp_path), {"imgs/1.jpg": b"a1"})
+    (tmp_path / "m.jsonl").write_bytes(_jsonl([
+        {"scene_id": "s", "uri": "imgs/1.jpg"},
+        {"scene_id": "t", "uri": "s4://user:hunter2@bucket/x.png"},
+        {"scene_id": "t", "uri": "s4://bucket/y/z.png"}]))
+    with caplog.at_level(logging.WARNING, logger="httm_dist"):
+        s, t = discover_scenes(str(tmp_path / "m.jsonl"))
+    assert s.frames[0].version and [f.version for f in t.frames] == ["", ""]
+    warned = [r.getMessage() for r in caplog.records if "s4://" in r.getMessage()]
+    assert len(warned) == 1 and "s4://" in warned[0] and "1 more" in warned[0], warned
+    assert "hunter2" not in caplog.text
+    with pytest.raises(SceneError, match=r"'t'.*s4://"):
+        read_scene_frames(t)
+    assert read_scene_frames(s) == [b"a1"]
+
+
+def test_manifest_calls_get_fs_once_per_folder(tmp_path, monkeypatch):
+    put(fsspec.filesystem("file"), str(tmp_path), {**MANY, "man.csv": _manifest_bytes("csv", MANY_ROWS)})
+    calls = []
+    real = manifest_mod.get_fs
+    monkeypatch.setattr(manifest_mod, "get_fs", lambda u, o=None: calls.append(u) or real(u, o))
+    scenes = discover_scenes(str(tmp_path / "man.csv"))
+    assert len(calls) == 3 and all(f.version for s in scenes for f in s.frames)  # imgs/a, b, c
+
+
+def test_locate_gives_what_get_fs_gives(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s3 = {"key": "AKIAEXAMPLEKEY000000", "secret": "s3cr3t", "client_kwargs": {"region_name": "us-east-1"}}
+    urls = [f"{tmp_path}/a/1.png", f"{tmp_path}/a/2.png", "a/3.png", "a/4.png", "5.png", "6.png",
+            f"file://{tmp_path}/a/7.png", "memory://m/a/8.png", "memory://m/a/9.png",
+            "s3://bucket/a/1.png", "s3://bucket/a/2.png", "s3://bucket/a/3.png?versionId=v1",
+            "https://host/a/1.png?X-Amz-Credential=AKIA/2026/s3&X-Amz-Signature=ab", "https://host/a/2.png",
+            "s4://bucket/a/1.png"]
+    for opts in (None, s3):
+        located = manifest_mod._locate(urls, opts)
+        assert located.pop("s4://bucket/a/1.png") is None
+        for url, (fs, path) in located.items():
+            want_fs, want_path = get_fs(url, opts)
+            assert fs is want_fs and path == want_path, url
+
+
+@pytest.mark.parametrize("entry", [None, {"size": None, "type": "file"}, {"size": 2, "type": "file"}])
+def test_listed_version_asks_info_only_when_the_entry_cannot_tell(entry, tmp_path, monkeypatch):
+    fs, path = get_fs(str(tmp_path / "f.png"))
+    fs.pipe_file(path, b"ab")
+    asked = []
+    real_info = fs.info
+    monkeypatch.setattr(fs, "info", lambda p, **kw: asked.append(p) or real_info(p, **kw))
+    good = fs.ls(str(tmp_path), detail=True)[0]
+    asked.clear()
+    assert listed_version(fs, path, good) == object_version(good) and asked == []  # no request
+    assert listed_version(fs, path, entry) == object_version(real_info(path)) and asked == [path]
+
+
+def test_object_versions_of_existing_storages_do_not_change():
+    # committed outputs keep their input_fingerprint only if these strings stay the same
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    http_date = "Fri, 02 Jan 2026 03:04:05 GMT"
+    cases = [
+        ({"name": "b/k", "size": 5, "type": "file", "ETag": '"9b2c"', "LastModified": when,  # s3fs
+          "StorageClass": "STANDARD", "VersionId": None, "ContentType": "image/png"}, '5:"9b2c"'),
+        ({"Key": "b/k", "LastModified": when, "ETag": '"9b2c"', "Size": 5, "size": 5,  # s3fs ls
+          "name": "b/k", "type": "file"}, '5:"9b2c"'),
+        ({"name": "b/k", "size": 5, "type": "file", "etag": "CKih16E=", "md5Hash": "m5==",  # gcsfs
+          "updated": "2026-01-02T03:04:05.000Z", "generation": "1"}, "5:CKih16E="),
+        ({"name": "b/k", "size": 5, "type": "file", "md5Hash": "m5==",
+          "updated": "2026-01-02T03:04:05.000Z"}, "5:m5=="),
+        ({"name": "/x", "size": 5, "type": "file", "created": 1.5, "islink": False,  # local
+          "mode": 33188, "mtime": 1767323045.25, "ino": 7, "nlink": 1}, "5:1767323045.25"),
+        ({"name": "/x", "size": 5, "type": "file", "created": when}, "5:2026-01-02 03:04:05+00:00"),
+        ({"name": "c/k", "size": 5, "type": "file", "etag": '"0x8D"', "last_modified": when}, '5:"0x8D"'),
+        ({"name": "u", "size": 5, "type": "file", "ETag": '"h"', "Last-Modified": http_date}, '5:"h"'),
+        ({"name": "u", "size": 5, "type": "file", "Last-Modified": http_date}, f"5:{http_date}"),  # new
+        ({"name": "u", "size": None, "type": "file"}, "None:"),  # an HTTP server telling nothing
+    ]
+    assert [object_version(info) for info, _ in cases] == [want for _, want in cases]

@@ -5,8 +5,9 @@ manifest's folder), ``frame_index`` (optional integer). Within a scene frames ar
 ``frame_index`` when the column exists, else in manifest order.
 
 Each frame's object version (size and ETag or modification time) is looked up by
-:func:`with_frame_versions` once the scenes are filtered, one listing per folder, so that a frame
-rewritten in place under the same URI changes its scene's ``input_fingerprint``.
+:func:`with_frame_versions` once the scenes are filtered, one listing per folder (over HTTP, one
+HEAD request per frame), so that a frame rewritten in place under the same URI changes its
+scene's ``input_fingerprint``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Sequence
 
 import fsspec
 
-from httm_dist.data.spec import FrameRef, SceneSpec, object_version, validate_scene_id
+from httm_dist.data.spec import FrameRef, SceneSpec, listed_version, validate_scene_id
 from httm_dist.errors import ConfigError, StorageError
 from httm_dist.storage import full_url, get_fs, is_local, redact, retry
 
@@ -111,41 +112,76 @@ def _versioned_object(uri: str) -> str:
     return uri.rsplit("::", 1)[-1]
 
 
-def _list_folder(fs: fsspec.AbstractFileSystem, folder: str, paths: Sequence[str]) -> dict[str, str]:
-    """Versions of ``paths`` (all in ``folder`` on ``fs``): one ``ls(detail=True)`` of the
-    folder, then ``info`` for each path the listing did not return (a folder that cannot be
-    listed, e.g. an S3 prefix readable without ListBucket). A path that cannot be found or
-    read gets ``""``: reading it fails later with the error naming it. Transient storage
-    errors are retried, then raise :class:`StorageError`."""
+def _lists_folders(fs: fsspec.AbstractFileSystem) -> bool:
+    """Is a folder listing on ``fs`` worth asking for frame versions? Not over HTTP(S):
+    fsspec's HTTP "listing" scrapes the links of an HTML page (an autoindex page, or a 403
+    where the server lists nothing), without sizes or dates, so each frame's ``info`` (a HEAD
+    request) is needed anyway."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return not {"http", "https"} & set(protocols)
+
+
+def _list_folder(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, dict]:
+    """``{path: listing entry}`` of the files in ``folder`` on ``fs`` (one ``ls(detail=True)``),
+    or ``{}`` when it cannot be listed, whatever the reason (an S3 prefix readable without
+    ListBucket, a server answering 403 for folders, storage unreachable after retries...):
+    its frames are then looked up one by one, and those lookups report what is wrong."""
+    if not _lists_folders(fs):
+        return {}
     fs.invalidate_cache(folder)  # a rerun in the same process must see rewritten frames
     try:
         entries = retry(lambda: fs.ls(folder, detail=True), what=f"list {redact(full_url(fs, folder))}")
-    except StorageError:
-        raise
-    except (OSError, ValueError, NotImplementedError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot list"
         log.debug("cannot list %s (%s: %s): looking its frames up one by one",
                   redact(full_url(fs, folder)), type(exc).__name__, redact(str(exc)))
-        entries = []
-    listed = {entry["name"].rstrip("/"): entry for entry in entries}
-    versions = {}
-    missing = []
-    for path in paths:
-        info = listed.get(path)
-        if info is None:
-            try:
-                info = retry(lambda: fs.info(path), what=f"stat {redact(full_url(fs, path))}")
-            except StorageError:
-                raise
-            except (OSError, ValueError):
-                missing.append(path)
-                versions[path] = ""
-                continue
-        versions[path] = object_version(info)
-    if missing:
-        log.warning("%d manifest frame(s) in %s cannot be found or read (%s%s): their scenes will "
-                    "fail", len(missing), redact(full_url(fs, folder)),
-                    posixpath.basename(missing[0]), ", ..." if len(missing) > 1 else "")
-    return versions
+        return {}
+    return {entry["name"].rstrip("/"): entry for entry in entries}
+
+
+def _locate(objects: Sequence[str], storage_options: dict | None) -> dict[str, tuple[fsspec.AbstractFileSystem, str] | None]:
+    """``(filesystem, path)`` of each object URL in ``objects`` (as :func:`get_fs` gives it),
+    calling :func:`get_fs` once per folder: URLs up to their last ``/`` alike share one
+    filesystem, and the others' paths are their filesystem's ``_strip_protocol`` (all
+    ``url_to_fs`` does with a one-link URL). A URL with a ``?`` (presigned, S3 ``versionId``:
+    options may come from the query) gets its own ``get_fs``.
+
+    ``None`` for a URL no filesystem opens (unknown protocol, protocol package not installed),
+    with one warning per distinct error naming the first such URL: reading those frames fails
+    later with the error naming them, failing their scenes only."""
+    groups: dict[str, list[str]] = {}
+    for obj in objects:
+        key = obj.rpartition("/")[0] if "/" in obj and "?" not in obj else obj
+        groups.setdefault(key, []).append(obj)
+    located: dict[str, tuple[fsspec.AbstractFileSystem, str] | None] = {}
+    failed: dict[str, list[str]] = {}
+    for objs in groups.values():
+        try:
+            fs, first = get_fs(objs[0], storage_options)
+        except (ValueError, ImportError) as exc:
+            failed.setdefault(f"{type(exc).__name__}: {exc}", []).extend(objs)
+            located.update(dict.fromkeys(objs))
+            continue
+        located[objs[0]] = (fs, first)
+        for obj in objs[1:]:
+            located[obj] = (fs, fs._strip_protocol(obj))
+    for error, objs in failed.items():
+        log.warning("cannot open manifest frame %s%s (%s): its scene fails when read",
+                    redact(objs[0]), f" and {len(objs) - 1} more" if len(objs) > 1 else "",
+                    redact(error))
+    return located
+
+
+def _look_up(fs: fsspec.AbstractFileSystem, path: str, entry: dict | None) -> str | None:
+    """:func:`listed_version` of ``path``, or ``None`` when it cannot be found or read (any
+    error but :class:`StorageError`, which is raised: the storage stayed unreachable)."""
+    try:
+        return listed_version(fs, path, entry)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - FileNotFoundError, 403, ...: the read will say
+        log.debug("cannot look up %s: %s: %s", redact(full_url(fs, path)), type(exc).__name__,
+                  redact(str(exc)))
+        return None
 
 
 def with_frame_versions(scenes: Sequence[SceneSpec], storage_options: dict | None = None) -> list[SceneSpec]:
@@ -155,39 +191,66 @@ def with_frame_versions(scenes: Sequence[SceneSpec], storage_options: dict | Non
     :func:`~httm_dist.data.spec.scene_fingerprint` sees a frame rewritten in place.
 
     Cheap on object stores: frames are grouped by folder (of the object that holds their bytes,
-    see :func:`_versioned_object`) and each folder is listed once (``ls(detail=True)``, up to 8
-    folders at a time), whatever its number of frames; ``info`` is asked only for frames its
-    listing did not return. (A folder is listed whole: a manifest naming a few frames of a
-    folder of millions pays for listing all of it.) A missing frame gets the version ``""``
-    and a warning; its scene then fails when read, with the error naming the frame. Raises
-    :class:`StorageError` when the storage stays unreachable after retries.
+    see :func:`_versioned_object`; :func:`get_fs` is called once per folder, see
+    :func:`_locate`) and each folder is listed once (``ls(detail=True)``, up to 8 folders at
+    a time), whatever its number of frames. ``info`` is asked (up to 16 at a time) only for
+    frames the listing did not return or returned without a size and change tag
+    (:func:`~httm_dist.data.spec.listed_version`), for every frame of a folder that cannot be
+    listed (any listing error counts as "cannot list"), and for every frame over HTTP(S),
+    whose folders are not listed (:func:`_lists_folders`). (A folder is listed whole: a
+    manifest naming a few frames of a folder of millions pays for listing all of it.)
+
+    A frame that cannot be found or read, or whose URL no filesystem opens, gets the version
+    ``""`` and a warning; its scene then fails when read, with the error naming the frame.
+    Raises :class:`StorageError` when a lookup finds the storage unreachable after retries.
     """
-    folders: dict[tuple[int, str], tuple[fsspec.AbstractFileSystem, set[str]]] = {}
-    where: dict[str, tuple[tuple[int, str], str]] = {}
-    for scene in scenes:
-        for frame in scene.frames:
-            if frame.uri in where:
-                continue
-            fs, path = get_fs(_versioned_object(frame.uri), storage_options)
-            path = path.rstrip("/")
-            key = (id(fs), posixpath.dirname(path))
-            folders.setdefault(key, (fs, set()))[1].add(path)
-            where[frame.uri] = (key, path)
-    if not folders:
+    objects = {f.uri: _versioned_object(f.uri) for scene in scenes for f in scene.frames}
+    if not objects:
         return list(scenes)
+    located = _locate(list(dict.fromkeys(objects.values())), storage_options)
+    folders: dict[tuple[int, str], tuple[fsspec.AbstractFileSystem, list[str]]] = {}
+    for obj, where in located.items():
+        if where is not None:
+            fs, path = where
+            path = path.rstrip("/")
+            folders.setdefault((id(fs), posixpath.dirname(path)), (fs, []))[1].append(path)
 
-    def list_one(key: tuple[int, str]) -> tuple[tuple[int, str], dict[str, str]]:
-        fs, paths = folders[key]
-        return key, _list_folder(fs, key[1], sorted(paths))
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(folders)))) as pool:
+        listings = dict(zip(folders, pool.map(lambda key: _list_folder(folders[key][0], key[1]), folders)))
+    versions: dict[tuple[int, str], str | None] = {}  # (id(fs), path) -> version
+    lookups = []
+    for key, (fs, paths) in folders.items():
+        listed = listings[key]
+        for path in paths:
+            if path in listed:
+                versions[(id(fs), path)] = _look_up(fs, path, listed[path])
+            else:
+                lookups.append((fs, path))
+    if lookups:
+        with ThreadPoolExecutor(max_workers=min(16, len(lookups))) as pool:
+            futures = [pool.submit(_look_up, fs, path, None) for fs, path in lookups]
+            try:
+                for (fs, path), future in zip(lookups, futures):
+                    versions[(id(fs), path)] = future.result()
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # no more retries of a dead store
+                raise
 
-    with ThreadPoolExecutor(max_workers=min(8, len(folders))) as pool:
-        versions = dict(pool.map(list_one, list(folders)))
-    log.debug("looked up the versions of %d manifest frames in %d folders", len(where), len(folders))
-    out = []
-    for scene in scenes:
-        frames = tuple(
-            dataclasses.replace(f, version=versions[where[f.uri][0]][where[f.uri][1]])
-            for f in scene.frames
-        )
-        out.append(dataclasses.replace(scene, frames=frames))
-    return out
+    for key, (fs, paths) in folders.items():
+        gone = [p for p in paths if versions[(id(fs), p)] is None]
+        if gone:
+            log.warning("%d manifest frame(s) in %s cannot be found or read (%s%s): their "
+                        "scenes will fail", len(gone), redact(full_url(fs, key[1])),
+                        redact(posixpath.basename(gone[0])), ", ..." if len(gone) > 1 else "")
+    log.debug("looked up the versions of %d manifest frames in %d folders (%d one by one)",
+              len(objects), len(folders), len(lookups))
+
+    def version(uri: str) -> str:
+        where = located[objects[uri]]
+        if where is None:
+            return ""
+        return versions[(id(where[0]), where[1].rstrip("/"))] or ""
+
+    return [dataclasses.replace(scene, frames=tuple(dataclasses.replace(f, version=version(f.uri))
+                                                    for f in scene.frames))
+            for scene in scenes]

@@ -34,7 +34,7 @@ import natsort
 from PIL import Image
 
 from httm_dist.data.manifest import manifest_scenes, with_frame_versions
-from httm_dist.data.spec import FrameRef, SceneSpec, object_version, validate_scene_id
+from httm_dist.data.spec import FrameRef, SceneSpec, listed_version, object_version, validate_scene_id
 from httm_dist.errors import ConfigError, SceneError, StorageError
 from httm_dist.storage import full_url, get_fs, redact, retry
 
@@ -184,20 +184,9 @@ def _folder_scene(fs, scene_path: str, scene_id: str, ignore: frozenset[str] = f
     return SceneSpec(scene_id, full_url(fs, base), "folder", frames)
 
 
-def _archive_version(fs, path: str, entry: dict | None) -> str:
-    """The archive's :func:`object_version`: from its entry in the root listing (no request)
-    when that entry tells a size and a change tag, as local disks, S3, GCS and memory listings
-    do, else from ``fs.info`` (e.g. an HTTP listing has neither)."""
-    if entry and entry.get("size") is not None:
-        version = object_version(entry)
-        if not version.endswith(":"):  # "<size>:<tag>", the tag empty when the entry has none
-            return version
-    return object_version(retry(lambda: fs.info(path), what=f"stat {redact(full_url(fs, path))}"))
-
-
 def _archive_scene(fs, path: str, scene_id: str, kind: str, entry: dict | None = None) -> SceneSpec:
     """The scene of one archive at ``path``; ``entry`` is its root-listing entry, reused for
-    the version (see :func:`_archive_version`)."""
+    the version when it has one (see :func:`~httm_dist.data.spec.listed_version`)."""
     url = full_url(fs, path)
     try:
         members, others = retry(lambda: _archive_members(fs, path, kind), what=f"index archive {url}")
@@ -209,7 +198,7 @@ def _archive_scene(fs, path: str, scene_id: str, kind: str, entry: dict | None =
     frames = tuple(
         FrameRef(uri=f"{kind}://{m}::{url}", frame_index=i, name=m) for i, m in enumerate(members)
     )
-    return SceneSpec(scene_id, url, kind, frames, version=_archive_version(fs, path, entry))
+    return SceneSpec(scene_id, url, kind, frames, version=listed_version(fs, path, entry))
 
 
 def _ignored(fs, path: str, ignore: frozenset[str]) -> bool:

@@ -10,7 +10,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from httm_dist.storage import redact, safe_name
+import fsspec
+
+from httm_dist.storage import full_url, redact, retry, safe_name
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,41 @@ class SceneSpec:
     """Size and ETag/modification time of the archive (``""`` for folders and manifests)."""
 
 
+# Change tags, first found wins: object stores' ETag (s3fs "ETag", gcsfs "etag"), gcs "md5Hash",
+# the local disk's "mtime", "LastModified"/"last_modified" (s3 / azure without ETag), gcs
+# "updated", memory's "created"; then what fsspec's HTTPFileSystem.info takes from an HTTP
+# response besides "ETag": "Content-MD5", "Digest", "Last-Modified". The HTTP keys come last so
+# that no version these filesystems gave before changes (committed outputs keep their
+# input_fingerprint): only an entry with none of the other keys can use them.
+_CHANGE_TAGS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated",
+                "created", "Content-MD5", "Digest", "Last-Modified")
+
+
 def object_version(info: dict) -> str:
-    """``"<size>:<tag>"`` from an fsspec ``info()``/``find(detail=True)`` entry, the tag being
-    the first of ETag (object stores), modification time (local disk, gcs) or creation
-    time that the filesystem reports; it changes whenever the object is rewritten."""
-    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified",
-                                  "last_modified", "updated", "created") if info.get(k) is not None), "")
+    """``"<size>:<tag>"`` from an fsspec ``info()``/``ls(detail=True)`` entry, the tag being
+    the first of ETag (object stores, HTTP), modification time (local disk, gcs), creation
+    time (memory), or an HTTP server's Content-MD5, Digest or Last-Modified that the
+    filesystem reports (see ``_CHANGE_TAGS``); it changes whenever the object is rewritten,
+    except on an HTTP server that sends none of these headers (then only the size can tell,
+    and the tag is empty)."""
+    tag = next((info[k] for k in _CHANGE_TAGS if info.get(k) is not None), "")
     return f"{info.get('size', '')}:{tag}"
+
+
+def listed_version(fs: fsspec.AbstractFileSystem, path: str, entry: dict | None) -> str:
+    """The :func:`object_version` of ``path`` on ``fs``: from ``entry``, its entry in a folder
+    listing (no request), when that entry tells a size and a change tag, as local disk, S3,
+    GCS and memory listings do; else from ``fs.info(path)`` (one request, transient errors
+    retried), e.g. for an HTTP listing, which has neither, or no entry at all.
+
+    Raises what ``fs.info`` raises (``FileNotFoundError`` for a missing object, ...), and
+    :class:`~httm_dist.errors.StorageError` when the storage stays unreachable after retries.
+    """
+    if entry and entry.get("size") is not None:
+        version = object_version(entry)
+        if not version.endswith(":"):  # "<size>:<tag>", the tag empty when the entry has none
+            return version
+    return object_version(retry(lambda: fs.info(path), what=f"stat {redact(full_url(fs, path))}"))
 
 
 def scene_fingerprint(scene: SceneSpec) -> str:
