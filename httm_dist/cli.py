@@ -412,10 +412,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except StorageError as exc:
         print(f"httm-dist: storage error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as cluster.jobenv's JobStopped
-        print(f"httm-dist: {getattr(exc, 'how', 'interrupted')}; committed scenes are kept: "
-              "rerun the same command to resume", file=sys.stderr)
-        return int(getattr(exc, "exit_status", 130))
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cluster.jobenv.JobStopped)
+        how, status = getattr(exc, "how", "interrupted"), getattr(exc, "exit_status", 130)
+        resume = ("; committed scenes are kept: rerun the same command to resume"
+                  if args.command == "run" else "")
+        print(f"httm-dist: {how}{resume}", file=sys.stderr)
+        return int(status)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 import ray
 from ray import exceptions as rex
 
-from httm_dist.cluster.jobenv import check_paths_in_job_working_dir, shutdown_ray, stop_on_sigterm
+from httm_dist.cluster.jobenv import check_paths_in_job_working_dir, reinstall_after_ray_init, sigterm_unwinds
 from httm_dist.cluster.plan import Plan, plan_work, record_failure
 from httm_dist.cluster.progress import JobProgress
 from httm_dist.cluster.schedule import Assignment, FailureKind, GiveUp, Lease, Scheduler
@@ -74,8 +74,14 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     ConfigError when committed scenes were made under another config and
     ``on_config_change`` is ``refuse``. Scene failures do not raise: the summary's
     ``failed`` count and ``failures`` list report them (the CLI turns them into its exit
-    status).
+    status). SIGTERM during the run unwinds it like Ctrl-C, raising
+    :class:`~httm_dist.cluster.jobenv.JobStopped` (:func:`~httm_dist.cluster.jobenv.sigterm_unwinds`).
     """
+    with sigterm_unwinds():
+        return _run_job(cfg, progress, run_id)
+
+
+def _run_job(cfg: JobConfig, progress: bool, run_id: str | None) -> dict:
     check_paths_in_job_working_dir(cfg)  # before validate_resources probes the output
     validate_resources(cfg)
     random_weights = not (cfg.model.weights or _preset_weights(cfg.model.preset))
@@ -92,7 +98,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
         plan = plan_work(cfg, store, run_id)
     except BaseException:
         if started_ray:
-            shutdown_ray()
+            ray.shutdown()
         raise
     _remove_stale_temp_files(store)
     total = len(plan.scenes) + len(plan.failures)
@@ -120,9 +126,9 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
         finally:
             bar.close()
             if started_ray:
-                shutdown_ray()
+                ray.shutdown()
     elif started_ray:
-        shutdown_ray()
+        ray.shutdown()
     bar.close()
     if plan.queue:
         _remove_stale_temp_files(store)  # a long run outlives what a killed writer left
@@ -229,7 +235,7 @@ def _connect(cfg: JobConfig) -> bool:
         log.info("no ray.address and no RAY_ADDRESS: starting a private local Ray for this job "
                  "(set ray.address: auto to join a cluster started with `ray start`)")
         ray.init(address="local", include_dashboard=False)
-    stop_on_sigterm()
+    reinstall_after_ray_init()
     return True
 
 
