@@ -155,6 +155,17 @@ def test_progress_lines_estimate_the_time_left_for_overnight_logs(caplog, elapse
     assert caplog.records[-1].getMessage().endswith(f" s, {left}")
 
 
+def test_scenes_failed_at_planning_do_not_speed_up_the_estimate(caplog):
+    """100 scenes failed at planning (t = 0) then one took 10 min: 99 more take 16.5 h, not
+    the 10 min a pace over 101 'finished' scenes would say."""
+    bar = JobProgress(200, failed_at_start=100, interval_s=0, stream=io.StringIO())
+    bar.started -= 600
+    with caplog.at_level("INFO", logger="httm_dist.cluster.progress"):
+        bar.scene_finished(True, frames=4)
+    assert caplog.records[-1].getMessage().endswith("1/200 scenes done, 100 failed, 4 frames, "
+                                                     f"{4 / bar.elapsed:.2f} frames/s, 600 s, about 16.5 h left")
+
+
 def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeypatch):
     """In-process (no Ray): a scene's own error becomes a failed record (and a failure record
     in the store); out of memory raises WorkerFault so the driver replaces the worker."""

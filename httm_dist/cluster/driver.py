@@ -105,9 +105,7 @@ def _run_job(cfg: JobConfig, progress: bool, run_id: str | None) -> dict:
     log.info("run %s: %d scenes to process (%d units), %d already committed, output %s",
              run_id, total, len(plan.queue), len(plan.skipped), redact(cfg.output))
 
-    bar = JobProgress(total, enabled=progress)
-    for _ in plan.failures:
-        bar.scene_finished(False)
+    bar = JobProgress(total, failed_at_start=len(plan.failures), enabled=progress)
     records: dict[str, dict] = {}
     worker_info: list[dict] = []
     units_run = workers_lost = max_parallel = 0
