@@ -193,6 +193,7 @@ def _run(args: argparse.Namespace) -> dict:
 
     apply_merging(agg, cfg)  # fresh strategies, not the timing wrappers
     wrap_hooks(agg, counted)
+    forward()  # builds the fresh strategies' plans (counted neither way)
     with merged:
         forward()
     one = OpCounter()
