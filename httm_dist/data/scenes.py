@@ -36,7 +36,7 @@ from PIL import Image
 from httm_dist.data.manifest import manifest_scenes, with_frame_versions
 from httm_dist.data.spec import FrameRef, SceneSpec, object_version, validate_scene_id
 from httm_dist.errors import ConfigError, SceneError, StorageError
-from httm_dist.storage import full_url, get_fs, redact, retry
+from httm_dist.storage import full_url, get_fs, normalize_url, redact, retry
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,11 @@ def discover_scenes(
     ``ignore``: URLs (e.g. the job's output) that are never scenes nor frames, even when they
     lie inside the input; a root entry skipped for it is logged.
 
+    Local paths are used in one spelling (:func:`~httm_dist.storage.normalize_local_path`:
+    absolute, no ``.``, ``..``, ``//`` or trailing ``/``), so the same files given as
+    ``../data/scenes`` or ``/data/scenes/`` get the same frame URIs and scene fingerprints
+    (a rerun skips what is done); remote keys are kept as written.
+
     Frames are ordered (natural sort, or the manifest's ``frame_index``), then every
     ``frame_stride``-th is kept, then at most ``max_frames``. ``include`` / ``exclude`` are
     fnmatch globs on scene ids. Empty scenes are returned with ``frames=()`` so the driver can
@@ -306,7 +311,7 @@ def discover_scenes(
             )
         scenes = manifest_scenes(fs, root, full_url(fs, root))
     elif is_dir:
-        ignored = frozenset(u.rstrip("/") for u in ignore)
+        ignored = frozenset(normalize_url(u).rstrip("/") for u in ignore)
         children, root_images = _list_root(fs, root, input_url, ignored)
         if root_images and not children:  # the input is one scene's folder of images
             sid = posixpath.basename(root.rstrip("/"))
