@@ -573,3 +573,59 @@ def test_a_rerun_through_a_relative_path_skips_what_is_done(tmp_path, monkeypatc
     monkeypatch.chdir(base / "cwd")
     plan = plan_work(cfg_for("../in//scenes/"), ResultStore("../out", {}), "r")
     assert [u.scene_id for u in plan.queue] == []
+
+
+def _records(caplog, level: int, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "httm_dist.data.scenes" and r.levelno == level and text in r.getMessage()]
+
+
+def test_files_that_are_not_frames_are_counted_in_one_line_for_the_whole_input(tmp_path, caplog):
+    """A large archive must not log a line per scene: one INFO line sums every scene's
+    skipped files (commonest extensions first), the count of each scene goes to DEBUG."""
+    files = {f"s{i:02d}/f.png": b"x" for i in range(12)}
+    files.update({f"s{i:02d}/depth/f.npy": b"x" for i in range(10)})
+    files.update({f"s{i:02d}/cameras.json": b"x" for i in range(3)})
+    files.update({"s00/a.txt": b"x", "s00/b.csv": b"x", "s00/c.xyz": b"x", "s00/README": b"x"})
+    put(fsspec.filesystem("file"), str(tmp_path / "in"), {**files, "t.tar": tar_bytes(MEMBERS)})
+    caplog.set_level(logging.DEBUG, logger="httm_dist.data.scenes")
+    assert len(discover_scenes(str(tmp_path / "in"))) == 13
+    (line,) = _records(caplog, logging.INFO, "not images")
+    assert line == ("skipped 18 files that are not images Pillow reads in 11 of 13 scenes (10 .npy, 3 .json, "
+                    "1 (no suffix), 1 .csv and 3 other kinds); -v counts them per scene")
+    per_scene = _records(caplog, logging.DEBUG, "not images")
+    assert len(per_scene) == 11
+    assert "scene 's00': skipped 6 files that are not images Pillow reads (1 (no suffix), 1 .csv, 1 .json, 1 .npy" \
+        " and 2 other kinds)" in per_scene
+    assert "scene 't': skipped 1 files that are not images Pillow reads (1 .md)" in per_scene
+
+
+def test_root_files_that_are_not_scenes_are_named_once(tmp_path, caplog):
+    """Files beside the scenes are ignored, but said so in one line; one that could be a
+    manifest gets a warning saying how to read it (as the input itself)."""
+    root = tmp_path / "in"
+    put(fsspec.filesystem("file"), str(root), {"a/f.png": b"x", "notes.txt": b"x", "LICENSE": b"x", "_SUCCESS": b"",
+                                                 ".DS_Store": b"x", "e.tgz": b"x"})
+    caplog.set_level(logging.INFO, logger="httm_dist.data.scenes")
+    discover_scenes(str(root))
+    assert _records(caplog, logging.INFO, "not scenes") == [
+        f"ignoring 2 files under {root} that are not scenes (LICENSE, notes.txt); scenes are folders or .tar, "
+        ".tar.gz, .zip archives"]
+    caplog.clear()
+    for i in range(5):
+        (root / f"x{i}.txt").write_bytes(b"x")
+    (root / "frames.csv").write_bytes(b"scene_id,uri\n")
+    discover_scenes(str(root))
+    assert _records(caplog, logging.INFO, "not scenes") == []
+    assert _records(caplog, logging.WARNING, "not scenes") == [
+        f"ignoring 8 files under {root} that are not scenes (LICENSE, frames.csv, notes.txt, x0.txt, ...); a "
+        f"manifest is read only when it is the input itself: set input to {root}/frames.csv to read frames.csv"]
+
+
+def test_a_root_read_as_one_scene_counts_its_other_files_as_the_scenes(tmp_path, caplog):
+    put(fsspec.filesystem("file"), str(tmp_path / "shot"), {"f.png": b"x", "notes.txt": b"x"})
+    caplog.set_level(logging.INFO, logger="httm_dist.data.scenes")
+    discover_scenes(str(tmp_path / "shot"))
+    assert _records(caplog, logging.INFO, "not scenes") == []
+    assert _records(caplog, logging.INFO, "not images") == [
+        "scene 'shot': skipped 1 files that are not images Pillow reads (1 .txt)"]
