@@ -415,7 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except StorageError as exc:
         print(f"httm-dist: storage error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as the driver's JobStopped
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as cluster.jobenv's JobStopped
         print(f"httm-dist: {getattr(exc, 'how', 'interrupted')}; committed scenes are kept: "
               "rerun the same command to resume", file=sys.stderr)
         return int(getattr(exc, "exit_status", 130))

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import httm_dist.cluster.driver as driver
+import httm_dist.cluster.jobenv as jobenv
 from httm_dist.cli import main, parse_strategy
 from httm_dist.errors import ConfigError
 
@@ -118,14 +119,14 @@ def test_sigterm_stops_the_run_like_ctrl_c_and_says_how_to_resume(job, capsys, m
     unwound = []
 
     def fake_run_job(cfg, progress=True):
-        driver._stop_on_sigterm()  # what _connect does once Ray is up
+        jobenv.stop_on_sigterm()  # what _connect does once Ray is up
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(30)  # the handler raises at the next bytecode
         finally:
             unwound.append(True)
-            monkeypatch.setattr(driver.ray, "shutdown", lambda: None)
-            driver._shutdown()
+            monkeypatch.setattr(jobenv.ray, "shutdown", lambda: None)
+            jobenv.shutdown_ray()
         return {}
 
     monkeypatch.setattr(driver, "run_job", fake_run_job)

@@ -15,6 +15,7 @@ import torch
 from cluster_data import FRAMES, GOOD, cfg_dict, dataset, job
 
 import httm_dist.cluster.driver as driver
+import httm_dist.cluster.jobenv as jobenv
 from httm_dist.cluster.driver import max_overlap, run_job
 from httm_dist.cluster.plan import plan_work
 from httm_dist.cluster.progress import JobProgress
@@ -100,28 +101,28 @@ def test_relative_output_is_refused_inside_a_ray_job_working_dir(dataset, tmp_pa
     folder: a relative output would be written there and deleted with the session."""
     monkeypatch.chdir(tmp_path)
     cfg = job(dataset["root"], output.format(tmp=tmp_path), include=["e_empty"])
-    driver.check_paths_in_job_working_dir(cfg)  # not in a Ray job: any output goes
-    monkeypatch.setenv(driver.RAY_JOB_CONFIG_ENV, json.dumps(
+    jobenv.check_paths_in_job_working_dir(cfg)  # not in a Ray job: any output goes
+    monkeypatch.setenv(jobenv.RAY_JOB_CONFIG_ENV, json.dumps(
         {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}))
     if refused:
         with pytest.raises(ConfigError, match=r"output .*relative path.*--working-dir.*absolute path"):
             run_job(cfg, progress=False)
         assert not (tmp_path / "my-out").exists()  # refused before the output is probed
     else:
-        driver.check_paths_in_job_working_dir(cfg)
-    monkeypatch.setenv(driver.RAY_JOB_CONFIG_ENV, json.dumps({"runtime_env": {}}))
-    driver.check_paths_in_job_working_dir(cfg)  # a job without --working-dir
+        jobenv.check_paths_in_job_working_dir(cfg)
+    monkeypatch.setenv(jobenv.RAY_JOB_CONFIG_ENV, json.dumps({"runtime_env": {}}))
+    jobenv.check_paths_in_job_working_dir(cfg)  # a job without --working-dir
 
 
 def test_relative_input_missing_from_a_ray_job_working_dir_says_why(dataset, tmp_path, monkeypatch):
     """Ray leaves what git ignores (the README's ./my-scenes, the demo's ./httm-demo) out of the
     working dir's copy: the error says so instead of only 'does not exist'."""
     monkeypatch.chdir(dataset["root"].parent)
-    monkeypatch.setenv(driver.RAY_JOB_CONFIG_ENV, json.dumps(
+    monkeypatch.setenv(jobenv.RAY_JOB_CONFIG_ENV, json.dumps(
         {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}}))
-    driver.check_paths_in_job_working_dir(job("./scenes", tmp_path / "out"))  # copied: fine
+    jobenv.check_paths_in_job_working_dir(job("./scenes", tmp_path / "out"))  # copied: fine
     with pytest.raises(ConfigError, match=r"input './my-scenes' is a relative path missing.*git ignores"):
-        driver.check_paths_in_job_working_dir(job("./my-scenes", tmp_path / "out"))
+        jobenv.check_paths_in_job_working_dir(job("./my-scenes", tmp_path / "out"))
 
 
 def test_max_overlap_counts_units_running_at_once():

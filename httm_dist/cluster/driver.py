@@ -26,12 +26,9 @@ Workers write results themselves; the driver only sees small records. Step 2 is
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import signal
-import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -39,6 +36,7 @@ from datetime import datetime, timezone
 import ray
 from ray import exceptions as rex
 
+from httm_dist.cluster.jobenv import check_paths_in_job_working_dir, shutdown_ray, stop_on_sigterm
 from httm_dist.cluster.plan import Plan, plan_work, record_failure
 from httm_dist.cluster.progress import JobProgress
 from httm_dist.cluster.schedule import Assignment, FailureKind, GiveUp, Lease, Scheduler
@@ -94,7 +92,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
         plan = plan_work(cfg, store, run_id)
     except BaseException:
         if started_ray:
-            _shutdown()
+            shutdown_ray()
         raise
     _remove_stale_temp_files(store)
     total = len(plan.scenes) + len(plan.failures)
@@ -122,9 +120,9 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
         finally:
             bar.close()
             if started_ray:
-                _shutdown()
+                shutdown_ray()
     elif started_ray:
-        _shutdown()
+        shutdown_ray()
     bar.close()
     if plan.queue:
         _remove_stale_temp_files(store)  # a long run outlives what a killed writer left
@@ -171,44 +169,6 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     for f in summary.failures:
         log.warning("failed scene %r: %s", f["scene_id"], f["error"])
     return out
-
-
-#: Set by Ray in the entrypoint of a ``ray job submit``: the job's runtime_env, as JSON.
-RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-
-
-def check_paths_in_job_working_dir(cfg: JobConfig) -> None:
-    """Inside a Ray job started with ``--working-dir`` the job (driver and workers) runs in
-    Ray's temporary copy of that folder (``/tmp/ray/session_*/runtime_resources/
-    working_dir_files/...``, one per node, deleted with the Ray session; files git ignores are
-    not copied). Raises ConfigError, before anything is touched, when ``output`` is a relative
-    local path (the results would be written into that copy) or ``input`` is a relative local
-    path missing from it. Does nothing outside such a job."""
-    try:
-        runtime_env = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
-    except (ValueError, AttributeError):
-        return
-    if not runtime_env.get("working_dir"):
-        return
-    where = f"this Ray job runs in Ray's temporary copy of its --working-dir ({os.getcwd()})"
-    output = _relative_local_path(cfg.output)
-    if output is not None:
-        raise ConfigError(
-            f"output {redact(cfg.output)!r} is a relative path, and {where}, deleted with the Ray "
-            "session: give an absolute path on storage every node shares, or a bucket URL")
-    input_path = _relative_local_path(cfg.input)
-    if input_path is not None and not os.path.exists(input_path):
-        raise ConfigError(
-            f"input {redact(cfg.input)!r} is a relative path missing from the copy: {where}, "
-            "which leaves out what git ignores: give an absolute path or a bucket URL")
-
-
-def _relative_local_path(url: str) -> str | None:
-    """The path of ``url`` when it is a relative local path (plain or ``file://``), else None."""
-    if "://" in url and not url.startswith("file://"):
-        return None  # a bucket or other remote URL
-    path = url[len("file://"):] if url.startswith("file://") else url
-    return None if os.path.isabs(os.path.expanduser(path)) else path
 
 
 def _remove_stale_temp_files(store: ResultStore) -> None:
@@ -269,40 +229,8 @@ def _connect(cfg: JobConfig) -> bool:
         log.info("no ray.address and no RAY_ADDRESS: starting a private local Ray for this job "
                  "(set ray.address: auto to join a cluster started with `ray start`)")
         ray.init(address="local", include_dashboard=False)
-    _stop_on_sigterm()
+    stop_on_sigterm()
     return True
-
-
-class JobStopped(KeyboardInterrupt):
-    """SIGTERM reached the driver (``ray job stop``, a batch scheduler's preemption,
-    ``timeout``): the run unwinds like Ctrl-C, stopping its workers and the Ray it started.
-    ``how`` and ``exit_status`` (128 + SIGTERM) are what the CLI reports."""
-
-    how = "stopped (SIGTERM)"
-    exit_status = 128 + signal.SIGTERM
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise JobStopped(f"stopped by signal {signum}")
-
-
-def _stop_on_sigterm() -> None:
-    """Makes SIGTERM raise :class:`JobStopped` in the driver's main thread. Installed after
-    ``ray.init``, whose own handler prints a native stack dump and exits on the spot, so that
-    the run unwinds instead: its workers are killed and the Ray it started shut down by the
-    usual ``finally`` blocks, and the CLI prints one line on how to resume (exit 143). Only
-    the main thread can install a signal handler."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _shutdown() -> None:
-    """``ray.shutdown()``, then SIGTERM back to its default when :func:`_stop_on_sigterm`
-    set it (the Ray session it guarded is gone)."""
-    ray.shutdown()
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is _on_sigterm):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _worker_count(cfg: JobConfig, n_units: int) -> tuple[int, float]:
