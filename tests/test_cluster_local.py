@@ -175,7 +175,8 @@ def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeyp
     bad = worker.process(plan_units(scenes["d_corrupt"], cfg)[0], 1)
     assert bad.status == "failed" and "frame_01.png" in bad.error
     assert bad.error.startswith("scene 'd_corrupt': image ")  # the record alone names the scene
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "httm_dist.cluster.worker"]
+    (line,) = [r.getMessage() for r in caplog.records
+               if r.name == "httm_dist.cluster.worker" and r.levelno >= logging.WARNING]
     assert line == "scene 'd_corrupt' failed: " + bad.error[len("scene 'd_corrupt': "):]
     written = ResultStore(str(out), {}).record("d_corrupt")
     assert written.status == "failed" and written.run_id == "run-w"
