@@ -53,8 +53,11 @@ def _run_and_report(cfg: Any, progress: bool) -> int:
         + (f", {kept} failed in earlier runs and not retried (retry_failed: false)" if kept else "")
         + f"; {summary.get('frames', 0)} frames in {summary.get('seconds', 0):.1f} s"
     )
+    from httm_dist.pipeline.unit import failure_line  # loaded by the driver already
+
     for failure in summary.get("failures", []):
-        print(f"  failed: {failure.get('scene_id')}: {failure.get('error')}")
+        sid = str(failure.get("scene_id"))
+        print(f"  {failure_line(f'scene {sid!r}', sid, str(failure.get('error')))}")
     if summary.get("summary_url"):
         print(f"summary: {summary['summary_url']}")
     return EXIT_OK if not summary.get("failed") else EXIT_FAILED

@@ -266,3 +266,15 @@ def test_demo_runs_the_whole_pipeline(ray_session, tmp_path, capsys, caplog):
     printed = capsys.readouterr().out
     assert "png:" in printed and "ply:" in printed
     assert (root / "output" / "previews" / "scene_000.png").stat().st_size > 0
+
+
+def test_run_lists_each_failed_scene_naming_it_once(job, capsys, monkeypatch):
+    """A record's error names its scene (``scene 'b': ...``): the run's list says it once."""
+    failures = [{"scene_id": "b", "error": "scene 'b': image /in/b/f.png cannot be decoded"},
+                {"scene_id": "c", "error": "RuntimeError: boom"}]
+    monkeypatch.setattr(driver, "run_job", lambda cfg, progress=True: {
+        "run_id": "r1", "done": 0, "failed": 2, "skipped": 0, "frames": 0, "seconds": 1.0, "failures": failures})
+    assert main(["run", str(job), "--no-progress"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == ["  scene 'b' failed: image /in/b/f.png cannot be decoded",
+                         "  scene 'c' failed: RuntimeError: boom"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import time
 
@@ -166,9 +167,10 @@ def test_scenes_failed_at_planning_do_not_speed_up_the_estimate(caplog):
                                                      f"{4 / bar.elapsed:.2f} frames/s, 600 s, about 16.5 h left")
 
 
-def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeypatch):
+def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeypatch, caplog):
     """In-process (no Ray): a scene's own error becomes a failed record (and a failure record
-    in the store); out of memory raises WorkerFault so the driver replaces the worker."""
+    in the store), logged naming the scene once; out of memory raises WorkerFault so the driver
+    replaces the worker."""
     out = tmp_path / "out"
     cfg = job(dataset["root"], out)
     scenes = {s.scene_id: s for s in discover_scenes(str(dataset["root"]))}
@@ -180,8 +182,13 @@ def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeyp
     rec_b = worker.process(unit_b, 1)
     assert rec_b.status == "done" and rec_b.prefetched is True
 
+    caplog.set_level(logging.WARNING, logger="httm_dist.cluster.worker")
     bad = worker.process(plan_units(scenes["d_corrupt"], cfg)[0], 1)
     assert bad.status == "failed" and "frame_01.png" in bad.error
+    assert bad.error.startswith("scene 'd_corrupt': image ")  # the record alone names the scene
+    (line,) = [r.getMessage() for r in caplog.records
+               if r.name == "httm_dist.cluster.worker" and r.levelno >= logging.WARNING]
+    assert line == "scene 'd_corrupt' failed: " + bad.error[len("scene 'd_corrupt': "):]
     written = ResultStore(str(out), {}).record("d_corrupt")
     assert written.status == "failed" and written.run_id == "run-w"
     assert (written.unit, written.num_frames, written.model_hash) == ("scene", FRAMES, cfg.model_hash())

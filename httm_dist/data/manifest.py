@@ -24,7 +24,7 @@ import fsspec
 
 from httm_dist.data.spec import FrameRef, SceneSpec, object_version, validate_scene_id
 from httm_dist.errors import ConfigError, StorageError
-from httm_dist.storage import full_url, get_fs, is_local, redact, retry
+from httm_dist.storage import full_url, get_fs, is_local, normalize_local_path, normalize_url, redact, retry
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,18 @@ def _rows(fs: fsspec.AbstractFileSystem, path: str, url: str) -> list[dict]:
 
 
 def resolve_uri(uri: str, manifest_url: str, fs: fsspec.AbstractFileSystem) -> str:
-    """An absolute URL for a manifest row's ``uri`` (relative = relative to the manifest)."""
+    """An absolute URL for a manifest row's ``uri`` (relative = relative to the manifest).
+
+    Local paths (plain, ``file://``, the last link of a chained URL) come out in one spelling
+    (:func:`~httm_dist.storage.normalize_url`: no ``.``, ``..``, ``//`` or trailing ``/``), so
+    rows naming the same file the same way twice give the same URI and fingerprint; remote
+    URLs are kept as written (object keys are names, not paths)."""
     if "://" in uri or "::" in uri:
-        return uri
+        return normalize_url(uri)
     if uri.startswith("/"):
-        return uri if is_local(fs) else fs.unstrip_protocol(uri.lstrip("/"))
+        return normalize_local_path(uri) if is_local(fs) else fs.unstrip_protocol(uri.lstrip("/"))
+    if is_local(fs) and "://" not in manifest_url:
+        return normalize_local_path(posixpath.join(posixpath.dirname(manifest_url), uri))
     if "://" in manifest_url:
         scheme, _, rest = manifest_url.partition("://")
     else:
