@@ -61,18 +61,21 @@ def test_config_change_is_refused_or_reprocessed_per_policy(dataset, tmp_path):
 
 
 def test_scenes_that_no_worker_can_process_fail_in_the_driver_without_ray(dataset, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, caplog):
     """An empty scene, or one below min_frames, is known at discovery: the driver records
     its failure and, when nothing else is left, never connects to Ray (no worker start-up
-    just to fail it)."""
+    just to fail it). Its log lines name the scene once."""
     out = tmp_path / "out"
 
     def no_ray(cfg):
         raise AssertionError("the driver connected to Ray for scenes no worker can process")
 
     monkeypatch.setattr(driver, "_connect", no_ray)
-    summary = run_job(job(dataset["root"], out, include=["e_empty", "a"], min_frames=FRAMES + 1),
-                      progress=False)
+    with caplog.at_level("WARNING", logger="httm_dist.cluster"):
+        summary = run_job(job(dataset["root"], out, include=["e_empty", "a"], min_frames=FRAMES + 1),
+                          progress=False)
+    lines = [r.getMessage() for r in caplog.records if "'e_empty'" in r.getMessage()]
+    assert len(lines) == 2 and all(line.count("'e_empty'") == 1 for line in lines), lines
     errors = {f["scene_id"]: f["error"] for f in summary["failures"]}
     assert summary["failed"] == 2 and summary["done"] == 0 and summary["units_run"] == 0
     assert "'e_empty' is empty" in errors["e_empty"]

@@ -47,7 +47,7 @@ from httm_dist.errors import ConfigError, HttmDistError
 from httm_dist.model import VGGTConfig
 from httm_dist.model.config import PRESETS, preset_weights as _preset_weights
 from httm_dist.pipeline.memory import parameter_count, resolve_max_frames, with_max_frames
-from httm_dist.pipeline.unit import failure_record, plan_units
+from httm_dist.pipeline.unit import failure_line, failure_record, plan_units
 from httm_dist.results import ResultStore, RunSummary, SceneRecord
 from httm_dist.storage import redact
 
@@ -171,7 +171,7 @@ def _run_job(cfg: JobConfig, progress: bool, run_id: str | None) -> dict:
              "(%.2f frames/s)", run_id, summary.done, summary.failed, summary.skipped,
              summary.frames, seconds, summary.frames_per_s)
     for f in summary.failures:
-        log.warning("failed scene %r: %s", f["scene_id"], f["error"])
+        log.warning("%s", failure_line(f"scene {f['scene_id']!r}", f["scene_id"], f["error"]))
     return out
 
 
