@@ -53,8 +53,11 @@ def _run_and_report(cfg: Any, progress: bool) -> int:
         + (f", {kept} failed in earlier runs and not retried (retry_failed: false)" if kept else "")
         + f"; {summary.get('frames', 0)} frames in {summary.get('seconds', 0):.1f} s"
     )
+    from httm_dist.pipeline.unit import failure_line  # loaded by the driver already
+
     for failure in summary.get("failures", []):
-        print(f"  failed: {failure.get('scene_id')}: {failure.get('error')}")
+        sid = str(failure.get("scene_id"))
+        print(f"  {failure_line(f'scene {sid!r}', sid, str(failure.get('error')))}")
     if summary.get("summary_url"):
         print(f"summary: {summary['summary_url']}")
     return EXIT_OK if not summary.get("failed") else EXIT_FAILED
@@ -412,10 +415,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except StorageError as exc:
         print(f"httm-dist: storage error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as cluster.jobenv's JobStopped
-        print(f"httm-dist: {getattr(exc, 'how', 'interrupted')}; committed scenes are kept: "
-              "rerun the same command to resume", file=sys.stderr)
-        return int(getattr(exc, "exit_status", 130))
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cluster.jobenv.JobStopped)
+        how, status = getattr(exc, "how", "interrupted"), getattr(exc, "exit_status", 130)
+        resume = ("; committed scenes are kept: rerun the same command to resume"
+                  if args.command == "run" else "")
+        print(f"httm-dist: {how}{resume}", file=sys.stderr)
+        return int(status)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -47,7 +47,50 @@ def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abstra
         inner = url.rsplit("::", 1)[1]
         protocol = fsspec.core.split_protocol(inner)[0] or "file"
         return url_to_fs(url, **({protocol: options} if options else {}))
-    return url_to_fs(url, **options)
+    fs, path = url_to_fs(url, **options)
+    return fs, (normalize_local_path(path) if is_local(fs) else path)
+
+
+def normalize_local_path(path: str) -> str:
+    """One spelling per local file: ``path`` made absolute, without ``.`` segments, repeated
+    or trailing slashes, and with each ``..`` segment removed with the folder before it, so
+    that the same files given as ``../data/scenes``, ``./scenes/`` or ``/data//scenes`` get
+    the same frame URIs (and scene fingerprints) as ``/data/scenes``.
+
+    An absolute path already in that form comes back unchanged (outputs keep their
+    fingerprints), and symlinks are kept as named, except when lexical removal of ``..``
+    would name another file (``link/..`` where ``link`` points elsewhere): then the path is
+    resolved (``os.path.realpath``), which names the same file the original did.
+    """
+    if not path:
+        return path
+    absolute = os.path.abspath(path)  # cwd + normpath: drops ".", "//", trailing "/" and ".."
+    if absolute.startswith("//") and not absolute.startswith("///"):
+        absolute = absolute[1:]  # normpath keeps a leading "//" (POSIX leaves it open); Linux reads "/"
+    if ".." in path.replace("\\", "/").split("/") and os.path.realpath(absolute) != os.path.realpath(path):
+        return os.path.realpath(path)  # a ".." after a symlink: the lexical path is another file
+    return absolute
+
+
+def normalize_url(url: str) -> str:
+    """``url`` with its local path in one spelling (:func:`normalize_local_path`), for URIs
+    written into scenes, records and fingerprints: a plain path, a ``file://`` URL (the
+    scheme is kept, so that outputs of manifests written with ``file://`` keep their
+    fingerprints) or the last link of a chained URL (``tar://m.jpg::../a.tar``; members
+    inside an archive are left as named).
+
+    Remote URLs (``s3://``, ``gs://``, ``memory://``...) come back unchanged: an object key
+    is a name, not a path, and ``a/../b``, ``a/./b`` and ``a//b`` are keys distinct from
+    ``b`` and ``a/b`` (S3 and GCS store each as its own object), so rewriting them could
+    name another object.
+    """
+    head, sep, last = url.rpartition("::")
+    if last.startswith("file://"):
+        rest = last[len("file://"):]
+        return f"{head}{sep}file://{normalize_local_path(rest)}" if rest else url
+    if "://" in last or not last or last.startswith("~"):
+        return url  # remote, or a home-relative path that fsspec expands
+    return f"{head}{sep}{normalize_local_path(last)}"
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -287,8 +287,8 @@ def point4(model: VGGT, x: torch.Tensor, height: int, width: int, cfgs: dict, be
         args, kwargs = spans["inputs"]
         attn = model.aggregator.global_blocks[keep].attn
 
-        def alone() -> torch.Tensor:
-            with torch.inference_mode():
+        def alone() -> torch.Tensor:  # under the aggregator's autocast, as in the forward
+            with torch.inference_mode(), model.aggregator.autocast(x.device):
                 return attn(*args, **kwargs)
 
         t = bench.timed(("point4 alone", name), frames, alone)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from httm_dist.merging import MergeConfig
+from httm_dist.model import VGGT, VGGTConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -120,3 +123,19 @@ def test_results_are_saved_after_every_job(tmp_path, monkeypatch):
     assert {(r["frames"], r["strategy"]) for r in rows if r["part"] == "aggregator"} >= {(4, "dense"), (4, "httm always")}
     assert any(r.get("split") for r in rows)
     assert "Whole aggregator" in (tmp_path / "report.md").read_text()
+
+
+def test_point4_runs_the_module_alone_under_the_models_autocast(monkeypatch):
+    """The 'alone' rerun must compute as the module did inside the forward: under the
+    aggregator's autocast (CUDA bf16 there; CPU bf16 stands in for it here), or the comparison
+    is fp32 against bf16 and hides what the model adds."""
+    job = _job()
+    model = VGGT(VGGTConfig.preset("tiny")).eval()
+    monkeypatch.setattr(model.aggregator, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    keep = len(model.aggregator.global_blocks) // 2
+    dtypes = []
+    model.aggregator.global_blocks[keep].attn.qkv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    x = torch.rand(1, 3, 3, 42, 56, generator=torch.Generator().manual_seed(0))
+    cfgs = {"dense": MergeConfig(strategy="dense"), "httm": MergeConfig(strategy="httm", min_tokens=0)}
+    res = job.point4(model, x, 42, 56, cfgs, job.Bench(torch.device("cpu"), 60.0, reps=1))
+    assert res["httm"]["alone_ms"] > 0 and dtypes and set(dtypes) == {torch.bfloat16}

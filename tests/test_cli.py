@@ -110,32 +110,54 @@ def test_run_exit_status_follows_the_summary(job, capsys, monkeypatch, failed, s
 
 
 def test_sigterm_stops_the_run_like_ctrl_c_and_says_how_to_resume(job, capsys, monkeypatch):
-    """``ray job stop`` and batch schedulers send SIGTERM: the driver's handler (installed after
-    ``ray.init``) unwinds the run so that its workers and Ray are stopped; the CLI exits 143."""
+    """``ray job stop`` and batch schedulers send SIGTERM: the run unwinds (its workers and Ray
+    stopped by the ``finally`` blocks) and the CLI exits 143, also when the signal lands in a
+    Ray call, which re-raises a bare KeyboardInterrupt; a second SIGTERM does not cut the
+    unwind short; the handler the process had before the run is back afterwards."""
     import signal
     import time
 
-    previous = signal.getsignal(signal.SIGTERM)
+    def own_handler(signum, frame):  # the embedding application's handler
+        raise AssertionError("the run's handler should have been in place")
+
+    previous = signal.signal(signal.SIGTERM, own_handler)
     unwound = []
 
-    def fake_run_job(cfg, progress=True):
-        jobenv.stop_on_sigterm()  # what _connect does once Ray is up
+    def fake_run(cfg, progress, run_id):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init does to the handler
+        jobenv.reinstall_after_ray_init()
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(30)  # the handler raises at the next bytecode
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)  # the handler raises at the next bytecode
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt() from None  # as ray.wait / ray.get do
         finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one during the cleanup: ignored
+            time.sleep(0.05)
             unwound.append(True)
-            monkeypatch.setattr(jobenv.ray, "shutdown", lambda: None)
-            jobenv.shutdown_ray()
-        return {}
 
-    monkeypatch.setattr(driver, "run_job", fake_run_job)
+    monkeypatch.setattr(driver, "_run_job", fake_run)
     try:
         assert main(["run", str(job)]) == 128 + signal.SIGTERM
-        assert unwound and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert unwound and signal.getsignal(signal.SIGTERM) is own_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
     _one_clear_line(capsys.readouterr().err, "stopped (SIGTERM)", "rerun the same command to resume")
+
+
+def test_ctrl_c_outside_a_run_says_interrupted_without_a_resume_hint(monkeypatch, capsys, tmp_path):
+    """Only ``run`` resumes; Ctrl-C in another command is exit 130 and 'interrupted'."""
+    import httm_dist.export as export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(export, "export_scenes", interrupted)
+    assert main(["export", str(tmp_path), "--format", "colmap", "--to", str(tmp_path / "x")]) == 130
+    err = capsys.readouterr().err
+    _one_clear_line(err, "interrupted")
+    assert "resume" not in err
 
 
 def test_per_archive_library_chatter_is_off_unless_debugging_libraries():
@@ -244,3 +266,15 @@ def test_demo_runs_the_whole_pipeline(ray_session, tmp_path, capsys, caplog):
     printed = capsys.readouterr().out
     assert "png:" in printed and "ply:" in printed
     assert (root / "output" / "previews" / "scene_000.png").stat().st_size > 0
+
+
+def test_run_lists_each_failed_scene_naming_it_once(job, capsys, monkeypatch):
+    """A record's error names its scene (``scene 'b': ...``): the run's list says it once."""
+    failures = [{"scene_id": "b", "error": "scene 'b': image /in/b/f.png cannot be decoded"},
+                {"scene_id": "c", "error": "RuntimeError: boom"}]
+    monkeypatch.setattr(driver, "run_job", lambda cfg, progress=True: {
+        "run_id": "r1", "done": 0, "failed": 2, "skipped": 0, "frames": 0, "seconds": 1.0, "failures": failures})
+    assert main(["run", str(job), "--no-progress"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == ["  scene 'b' failed: image /in/b/f.png cannot be decoded",
+                         "  scene 'c' failed: RuntimeError: boom"]

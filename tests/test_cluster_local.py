@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import time
 
@@ -60,18 +61,21 @@ def test_config_change_is_refused_or_reprocessed_per_policy(dataset, tmp_path):
 
 
 def test_scenes_that_no_worker_can_process_fail_in_the_driver_without_ray(dataset, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, caplog):
     """An empty scene, or one below min_frames, is known at discovery: the driver records
     its failure and, when nothing else is left, never connects to Ray (no worker start-up
-    just to fail it)."""
+    just to fail it). Its log lines name the scene once."""
     out = tmp_path / "out"
 
     def no_ray(cfg):
         raise AssertionError("the driver connected to Ray for scenes no worker can process")
 
     monkeypatch.setattr(driver, "_connect", no_ray)
-    summary = run_job(job(dataset["root"], out, include=["e_empty", "a"], min_frames=FRAMES + 1),
-                      progress=False)
+    with caplog.at_level("WARNING", logger="httm_dist.cluster"):
+        summary = run_job(job(dataset["root"], out, include=["e_empty", "a"], min_frames=FRAMES + 1),
+                          progress=False)
+    lines = [r.getMessage() for r in caplog.records if "'e_empty'" in r.getMessage()]
+    assert len(lines) == 2 and all(line.count("'e_empty'") == 1 for line in lines), lines
     errors = {f["scene_id"]: f["error"] for f in summary["failures"]}
     assert summary["failed"] == 2 and summary["done"] == 0 and summary["units_run"] == 0
     assert "'e_empty' is empty" in errors["e_empty"]
@@ -155,9 +159,21 @@ def test_progress_lines_estimate_the_time_left_for_overnight_logs(caplog, elapse
     assert caplog.records[-1].getMessage().endswith(f" s, {left}")
 
 
-def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeypatch):
+def test_scenes_failed_at_planning_do_not_speed_up_the_estimate(caplog):
+    """100 scenes failed at planning (t = 0) then one took 10 min: 99 more take 16.5 h, not
+    the 10 min a pace over 101 'finished' scenes would say."""
+    bar = JobProgress(200, failed_at_start=100, interval_s=0, stream=io.StringIO())
+    bar.started -= 600
+    with caplog.at_level("INFO", logger="httm_dist.cluster.progress"):
+        bar.scene_finished(True, frames=4)
+    assert caplog.records[-1].getMessage().endswith("1/200 scenes done, 100 failed, 4 frames, "
+                                                     f"{4 / bar.elapsed:.2f} frames/s, 600 s, about 16.5 h left")
+
+
+def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeypatch, caplog):
     """In-process (no Ray): a scene's own error becomes a failed record (and a failure record
-    in the store); out of memory raises WorkerFault so the driver replaces the worker."""
+    in the store), logged naming the scene once; out of memory raises WorkerFault so the driver
+    replaces the worker."""
     out = tmp_path / "out"
     cfg = job(dataset["root"], out)
     scenes = {s.scene_id: s for s in discover_scenes(str(dataset["root"]))}
@@ -169,8 +185,13 @@ def test_worker_sorts_scene_faults_from_worker_faults(dataset, tmp_path, monkeyp
     rec_b = worker.process(unit_b, 1)
     assert rec_b.status == "done" and rec_b.prefetched is True
 
+    caplog.set_level(logging.WARNING, logger="httm_dist.cluster.worker")
     bad = worker.process(plan_units(scenes["d_corrupt"], cfg)[0], 1)
     assert bad.status == "failed" and "frame_01.png" in bad.error
+    assert bad.error.startswith("scene 'd_corrupt': image ")  # the record alone names the scene
+    (line,) = [r.getMessage() for r in caplog.records
+               if r.name == "httm_dist.cluster.worker" and r.levelno >= logging.WARNING]
+    assert line == "scene 'd_corrupt' failed: " + bad.error[len("scene 'd_corrupt': "):]
     written = ResultStore(str(out), {}).record("d_corrupt")
     assert written.status == "failed" and written.run_id == "run-w"
     assert (written.unit, written.num_frames, written.model_hash) == ("scene", FRAMES, cfg.model_hash())

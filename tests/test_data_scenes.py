@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from httm_dist.data import discover_scenes, natural_key, read_scene_frames, scene_fingerprint
 from httm_dist import storage
+from httm_dist.data import discover_scenes, natural_key, read_scene_frames, scene_fingerprint
 from httm_dist.data import manifest as manifest_mod
 from httm_dist.data import scenes as scenes_mod
 from httm_dist.data.spec import listed_version, object_version
@@ -604,6 +604,7 @@ def test_locate_gives_what_get_fs_gives(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     s3 = {"key": "AKIAEXAMPLEKEY000000", "secret": "s3cr3t", "client_kwargs": {"region_name": "us-east-1"}}
     urls = [f"{tmp_path}/a/1.png", f"{tmp_path}/a/2.png", "a/3.png", "a/4.png", "5.png", "6.png",
+            f"{tmp_path}//a/./10.png", f"{tmp_path}//a/./11.png", "b/../a/12.png", "b/../a/13.png",
             f"file://{tmp_path}/a/7.png", "memory://m/a/8.png", "memory://m/a/9.png",
             "s3://bucket/a/1.png", "s3://bucket/a/2.png", "s3://bucket/a/3.png?versionId=v1",
             "https://host/a/1.png?X-Amz-Credential=AKIA/2026/s3&X-Amz-Signature=ab", "https://host/a/2.png",
@@ -651,3 +652,158 @@ def test_object_versions_of_existing_storages_do_not_change():
         ({"name": "u", "size": None, "type": "file"}, "None:"),  # an HTTP server telling nothing
     ]
     assert [object_version(info) for info, _ in cases] == [want for _, want in cases]
+
+
+def _spellings_dataset(tmp_path):
+    """``(base, scenes)``: a folder scene, a tar scene and a manifest over them under
+    ``base/in``, for the same files given through different spellings of their path."""
+    base = tmp_path / "w"
+    put(fsspec.filesystem("file"), str(base / "in" / "scenes"),
+        {"s0/f0.png": b"a", "s0/f1.png": b"b", "t.tar": tar_bytes(MEMBERS)})
+    rows = [{"scene_id": "m", "uri": "scenes/s0/f0.png"}, {"scene_id": "m", "uri": "./scenes//s0/../s0/f1.png"},
+            {"scene_id": "n", "uri": f"{base}/in/./scenes/s0/f0.png"},
+            {"scene_id": "n", "uri": f"file://{base}/in/scenes/s0/../s0/f1.png"},
+            {"scene_id": "n", "uri": f"tar://f9.jpg::{base}/in//scenes/t.tar"}]
+    (base / "in" / "man.csv").write_bytes(_manifest_bytes("csv", rows))
+    (base / "cwd").mkdir()
+    return base
+
+
+def _uris(scenes) -> list:
+    return [(s.scene_id, s.source, [f.uri for f in s.frames], scene_fingerprint(s)) for s in scenes]
+
+
+def test_an_absolute_normal_path_keeps_its_uris(tmp_path):
+    """Outputs committed before paths were normalised keep their fingerprints: a plain absolute
+    path gives exactly the URIs it gave then (the path joined with each file's relative path)."""
+    base = _spellings_dataset(tmp_path)
+    root = f"{base}/in/scenes"
+    s0, t = discover_scenes(root)
+    assert s0.source == f"{root}/s0"
+    assert [f.uri for f in s0.frames] == [f"{root}/s0/f0.png", f"{root}/s0/f1.png"]
+    assert t.source == f"{root}/t.tar"
+    assert [f.uri for f in t.frames] == [f"tar://{m}::{root}/t.tar" for m in ORDER_ARCHIVE]
+    m, _ = discover_scenes(f"{base}/in/man.csv")  # relative rows were normalised already
+    assert [f.uri for f in m.frames] == [f"{root}/s0/f0.png", f"{root}/s0/f1.png"]
+    (same,) = discover_scenes(_write_manifest(base, [f"{root}/s0/f0.png", f"file://{root}/s0/f1.png",
+                                                     f"tar://f9.jpg::{root}/t.tar"]))
+    assert [f.uri for f in same.frames] == [f"{root}/s0/f0.png", f"file://{root}/s0/f1.png",
+                                            f"tar://f9.jpg::{root}/t.tar"]
+
+
+def _write_manifest(base, uris: list[str]) -> str:
+    path = base / "in" / "one.jsonl"
+    path.write_bytes(_jsonl([{"scene_id": "n", "uri": u} for u in uris]))
+    return str(path)
+
+
+def test_manifest_rows_naming_local_files_oddly_get_one_spelling(tmp_path):
+    """Absolute, ``file://`` and chained rows with ``.``, ``..`` or ``//`` name their files as
+    plain normal paths would (a ``file://`` row keeps its scheme: outputs of manifests written
+    that way keep their fingerprints); remote rows are kept as written."""
+    base = _spellings_dataset(tmp_path)
+    root = f"{base}/in/scenes"
+    _, n = discover_scenes(f"{base}/in/man.csv")
+    assert [f.uri for f in n.frames] == [f"{root}/s0/f0.png", f"file://{root}/s0/f1.png",
+                                         f"tar://f9.jpg::{root}/t.tar"]
+    (remote,) = manifest_mod.manifest_scenes(
+        fsspec.filesystem("file"), _write_manifest(base, ["s3://b/a/../x.png", "gs://b/a//./y.png"]), "m")
+    assert [f.uri for f in remote.frames] == ["s3://b/a/../x.png", "gs://b/a//./y.png"]
+
+
+@pytest.mark.parametrize("spelling", ["../in/scenes", "./../in/scenes/", "{base}//in/./scenes",
+                                      "{base}/cwd/../in/scenes/", "file://../in/scenes",
+                                      "file://{base}/in/../in/scenes"])
+def test_the_same_files_through_any_local_spelling_give_the_same_fingerprints(tmp_path, monkeypatch, spelling):
+    """A rerun given the same input as ``../x`` (or with ``.``, ``//``, a trailing ``/``,
+    ``file://``) plans nothing new: frame URIs and fingerprints are those of the plain path."""
+    base = _spellings_dataset(tmp_path)
+    expected = _uris(discover_scenes(f"{base}/in/scenes"))
+    monkeypatch.chdir(base / "cwd")
+    assert _uris(discover_scenes(spelling.format(base=base))) == expected
+    kept = discover_scenes(spelling.format(base=base), ignore=["../in/./scenes/s0/"])
+    assert [s.scene_id for s in kept] == ["t"]
+    man = spelling.format(base=base).rstrip("/").replace("scenes", "man.csv")
+    assert _uris(discover_scenes(man)) == _uris(discover_scenes(f"{base}/in/man.csv"))
+
+
+def test_a_rerun_through_a_relative_path_skips_what_is_done(tmp_path, monkeypatch):
+    """The reported case, as the driver plans it: committed through an absolute path, rerun
+    through ``../``: nothing to do."""
+    from httm_dist.cluster.plan import plan_work
+    from httm_dist.config import load_config
+    from httm_dist.results import ResultStore
+
+    base = _spellings_dataset(tmp_path)
+    out = base / "out"
+    (out / "scenes").mkdir(parents=True)
+
+    def cfg_for(input_url):
+        return load_config({"input": input_url, "output": str(out),
+                            "model": {"preset": "tiny", "allow_random_weights": True}})
+
+    cfg = cfg_for(f"{base}/in/scenes")
+    for scene in discover_scenes(cfg.input):
+        record = {"scene_id": scene.scene_id, "status": "done", "model_hash": cfg.model_hash(),
+                  "merge_hash": cfg.merge_hash(), "num_frames": len(scene.frames),
+                  "input_fingerprint": scene_fingerprint(scene)}
+        (out / "scenes" / f"{scene.scene_id}.json").write_text(json.dumps(record))
+    monkeypatch.chdir(base / "cwd")
+    plan = plan_work(cfg_for("../in//scenes/"), ResultStore("../out", {}), "r")
+    assert [u.scene_id for u in plan.queue] == []
+
+
+def _records(caplog, level: int, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "httm_dist.data.scenes" and r.levelno == level and text in r.getMessage()]
+
+
+def test_files_that_are_not_frames_are_counted_in_one_line_for_the_whole_input(tmp_path, caplog):
+    """A large archive must not log a line per scene: one INFO line sums every scene's
+    skipped files (commonest extensions first), the count of each scene goes to DEBUG."""
+    files = {f"s{i:02d}/f.png": b"x" for i in range(12)}
+    files.update({f"s{i:02d}/depth/f.npy": b"x" for i in range(10)})
+    files.update({f"s{i:02d}/cameras.json": b"x" for i in range(3)})
+    files.update({"s00/a.txt": b"x", "s00/b.csv": b"x", "s00/c.xyz": b"x", "s00/README": b"x"})
+    put(fsspec.filesystem("file"), str(tmp_path / "in"), {**files, "t.tar": tar_bytes(MEMBERS)})
+    caplog.set_level(logging.DEBUG, logger="httm_dist.data.scenes")
+    assert len(discover_scenes(str(tmp_path / "in"))) == 13
+    (line,) = _records(caplog, logging.INFO, "not images")
+    assert line == ("skipped 18 files that are not images Pillow reads in 11 of 13 scenes (10 .npy, 3 .json, "
+                    "1 (no suffix), 1 .csv and 3 other kinds); -v counts them per scene")
+    per_scene = _records(caplog, logging.DEBUG, "not images")
+    assert len(per_scene) == 11
+    assert "scene 's00': skipped 6 files that are not images Pillow reads (1 (no suffix), 1 .csv, 1 .json, 1 .npy" \
+        " and 2 other kinds)" in per_scene
+    assert "scene 't': skipped 1 files that are not images Pillow reads (1 .md)" in per_scene
+
+
+def test_root_files_that_are_not_scenes_are_named_once(tmp_path, caplog):
+    """Files beside the scenes are ignored, but said so in one line; one that could be a
+    manifest gets a warning saying how to read it (as the input itself)."""
+    root = tmp_path / "in"
+    put(fsspec.filesystem("file"), str(root), {"a/f.png": b"x", "notes.txt": b"x", "LICENSE": b"x", "_SUCCESS": b"",
+                                                 ".DS_Store": b"x", "e.tgz": b"x"})
+    caplog.set_level(logging.INFO, logger="httm_dist.data.scenes")
+    discover_scenes(str(root))
+    assert _records(caplog, logging.INFO, "not scenes") == [
+        f"ignoring 2 files under {root} that are not scenes (LICENSE, notes.txt); scenes are folders or .tar, "
+        ".tar.gz, .zip archives"]
+    caplog.clear()
+    for i in range(5):
+        (root / f"x{i}.txt").write_bytes(b"x")
+    (root / "frames.csv").write_bytes(b"scene_id,uri\n")
+    discover_scenes(str(root))
+    assert _records(caplog, logging.INFO, "not scenes") == []
+    assert _records(caplog, logging.WARNING, "not scenes") == [
+        f"ignoring 8 files under {root} that are not scenes (LICENSE, frames.csv, notes.txt, x0.txt, ...); a "
+        f"manifest is read only when it is the input itself: set input to {root}/frames.csv to read frames.csv"]
+
+
+def test_a_root_read_as_one_scene_counts_its_other_files_as_the_scenes(tmp_path, caplog):
+    put(fsspec.filesystem("file"), str(tmp_path / "shot"), {"f.png": b"x", "notes.txt": b"x"})
+    caplog.set_level(logging.INFO, logger="httm_dist.data.scenes")
+    discover_scenes(str(tmp_path / "shot"))
+    assert _records(caplog, logging.INFO, "not scenes") == []
+    assert _records(caplog, logging.INFO, "not images") == [
+        "scene 'shot': skipped 1 files that are not images Pillow reads (1 .txt)"]

@@ -346,11 +346,12 @@ class _FreshBytes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_is_the_official_formula_bit_for_bit_in_two_writes(dtype):
+def test_rope_is_the_official_formula_bit_for_bit_in_two_writes_for_fp32(dtype):
     """Found profiling issue 14's point 4 (the whole forward, not one layer): RoPE on q and k
     of every block was the largest copy of the forward (-t2 and the rotated halves stacked:
     five writes of q's size). It now writes twice and stays bit-identical to the official
-    ``t * cos + rotate_half(t) * sin`` (halves: ``rotate_half(t) = cat(-t2, t1)``)."""
+    ``t * cos + rotate_half(t) * sin`` (halves: ``rotate_half(t) = cat(-t2, t1)``). Only fp32
+    takes the two-write path (bf16's strided writes were slower on CPU); every dtype is exact."""
     rope = RopeTable((3, 5), 5, 16, 100.0, torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
     t = (10 * torch.randn(2, 4, 6 * rope.tokens, 16, generator=g)).to(dtype)
@@ -363,7 +364,8 @@ def test_rope_is_the_official_formula_bit_for_bit_in_two_writes(dtype):
         with _FreshBytes() as rec:
             out = rope.apply(x)
         assert torch.equal(out, ref) and out.dtype == dtype
-        assert rec.bytes <= 2 * x.numel() * x.element_size()
+        if dtype == torch.float32:
+            assert rec.bytes <= 2 * x.numel() * x.element_size()
         # under autograd (training): the same values, and gradients flow
         y = x.detach().requires_grad_(True)
         out = rope.apply(y)

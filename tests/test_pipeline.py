@@ -339,3 +339,24 @@ def test_preview_option_writes_previews_of_each_committed_scene(runner, scenes, 
         assert png.width >= W * min(S, 8) and png.height >= 3 * H  # frames, depth, confidence
     points, colours = read_ply((tmp_path / "out" / "previews" / "alpha.ply").read_bytes())
     assert len(points) > 0 and len(points) == len(colours) and np.isfinite(points).all()
+
+
+@pytest.mark.parametrize(
+    "name, error, line",
+    [
+        ("scene 'b'", "scene 'b': image x.png cannot be decoded", "scene 'b' failed: image x.png cannot be decoded"),
+        ("scene 'b' chunk 2/5", "scene 'b': image x.png cannot be decoded",
+         "scene 'b' chunk 2/5 failed: image x.png cannot be decoded"),
+        ("scene 'b'", "scene 'b' has no image frames in /in/b", "scene 'b' failed: it has no image frames in /in/b"),
+        ("scene 'b' (assembling chunks)", "scene 'b' has 2 chunks missing",
+         "scene 'b' (assembling chunks) failed: the scene has 2 chunks missing"),
+        ("scene 'b'", "scene 'b' chunk 2/5 failed: its worker died 3 times",
+         "scene 'b' chunk 2/5 failed: its worker died 3 times"),
+        ("scene 'b'", "ValueError: a bug", "scene 'b' failed: ValueError: a bug"),
+        ("scene 'b'", "scene 'b2': another scene's words", "scene 'b' failed: scene 'b2': another scene's words"),
+    ],
+)
+def test_a_failure_line_names_the_scene_once(name, error, line):
+    from httm_dist.pipeline.unit import failure_line
+
+    assert failure_line(name, "b", error) == line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -101,3 +102,44 @@ def test_bad_arguments(fixtures_dir):
         load_and_preprocess_images([path], mode="stretch")
     with pytest.raises(ValueError, match="multiple of the patch size"):
         load_and_preprocess_images([path], target_size=500)
+
+
+@pytest.mark.parametrize("data, what", [(b"", "the file is empty (0 bytes)"),
+                                        (b"plain text, no image", "no format Pillow reads recognises its 20 bytes")])
+def test_an_empty_or_foreign_file_names_the_file_not_a_memory_address(data, what, tmp_path):
+    """The runner hands frames over as named streams: the message names the frame's URI and
+    says what to do, the same on every run (Pillow's own text is the stream's repr,
+    ``<_io.BytesIO object at 0x7f...>``)."""
+    from httm_dist.storage import redact
+
+    uri = "s3://bucket/scenes/a/frame_0001.png?X-Amz-Signature=secret"
+    messages = set()
+    for _ in range(2):
+        stream = io.BytesIO(data)
+        stream.name = uri
+        with pytest.raises(ImageDecodeError) as info:
+            load_and_preprocess_images([stream])
+        messages.add(str(info.value))
+    (message,) = messages
+    assert "secret" not in message and "0x" not in message
+    assert message == (f"image {redact(uri)} cannot be decoded: "
+                       f"{what}; it is corrupt or not an image: replace or remove it from the scene")
+    path = tmp_path / "frame.png"
+    path.write_bytes(data)
+    with pytest.raises(ImageDecodeError, match=rf"^image {path} cannot be decoded: {re.escape(what)};"):
+        load_and_preprocess_images([path])
+    with pytest.raises(ImageDecodeError, match=rf"^image <{len(data)} bytes of image data> cannot be decoded: "):
+        load_and_preprocess_images([data])
+
+
+def test_other_decode_errors_lose_object_reprs_too(monkeypatch):
+    from httm_dist.model import preprocess
+
+    def broken_open(fp):
+        raise OSError(f"broken data stream when reading image file {fp!r}")
+
+    monkeypatch.setattr(preprocess.Image, "open", broken_open)
+    with pytest.raises(ImageDecodeError, match=r"^image <3 bytes of image data> cannot be decoded \(OSError: broken "
+                                               r"data stream when reading image file the file\); it is corrupt") as info:
+        load_and_preprocess_images([b"abc"])
+    assert "0x" not in str(info.value)

@@ -199,7 +199,8 @@ def test_cleared_chunks_leave_no_empty_folders_on_local_disk(tmp_path):
     store.clear_chunks("long")
     assert sorted(p.name for p in (tmp_path / "out" / "_chunks").iterdir()) == ["other"]
     store.clear_chunks("other")
-    assert not (tmp_path / "out" / "_chunks").exists()
+    # _chunks/ itself stays: another worker's first chunk write may have just seen it
+    assert list((tmp_path / "out" / "_chunks").iterdir()) == []
     store.clear_chunks("never-chunked")  # nothing to remove is no error
 
 

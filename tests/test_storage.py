@@ -239,3 +239,33 @@ def test_unreachable_endpoint_is_a_storage_error_without_secrets():
     with pytest.raises(StorageError, match="input 's3://bucket/in' is not reachable") as info:
         check_reachable("s3://bucket/in", opts)
     assert "hunter2" not in str(info.value)
+
+
+def test_local_paths_get_one_spelling_and_normal_ones_stay_as_they_are(tmp_path, monkeypatch):
+    real = tmp_path / "data" / "scenes"
+    real.mkdir(parents=True)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    plain = str(real)
+    for spelling in (plain, f"{plain}/", f"{tmp_path}//data/./scenes", "../data/scenes", "../cwd/../data/scenes/",
+                     f"file://{plain}", "file://../data/scenes", f"file://{tmp_path}/data/../data/scenes"):
+        fs, path = get_fs(spelling)
+        assert path == plain, spelling
+    assert storage.normalize_local_path("//" + plain.lstrip("/")) == plain
+    # remote keys are names, not paths: kept as written
+    for url in ("s3://b/a/../x", "gs://b/a//./y", "memory://a/../b", "tar://m/../x::s3://b/a/../t.tar"):
+        assert storage.normalize_url(url) == url
+    assert storage.normalize_url("tar://m/../x.jpg::../data/./s.tar") == f"tar://m/../x.jpg::{tmp_path}/data/s.tar"
+    assert storage.normalize_url(f"file://{tmp_path}/data/x/../s.png") == f"file://{tmp_path}/data/s.png"
+
+
+def test_a_dotdot_after_a_symlink_names_the_file_the_symlink_leads_to(tmp_path):
+    """``link/..`` is the parent of the symlink's target, not the folder holding the link:
+    the lexical removal of ``..`` would name another file, so such a path is resolved."""
+    (tmp_path / "far" / "deep").mkdir(parents=True)
+    (tmp_path / "far" / "scenes").mkdir()
+    (tmp_path / "near").mkdir()
+    os.symlink(tmp_path / "far" / "deep", tmp_path / "near" / "link")
+    assert storage.normalize_local_path(f"{tmp_path}/near/link/../scenes") == os.path.realpath(tmp_path / "far" / "scenes")
+    # a symlink named without ".." after it is kept as named
+    assert storage.normalize_local_path(f"{tmp_path}/near/link/./x") == f"{tmp_path}/near/link/x"

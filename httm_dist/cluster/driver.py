@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 import ray
 from ray import exceptions as rex
 
-from httm_dist.cluster.jobenv import check_paths_in_job_working_dir, shutdown_ray, stop_on_sigterm
+from httm_dist.cluster.jobenv import check_paths_in_job_working_dir, reinstall_after_ray_init, sigterm_unwinds
 from httm_dist.cluster.plan import Plan, plan_work, record_failure
 from httm_dist.cluster.progress import JobProgress
 from httm_dist.cluster.schedule import Assignment, FailureKind, GiveUp, Lease, Scheduler
@@ -47,7 +47,7 @@ from httm_dist.errors import ConfigError, HttmDistError
 from httm_dist.model import VGGTConfig
 from httm_dist.model.config import PRESETS, preset_weights as _preset_weights
 from httm_dist.pipeline.memory import parameter_count, resolve_max_frames, with_max_frames
-from httm_dist.pipeline.unit import failure_record, plan_units
+from httm_dist.pipeline.unit import failure_line, failure_record, plan_units
 from httm_dist.results import ResultStore, RunSummary, SceneRecord
 from httm_dist.storage import redact
 
@@ -74,8 +74,14 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
     ConfigError when committed scenes were made under another config and
     ``on_config_change`` is ``refuse``. Scene failures do not raise: the summary's
     ``failed`` count and ``failures`` list report them (the CLI turns them into its exit
-    status).
+    status). SIGTERM during the run unwinds it like Ctrl-C, raising
+    :class:`~httm_dist.cluster.jobenv.JobStopped` (:func:`~httm_dist.cluster.jobenv.sigterm_unwinds`).
     """
+    with sigterm_unwinds():
+        return _run_job(cfg, progress, run_id)
+
+
+def _run_job(cfg: JobConfig, progress: bool, run_id: str | None) -> dict:
     check_paths_in_job_working_dir(cfg)  # before validate_resources probes the output
     validate_resources(cfg)
     random_weights = not (cfg.model.weights or _preset_weights(cfg.model.preset))
@@ -92,16 +98,14 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
         plan = plan_work(cfg, store, run_id)
     except BaseException:
         if started_ray:
-            shutdown_ray()
+            ray.shutdown()
         raise
     _remove_stale_temp_files(store)
     total = len(plan.scenes) + len(plan.failures)
     log.info("run %s: %d scenes to process (%d units), %d already committed, output %s",
              run_id, total, len(plan.queue), len(plan.skipped), redact(cfg.output))
 
-    bar = JobProgress(total, enabled=progress)
-    for _ in plan.failures:
-        bar.scene_finished(False)
+    bar = JobProgress(total, failed_at_start=len(plan.failures), enabled=progress)
     records: dict[str, dict] = {}
     worker_info: list[dict] = []
     units_run = workers_lost = max_parallel = 0
@@ -120,9 +124,9 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
         finally:
             bar.close()
             if started_ray:
-                shutdown_ray()
+                ray.shutdown()
     elif started_ray:
-        shutdown_ray()
+        ray.shutdown()
     bar.close()
     if plan.queue:
         _remove_stale_temp_files(store)  # a long run outlives what a killed writer left
@@ -167,7 +171,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, run_id: str | None = None)
              "(%.2f frames/s)", run_id, summary.done, summary.failed, summary.skipped,
              summary.frames, seconds, summary.frames_per_s)
     for f in summary.failures:
-        log.warning("failed scene %r: %s", f["scene_id"], f["error"])
+        log.warning("%s", failure_line(f"scene {f['scene_id']!r}", f["scene_id"], f["error"]))
     return out
 
 
@@ -229,7 +233,7 @@ def _connect(cfg: JobConfig) -> bool:
         log.info("no ray.address and no RAY_ADDRESS: starting a private local Ray for this job "
                  "(set ray.address: auto to join a cluster started with `ray start`)")
         ray.init(address="local", include_dashboard=False)
-    stop_on_sigterm()
+    reinstall_after_ray_init()
     return True
 
 

@@ -2,17 +2,18 @@
 copy that relative paths would land in, and SIGTERM (``ray job stop``, a batch scheduler's
 preemption, ``timeout``), which must unwind the run like Ctrl-C.
 
-Used by :mod:`~httm_dist.cluster.driver` only; no Ray calls but ``ray.shutdown``.
+Used by :mod:`~httm_dist.cluster.driver`; no Ray calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
+from typing import Iterator
 
-import ray
 
 from httm_dist.config import JobConfig
 from httm_dist.errors import ConfigError
@@ -59,30 +60,54 @@ def _relative_local_path(url: str) -> str | None:
 class JobStopped(KeyboardInterrupt):
     """SIGTERM reached the driver (``ray job stop``, a batch scheduler's preemption,
     ``timeout``): the run unwinds like Ctrl-C, stopping its workers and the Ray it started.
-    ``how`` and ``exit_status`` (128 + SIGTERM) are what the CLI reports."""
+    ``how`` and ``exit_status`` (128 + SIGTERM) are what the CLI reports. Ray's blocking calls
+    (``ray.wait``, ``ray.get``) turn any KeyboardInterrupt into a bare one: :func:`sigterm_unwinds`
+    raises this again in its place when a SIGTERM caused it."""
 
     how = "stopped (SIGTERM)"
     exit_status = 128 + signal.SIGTERM
 
 
+_active = threading.Event()  # inside sigterm_unwinds (main thread only)
+_stopped = threading.Event()  # a SIGTERM reached the current run
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    if _stopped.is_set():
+        return  # already unwinding: a second SIGTERM must not cut its cleanup short
+    _stopped.set()
     raise JobStopped(f"stopped by signal {signum}")
 
 
-def stop_on_sigterm() -> None:
-    """Makes SIGTERM raise :class:`JobStopped` in the driver's main thread. Installed after
-    ``ray.init``, whose own handler prints a native stack dump and exits on the spot, so that
-    the run unwinds instead: its workers are killed and the Ray it started shut down by the
-    usual ``finally`` blocks, and the CLI prints one line on how to resume (exit 143). Only
-    the main thread can install a signal handler."""
-    if threading.current_thread() is threading.main_thread():
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """For the duration of a run: SIGTERM raises :class:`JobStopped` in the main thread, so the
+    run unwinds like Ctrl-C (workers killed and the Ray it started shut down by the usual
+    ``finally`` blocks; the CLI prints one line on how to resume, exit 143) instead of dying
+    silently or with Ray's native stack dump. Further SIGTERMs during the unwind are ignored.
+    The handler that was there before is restored on exit. Outside the main thread (where no
+    handler can be installed) it changes nothing."""
+    if threading.current_thread() is not threading.main_thread() or _active.is_set():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    _stopped.clear()
+    _active.set()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if _stopped.is_set() and not isinstance(exc, JobStopped):  # Ray re-raised it bare
+            raise JobStopped(f"stopped by signal {int(signal.SIGTERM)}") from exc
+        raise
+    finally:
+        _stopped.clear()
+        _active.clear()
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def reinstall_after_ray_init() -> None:
+    """``ray.init`` installs Ray's own SIGTERM handler (a native stack dump, then exit): put
+    :func:`sigterm_unwinds`' back when a run is inside it."""
+    if _active.is_set() and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def shutdown_ray() -> None:
-    """``ray.shutdown()``, then SIGTERM back to its default when :func:`stop_on_sigterm`
-    set it (the Ray session it guarded is gone)."""
-    ray.shutdown()
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is _on_sigterm):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)

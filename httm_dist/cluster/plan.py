@@ -12,7 +12,7 @@ from httm_dist.cluster.schedule import SceneState
 from httm_dist.config import JobConfig
 from httm_dist.data import discover_scenes, scene_fingerprint
 from httm_dist.errors import ConfigError, SceneError
-from httm_dist.pipeline.unit import WorkUnit, assemble_unit, failure_record, plan_units
+from httm_dist.pipeline.unit import WorkUnit, assemble_unit, failure_line, failure_record, plan_units
 from httm_dist.results import ResultStore
 from httm_dist.results.record import DONE, FAILED, SceneRecord
 from httm_dist.storage import redact
@@ -126,7 +126,7 @@ def record_failure(store: ResultStore, record: SceneRecord) -> dict:
     except Exception as exc:  # noqa: BLE001 - the summary still carries the failure
         log.error("could not write the failure record of scene %r: %s", record.scene_id,
                   redact(str(exc)))
-    log.warning("scene %r failed: %s", record.scene_id, record.error)
+    log.warning("%s", failure_line(f"scene {record.scene_id!r}", record.scene_id, record.error))
     return {"scene_id": record.scene_id, "error": record.error, "attempts": record.attempts}
 
 

@@ -21,13 +21,15 @@ class JobProgress:
     """Counts finished scenes and frames for one run and reports them.
 
     ``enabled=False`` keeps the counters (the summary needs them) but shows nothing.
+    ``failed_at_start``: scenes of ``total_scenes`` that failed before any work (at planning):
+    counted as failed, but not in the pace the time-left estimate is made from.
     """
 
-    def __init__(self, total_scenes: int, *, enabled: bool = True, interval_s: float = 10.0,
-                 stream: TextIO | None = None) -> None:
+    def __init__(self, total_scenes: int, *, failed_at_start: int = 0, enabled: bool = True,
+                 interval_s: float = 10.0, stream: TextIO | None = None) -> None:
         self.total = total_scenes
         self.done = 0
-        self.failed = 0
+        self.failed = self.failed_at_start = failed_at_start
         self.frames = 0
         self.started = time.monotonic()
         self.interval_s = interval_s
@@ -36,8 +38,10 @@ class JobProgress:
         stream = stream if stream is not None else sys.stderr
         self._log_lines = enabled and not _is_tty(stream)
         if enabled and not self._log_lines:
-            self._bar = tqdm(total=total_scenes, unit="scene", desc="scenes", file=stream,
-                             dynamic_ncols=True)
+            # tqdm leaves ``initial`` out of its rate, as _eta does
+            self._bar = tqdm(total=total_scenes, initial=failed_at_start, unit="scene", desc="scenes",
+                             file=stream, dynamic_ncols=True)
+            self._bar.set_postfix(failed=self.failed, refresh=False)
 
     @property
     def elapsed(self) -> float:
@@ -74,10 +78,10 @@ class JobProgress:
                      self.elapsed, self._eta())
 
     def _eta(self) -> str:
-        """``", about 1.5 h left"`` at the run's pace so far in scenes (the bar's estimate);
-        empty before the first scene finishes or once none is left."""
-        finished = self.done + self.failed
-        left = self.total - finished
+        """``", about 1.5 h left"`` at the run's pace so far in scenes finished by the workers
+        (the bar's estimate); empty before the first such scene or once none is left."""
+        finished = self.done + self.failed - self.failed_at_start
+        left = self.total - self.done - self.failed
         if not finished or left <= 0:
             return ""
         seconds = self.elapsed / finished * left

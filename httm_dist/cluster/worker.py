@@ -37,7 +37,7 @@ from httm_dist.errors import HttmDistError, SceneError
 from httm_dist.config import JobConfig
 from httm_dist.pipeline.publish import ResultPublisher
 from httm_dist.pipeline.runner import ModelRunner
-from httm_dist.pipeline.unit import LoadedUnit, WorkUnit, failure_record
+from httm_dist.pipeline.unit import LoadedUnit, WorkUnit, failure_line, failure_record
 from httm_dist.results import ResultStore, SceneRecord
 from httm_dist.pipeline.memory import local_free_bytes
 from httm_dist.storage import install_log_redaction, redact, register_secrets
@@ -172,7 +172,7 @@ class ReconstructionWorker:
 
     def _failed(self, unit: WorkUnit, attempt: int, exc: Exception, extra: dict) -> SceneRecord:
         if isinstance(exc, SceneError):
-            log.warning("%s failed: %s", unit.describe(), exc)
+            log.warning("%s", failure_line(unit.describe(), unit.scene_id, str(exc)))
         else:
             log.error("%s failed unexpectedly:\n%s", unit.describe(), traceback.format_exc())
         # attempts and finished_at are set here (a failed commit already noted finished_at)

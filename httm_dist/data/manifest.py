@@ -25,7 +25,7 @@ import fsspec
 
 from httm_dist.data.spec import FrameRef, SceneSpec, listed_version, validate_scene_id
 from httm_dist.errors import ConfigError, StorageError
-from httm_dist.storage import full_url, get_fs, is_local, redact, retry
+from httm_dist.storage import full_url, get_fs, is_local, normalize_local_path, normalize_url, redact, retry
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,18 @@ def _rows(fs: fsspec.AbstractFileSystem, path: str, url: str) -> list[dict]:
 
 
 def resolve_uri(uri: str, manifest_url: str, fs: fsspec.AbstractFileSystem) -> str:
-    """An absolute URL for a manifest row's ``uri`` (relative = relative to the manifest)."""
+    """An absolute URL for a manifest row's ``uri`` (relative = relative to the manifest).
+
+    Local paths (plain, ``file://``, the last link of a chained URL) come out in one spelling
+    (:func:`~httm_dist.storage.normalize_url`: no ``.``, ``..``, ``//`` or trailing ``/``), so
+    rows naming the same file the same way twice give the same URI and fingerprint; remote
+    URLs are kept as written (object keys are names, not paths)."""
     if "://" in uri or "::" in uri:
-        return uri
+        return normalize_url(uri)
     if uri.startswith("/"):
-        return uri if is_local(fs) else fs.unstrip_protocol(uri.lstrip("/"))
+        return normalize_local_path(uri) if is_local(fs) else fs.unstrip_protocol(uri.lstrip("/"))
+    if is_local(fs) and "://" not in manifest_url:
+        return normalize_local_path(posixpath.join(posixpath.dirname(manifest_url), uri))
     if "://" in manifest_url:
         scheme, _, rest = manifest_url.partition("://")
     else:
@@ -142,7 +149,7 @@ def _locate(objects: Sequence[str], storage_options: dict | None) -> dict[str, t
     """``(filesystem, path)`` of each object URL in ``objects`` (as :func:`get_fs` gives it),
     calling :func:`get_fs` once per folder: URLs up to their last ``/`` alike share one
     filesystem, and the others' paths are their filesystem's ``_strip_protocol`` (all
-    ``url_to_fs`` does with a one-link URL). A URL with a ``?`` (presigned, S3 ``versionId``:
+    ``url_to_fs`` does with a one-link URL), local ones normalised as :func:`get_fs` does. A URL with a ``?`` (presigned, S3 ``versionId``:
     options may come from the query) gets its own ``get_fs``.
 
     ``None`` for a URL no filesystem opens (unknown protocol, protocol package not installed),
@@ -162,8 +169,10 @@ def _locate(objects: Sequence[str], storage_options: dict | None) -> dict[str, t
             located.update(dict.fromkeys(objs))
             continue
         located[objs[0]] = (fs, first)
-        for obj in objs[1:]:
-            located[obj] = (fs, fs._strip_protocol(obj))
+        local = is_local(fs)
+        for obj in objs[1:]:  # the path get_fs gives (see storage.get_fs)
+            path = fs._strip_protocol(obj)
+            located[obj] = (fs, normalize_local_path(path) if local else path)
     for error, objs in failed.items():
         log.warning("cannot open manifest frame %s%s (%s): its scene fails when read",
                     redact(objs[0]), f" and {len(objs) - 1} more" if len(objs) > 1 else "",

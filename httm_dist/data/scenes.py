@@ -36,7 +36,7 @@ from PIL import Image
 from httm_dist.data.manifest import manifest_scenes, with_frame_versions
 from httm_dist.data.spec import FrameRef, SceneSpec, listed_version, object_version, validate_scene_id
 from httm_dist.errors import ConfigError, SceneError, StorageError
-from httm_dist.storage import full_url, get_fs, redact, retry
+from httm_dist.storage import full_url, get_fs, normalize_url, redact, retry
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ SHOWN_FORMATS = ".jpg, .png, .webp, .tif, .bmp, .gif and the other formats Pillo
 ARCHIVE_KINDS = {".tar.gz": "tar", ".tar": "tar", ".zip": "zip"}
 """Archive suffixes (longest first) and the fsspec archive filesystem that reads them."""
 MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv", ".jsonl"})
+_MANIFEST_LIKE = MANIFEST_EXTENSIONS | {".json"}
+"""Extensions of a root file that may have been meant as a manifest."""
 
 # --------------------------------------------------------------------------- helpers
 
@@ -149,9 +151,9 @@ def _archive_members(fs: fsspec.AbstractFileSystem, path: str, kind: str) -> tup
     return images, [n for n in names if not is_image_name(n)]
 
 
-def _log_skipped(scene_id: str, names: Sequence[str]) -> None:
-    """Log, once per scene, how many files are not frames, by extension (hidden files and
-    ``__MACOSX`` folders are not counted)."""
+def _not_frames(names: Sequence[str]) -> dict[str, int]:
+    """How many of ``names`` (files of a scene that are not frames) there are per extension;
+    hidden files and ``__MACOSX`` folders are not counted."""
     counts: dict[str, int] = {}
     for name in names:
         parts = name.strip("/").split("/")
@@ -159,46 +161,98 @@ def _log_skipped(scene_id: str, names: Sequence[str]) -> None:
             continue
         ext = posixpath.splitext(parts[-1])[1].lower() or "(no suffix)"
         counts[ext] = counts.get(ext, 0) + 1
-    if counts:
-        shown = ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items()))
+    return counts
+
+
+_SHOWN_KINDS = 4
+"""How many file kinds (extensions) or names a summary log line shows before "..."."""
+
+
+def _by_extension(counts: dict[str, int]) -> str:
+    """``"24 .npy, 3 .json"``: the commonest extensions first, at most :data:`_SHOWN_KINDS`."""
+    top = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(f"{n:,} {ext}" for ext, n in top[:_SHOWN_KINDS])
+    return shown + (f" and {len(top) - _SHOWN_KINDS} other kinds" if len(top) > _SHOWN_KINDS else "")
+
+
+def _log_skipped(skipped: dict[str, dict[str, int]], num_scenes: int) -> None:
+    """Log the files of scenes that are not frames (``skipped``: counts per extension per
+    scene id, from :func:`_not_frames`) in one INFO line for the whole discovery, however many
+    scenes there are; the count of each scene goes to DEBUG."""
+    skipped = {sid: counts for sid, counts in skipped.items() if counts}
+    for sid, counts in sorted(skipped.items()):
+        log.debug("scene %r: skipped %d files that are not images Pillow reads (%s)",
+                  sid, sum(counts.values()), _by_extension(counts))
+    if len(skipped) == 1:
+        ((sid, counts),) = skipped.items()
         log.info("scene %r: skipped %d files that are not images Pillow reads (%s)",
-                 scene_id, sum(counts.values()), shown)
+                 sid, sum(counts.values()), _by_extension(counts))
+    elif skipped:
+        total: dict[str, int] = {}
+        for counts in skipped.values():
+            for ext, n in counts.items():
+                total[ext] = total.get(ext, 0) + n
+        log.info("skipped %s files that are not images Pillow reads in %d of %d scenes (%s); -v "
+                 "counts them per scene", f"{sum(total.values()):,}", len(skipped), num_scenes,
+                 _by_extension(total))
+
+
+def _log_not_scenes(names: Sequence[str], shown_root: str) -> None:
+    """One line for the files directly under the input root that are neither scenes nor
+    frames (``names``): INFO, or WARNING when one of them could be a manifest, which is read
+    only when it is the input itself."""
+    if not names:
+        return
+    listed = ", ".join(sorted(names)[:_SHOWN_KINDS]) + (", ..." if len(names) > _SHOWN_KINDS else "")
+    manifests = sorted(n for n in names if posixpath.splitext(n)[1].lower() in _MANIFEST_LIKE)
+    if manifests:
+        log.warning("ignoring %d files under %s that are not scenes (%s); a manifest is read only "
+                    "when it is the input itself: set input to %s to read %s", len(names),
+                    shown_root, listed, f"{shown_root.rstrip('/')}/{manifests[0]}", manifests[0])
+    else:
+        log.info("ignoring %d files under %s that are not scenes (%s); scenes are folders or .tar, "
+                 ".tar.gz, .zip archives", len(names), shown_root, listed)
 
 
 # --------------------------------------------------------------------------- discovery
 
 
-def _folder_scene(fs, scene_path: str, scene_id: str, ignore: frozenset[str] = frozenset()) -> SceneSpec:
+def _folder_scene(
+    fs, scene_path: str, scene_id: str, ignore: frozenset[str] = frozenset()
+) -> tuple[SceneSpec, dict[str, int]]:
+    """The scene of one folder, and its files that are not frames (:func:`_not_frames`)."""
     base = scene_path.rstrip("/")
     fs.invalidate_cache(base)
     found = retry(lambda: fs.find(base, withdirs=False, detail=True), what=f"list {full_url(fs, base)}")
     infos = {p[len(base) + 1:]: info for p, info in found.items()
              if p.startswith(base + "/") and not (ignore and _ignored(fs, p, ignore))}
-    _log_skipped(scene_id, [r for r in infos if not is_image_name(r)])
+    skipped = _not_frames([r for r in infos if not is_image_name(r)])
     rels = sorted((r for r in infos if is_image_name(r)), key=natural_key)
     frames = tuple(
         FrameRef(uri=full_url(fs, f"{base}/{rel}"), frame_index=i, name=rel,
                  version=object_version(infos[rel]))
         for i, rel in enumerate(rels)
     )
-    return SceneSpec(scene_id, full_url(fs, base), "folder", frames)
+    return SceneSpec(scene_id, full_url(fs, base), "folder", frames), skipped
 
 
-def _archive_scene(fs, path: str, scene_id: str, kind: str, entry: dict | None = None) -> SceneSpec:
-    """The scene of one archive at ``path``; ``entry`` is its root-listing entry, reused for
-    the version when it has one (see :func:`~httm_dist.data.spec.listed_version`)."""
+def _archive_scene(
+    fs, path: str, scene_id: str, kind: str, entry: dict | None = None
+) -> tuple[SceneSpec, dict[str, int]]:
+    """The scene of one archive at ``path``, and its members that are not frames
+    (:func:`_not_frames`); ``entry`` is its root-listing entry, reused for the version when it
+    has one (see :func:`~httm_dist.data.spec.listed_version`)."""
     url = full_url(fs, path)
     try:
         members, others = retry(lambda: _archive_members(fs, path, kind), what=f"index archive {url}")
     except _archive_errors() as exc:
         msg = f"scene {scene_id!r}: cannot read {kind} archive {redact(url)}: {type(exc).__name__}: {exc}"
         log.warning("%s", msg)
-        return SceneSpec(scene_id, url, kind, (), error=msg)
-    _log_skipped(scene_id, others)
+        return SceneSpec(scene_id, url, kind, (), error=msg), {}
     frames = tuple(
         FrameRef(uri=f"{kind}://{m}::{url}", frame_index=i, name=m) for i, m in enumerate(members)
     )
-    return SceneSpec(scene_id, url, kind, frames, version=listed_version(fs, path, entry))
+    return SceneSpec(scene_id, url, kind, frames, version=listed_version(fs, path, entry)), _not_frames(others)
 
 
 def _ignored(fs, path: str, ignore: frozenset[str]) -> bool:
@@ -209,14 +263,16 @@ def _ignored(fs, path: str, ignore: frozenset[str]) -> bool:
 
 def _list_root(
     fs, root: str, input_url: str, ignore: frozenset[str] = frozenset()
-) -> tuple[list[tuple[str, str, str, dict]], int]:
-    """Immediate children of ``root`` as ``(scene_id, path, kind, listing entry)``, and how
+) -> tuple[list[tuple[str, str, str, dict]], int, list[str]]:
+    """Immediate children of ``root`` as ``(scene_id, path, kind, listing entry)``, how
     many image files lie directly in ``root`` (frames of a scene when ``root`` is one scene's
-    folder)."""
+    folder), and the names of its other files (not scenes; hidden ones and ``.tgz`` archives,
+    warned about here, left out)."""
     fs.invalidate_cache(root)
     entries = retry(lambda: fs.ls(root, detail=True), what=f"list {redact(input_url)}")
     found: dict[str, tuple[str, str, str, dict]] = {}
     root_images = 0
+    others: list[str] = []
     for entry in entries:
         path = entry["name"].rstrip("/")
         name = posixpath.basename(path)
@@ -236,6 +292,8 @@ def _list_root(
                                 redact(full_url(fs, path)))
                 elif is_image_name(name):
                     root_images += 1
+                else:
+                    others.append(name)
                 continue
             sid, kind = name[: -len(suffix)], ARCHIVE_KINDS[suffix]
         validate_scene_id(sid, full_url(fs, path))
@@ -245,7 +303,7 @@ def _list_root(
                 f"({posixpath.basename(found[sid][1])} and {name}); rename one of them"
             )
         found[sid] = (sid, path, kind, entry)
-    return list(found.values()), root_images
+    return list(found.values()), root_images, others
 
 
 def discover_scenes(
@@ -263,15 +321,22 @@ def discover_scenes(
     ``ignore``: URLs (e.g. the job's output) that are never scenes nor frames, even when they
     lie inside the input; a root entry skipped for it is logged.
 
+    Local paths are used in one spelling (:func:`~httm_dist.storage.normalize_local_path`:
+    absolute, no ``.``, ``..``, ``//`` or trailing ``/``), so the same files given as
+    ``../data/scenes`` or ``/data/scenes/`` get the same frame URIs and scene fingerprints
+    (a rerun skips what is done); remote keys are kept as written.
+
     Frames are ordered (natural sort, or the manifest's ``frame_index``), then every
     ``frame_stride``-th is kept, then at most ``max_frames``. ``include`` / ``exclude`` are
     fnmatch globs on scene ids. Empty scenes are returned with ``frames=()`` so the driver can
     record them as failed (an empty folder on an object store does not exist, so only a prefix
     holding non-image files shows up as an empty scene). Root entries whose names start with
-    ``.`` or ``_`` and root files that are not archives (:data:`ARCHIVE_KINDS`) are ignored,
-    except that a root holding images and no scene folder or archive is itself one scene
-    (logged). Frames are files of any format Pillow reads (:data:`IMAGE_EXTENSIONS`); other
-    files are counted in one log line per scene. Returns scenes sorted by ``scene_id``.
+    ``.`` or ``_`` are ignored, and so are root files that are not archives
+    (:data:`ARCHIVE_KINDS`), named in one log line (a warning when one could be a manifest,
+    which is read only as the input itself), except that a root holding images and no scene
+    folder or archive is itself one scene (logged). Frames are files of any format Pillow reads
+    (:data:`IMAGE_EXTENSIONS`); other files are counted in one log line for the whole input
+    (per scene at DEBUG). Returns scenes sorted by ``scene_id``.
 
     Raises :class:`ConfigError` for a missing input or unusable scene ids, and
     :class:`StorageError` when the storage cannot be reached after retries.
@@ -295,27 +360,31 @@ def discover_scenes(
             )
         scenes = manifest_scenes(fs, root, full_url(fs, root))
     elif is_dir:
-        ignored = frozenset(u.rstrip("/") for u in ignore)
-        children, root_images = _list_root(fs, root, input_url, ignored)
+        ignored = frozenset(normalize_url(u).rstrip("/") for u in ignore)
+        children, root_images, not_scenes = _list_root(fs, root, input_url, ignored)
         if root_images and not children:  # the input is one scene's folder of images
             sid = posixpath.basename(root.rstrip("/"))
             validate_scene_id(sid, input_url)
             log.info("input %s holds %d images and no scene folders or archives: reading it "
                      "as one scene %r", shown, root_images, sid)
             children = [(sid, root, "folder", None)]
-        elif root_images:
-            log.warning("ignoring %d images directly under %s: it also holds scenes; put each "
-                        "scene in its own folder or archive", root_images, shown)
+        else:  # (when the root is one scene, its other files are that scene's, counted below)
+            _log_not_scenes(not_scenes, shown)
+            if root_images:
+                log.warning("ignoring %d images directly under %s: it also holds scenes; put each "
+                            "scene in its own folder or archive", root_images, shown)
         children = [c for c in children if _wanted(c[0], include_g, exclude_g)]
 
-        def build(child: tuple[str, str, str, dict | None]) -> SceneSpec:
+        def build(child: tuple[str, str, str, dict | None]) -> tuple[SceneSpec, dict[str, int]]:
             sid, path, kind, entry = child
             if kind == "folder":
                 return _folder_scene(fs, path, sid, ignored)
             return _archive_scene(fs, path, sid, kind, entry)
 
         with ThreadPoolExecutor(max_workers=min(8, max(1, len(children)))) as pool:
-            scenes = list(pool.map(build, children))
+            built = list(pool.map(build, children))
+        scenes = [scene for scene, _ in built]
+        _log_skipped({scene.scene_id: skipped for scene, skipped in built}, len(built))
     else:
         raise ConfigError(f"input {shown!r} does not exist (check the path and storage_options)")
 

@@ -84,7 +84,9 @@ def apply_merging(model: nn.Module, cfg: Union[MergeConfig, Mapping[str, Any]]) 
 
 def installed(model: nn.Module) -> list[Optional[MergedAttention]]:
     """The strategy installed on each of ``model``'s global blocks, ``None`` where a block runs
-    dense (all ``None`` after ``apply_merging(model, {"strategy": "dense"})``).
+    dense (all ``None`` after ``apply_merging(model, {"strategy": "dense"})``). What a block
+    holds is returned as is: a callable put there by other code than :func:`apply_merging`
+    (e.g. a benchmark's timing wrapper) is returned too.
 
     ``model``: as for :func:`apply_merging` (anything else raises ``TypeError``). For callers
     that need the strategies themselves, e.g. to build their plans for a sequence shape ahead

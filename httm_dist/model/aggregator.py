@@ -96,7 +96,7 @@ class Aggregator(nn.Module):
         B, S, _, H, W = images.shape
         grid = (H // self.patch_size, W // self.patch_size)
         keep = set(range(len(self.frame_blocks)) if self.output_layers is None else self.output_layers)
-        with self._autocast(images.device):
+        with self.autocast(images.device):
             mean = images.new_tensor(IMAGE_MEAN).view(1, 1, 3, 1, 1)
             std = images.new_tensor(IMAGE_STD).view(1, 1, 3, 1, 1)
             patches = self.patch_embed(((images - mean) / std).flatten(0, 1))  # [B*S, rows*cols, C]
@@ -121,7 +121,10 @@ class Aggregator(nn.Module):
                 )
         return outputs, self.patch_start_idx
 
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The autocast context the forward runs its blocks under on ``device`` (``use_amp``
+        on CUDA: bf16 from compute capability 8, else fp16; nothing elsewhere), for callers
+        that run one of its blocks alone as the forward would (benchmarks)."""
         if device.type != "cuda" or not self.use_amp:
             return contextlib.nullcontext()
         major, _ = torch.cuda.get_device_capability(device)

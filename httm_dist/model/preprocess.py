@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import dataclasses
 from dataclasses import dataclass
 from typing import BinaryIO, Sequence, Union
@@ -44,6 +45,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from httm_dist.errors import SceneError
 from httm_dist.model.config import PATCH_SIZE
+from httm_dist.storage import redact
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +66,33 @@ class ImageDecodeError(SceneError, ValueError):
     """
 
 
+_OBJECT_REPR = re.compile(r"<[^<>]* object at 0x[0-9A-Fa-f]+>")
+"""A Python object's default repr, which names a memory address (different on every run)."""
+
+
 def _describe(source: ImageSource) -> str:
-    """A short human name for a source, for error messages."""
+    """A short human name for a source, for error messages (secrets redacted)."""
     if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
+        return redact(os.fspath(source))
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes of image data>"
     name = getattr(source, "path", None) or getattr(source, "name", None)
-    return str(name) if name else f"<file object {type(source).__name__}>"
+    return redact(str(name)) if name else f"<file object {type(source).__name__}>"
+
+
+def _source_size(source: ImageSource) -> int | None:
+    """The size in bytes of an image source (None when it cannot be told without reading)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            return os.path.getsize(source)
+        if isinstance(source, io.BytesIO):
+            return source.getbuffer().nbytes
+        if hasattr(source, "seek") and hasattr(source, "tell"):
+            source.seek(0, io.SEEK_END)
+            return source.tell()
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _validate_options(mode: str, target_size: int) -> None:
@@ -164,10 +185,18 @@ def decode_image(
             f"image {name} is over Pillow's decompression-bomb limit ({exc}): downscale it, or "
             "raise 'image.max_pixels' if the image is trusted"
         ) from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:  # its text is the stream's repr: "<_io.BytesIO object at 0x...>"
+        size = _source_size(source)
+        what = ("the file is empty (0 bytes)" if size == 0 else
+                f"no format Pillow reads recognises its {'' if size is None else f'{size:,} '}bytes")
         raise ImageDecodeError(
-            f"image {name} cannot be decoded ({type(exc).__name__}: {exc}); it is corrupt or "
-            "not an image: replace or remove it from the scene"
+            f"image {name} cannot be decoded: {what}; it is corrupt or not an image: replace or "
+            "remove it from the scene"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(
+            f"image {name} cannot be decoded ({type(exc).__name__}: {_OBJECT_REPR.sub('the file', str(exc))}); "
+            "it is corrupt or not an image: replace or remove it from the scene"
         ) from exc
     orientation = 1
     applied = False

@@ -134,6 +134,28 @@ class LoadedUnit:
         return int(self.images.shape[-2]), int(self.images.shape[-1])
 
 
+def failure_line(name: str, scene_id: str, error: str) -> str:
+    """The log line saying that ``name`` (a unit's :meth:`WorkUnit.describe`, e.g.
+    ``scene 'b' chunk 2/5``, or ``scene 'b'``) of scene ``scene_id`` failed with ``error`` (a
+    record's ``error``), naming the scene once.
+
+    A record's error names its scene for readers of the record alone (``scene 'b': image ...
+    cannot be decoded``); the line drops that prefix (``scene 'b' failed: image ...``), words an
+    error whose subject is the scene with "it" (``scene 'b' failed: it has no image frames
+    ...``), and keeps an error that already says what failed (``scene 'b' chunk 2/5 failed:
+    its worker died ...``) as it is. Any other error follows ``<name> failed: ``.
+    """
+    prefix = f"scene {scene_id!r}"
+    rest = error[len(prefix):] if error.startswith(prefix) else ""
+    if not rest.startswith((":", " ")):
+        return f"{name} failed: {error}"
+    if error.split(":", 1)[0].endswith(" failed"):  # scene ids hold no ':' (see safe_name)
+        return error
+    if rest.startswith(":"):
+        return f"{name} failed: {rest[1:].lstrip()}"
+    return f"{name} failed: {'it' if name == prefix else 'the scene'}{rest}"
+
+
 def failure_record(
     unit: WorkUnit, error: BaseException | str, cfg: JobConfig, attempts: int = 1,
     **optional: Any,

@@ -280,14 +280,14 @@ class ResultStore:
 
     def clear_chunks(self, scene_id: str) -> None:
         """Remove every intermediate chunk object of ``scene_id`` (after its commit), and on
-        local disk its then empty folder ``_chunks/<id>/`` (and ``_chunks/`` once empty)."""
+        local disk its then empty folder ``_chunks/<id>/``. ``_chunks/`` itself stays: another
+        worker may be about to write its first chunk there (its ``makedirs`` saw the folder)."""
         self._rm(self._list(layout.chunks_dir(scene_id)))
         if is_local(self.fs):
-            for key in (layout.chunks_dir(scene_id), layout.CHUNKS_DIR):
-                try:
-                    os.rmdir(self.path(key))
-                except OSError:  # absent, or not empty (another scene's chunks)
-                    break
+            try:
+                os.rmdir(self.path(layout.chunks_dir(scene_id)))
+            except OSError:  # absent (never chunked), or written again meanwhile
+                pass
 
     def remove_stale_temp_files(self, older_than_s: float = STALE_TEMP_S) -> tuple[int, int]:
         """Remove the files under ``_tmp/`` (local disk only) not modified for
