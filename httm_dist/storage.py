@@ -176,13 +176,32 @@ except ImportError:  # pragma: no cover - no http support installed
 _RETRIED_HTTP_4XX = {408, 429}
 
 
+def _wrapped_cause(exc: BaseException) -> BaseException | None:
+    """The error a ``FileNotFoundError`` was raised from (``raise FileNotFoundError(url) from
+    exc``, as fsspec's HTTP ``info()`` does for any failure), or ``None``."""
+    cause = exc.__cause__
+    if isinstance(exc, FileNotFoundError) and cause is not None and cause is not exc:
+        return cause
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Is ``exc`` worth retrying? Network/timeouts/5xx yes; missing, forbidden, bad input no.
 
     An HTTP error response (aiohttp's ``ClientResponseError``, which fsspec's HTTP filesystem
     raises unchanged for any status but 404) is permanent for a 4xx status other than 408 and
     429 (e.g. 403 on a folder URL of a server that does not list folders), transient else.
+
+    A ``FileNotFoundError`` raised *from* another error (fsspec's HTTP ``info()``, behind
+    ``isfile``/``size``/``open``, raises one from any failure of its request: a 503, a
+    timeout, a refused connection) is as transient as that error, its ``__cause__``: a real
+    404's cause is a 404 ``ClientResponseError``, permanent. Only ``__cause__`` counts (``raise
+    ... from``), not ``__context__``: a file missing on disk, looked for while another
+    error was handled, is missing all the same.
     """
+    wrapped = _wrapped_cause(exc)
+    if wrapped is not None:
+        return is_transient(wrapped)
     if isinstance(exc, (HttmDistError, ValueError, *_PERMANENT_OS_ERRORS)):
         return False
     code = getattr(exc, "response", None)
@@ -200,14 +219,38 @@ def _as_os_error(exc: BaseException) -> OSError | None:
     """The ``OSError`` standing for an HTTP error response that is not worth retrying, or
     ``None`` for any other error. fsspec's HTTP filesystem raises aiohttp's
     ``ClientResponseError`` for any failed status but 404 (``FileNotFoundError``), which no
-    caller knows: 401/403 become ``PermissionError`` and 410 ``FileNotFoundError``, as s3fs
-    translates S3's answers, any other ``OSError``; so callers handle them as they handle
-    the same failure on disk or S3 (a frame a server refuses fails its scene)."""
-    if _HTTPResponseError is None or not isinstance(exc, _HTTPResponseError):
+    caller knows, and its ``info()`` a ``FileNotFoundError`` from any such error (a 403 too):
+    401/403 become ``PermissionError`` and 404/410 ``FileNotFoundError``, as s3fs translates
+    S3's answers, any other ``OSError``; so callers handle them as they handle the same
+    failure on disk or S3 (a frame a server refuses fails its scene).
+
+    The message is ``HTTP <status> <reason>: <URL>``, the URL redacted (a presigned URL's
+    signature stays out of logs and records); ``strerror`` holds the part without the URL,
+    for a message that names the file already (:func:`error_text`).
+    """
+    response = _wrapped_cause(exc) or exc
+    if _HTTPResponseError is None or not isinstance(response, _HTTPResponseError):
         return None
     kind = {401: PermissionError, 403: PermissionError, 404: FileNotFoundError,
-            410: FileNotFoundError}.get(exc.status, OSError)
-    return kind(f"HTTP {exc.status} {exc.message}: {exc.request_info.real_url}")
+            410: FileNotFoundError}.get(response.status, OSError)
+    reason = f"HTTP {response.status} {response.message}"
+    error = kind(redact_text(f"{reason}: {response.request_info.real_url}"))
+    error.strerror = reason
+    return error
+
+
+def error_text(exc: BaseException) -> str:
+    """``"<type>: <message>"`` of ``exc``, redacted, for a message that names the file or URL
+    itself, so that it is named once: an ``OSError`` shows its ``strerror`` without the file
+    name it carries (``FileNotFoundError: No such file or directory``, ``PermissionError:
+    HTTP 403 Forbidden``), and a ``FileNotFoundError`` whose whole message is a path or URL
+    (fsspec raises ``FileNotFoundError(path)``) shows ``not found``."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    elif isinstance(exc, FileNotFoundError) and len(exc.args) == 1 and not any(c.isspace() for c in text):
+        text = "not found"
+    return f"{type(exc).__name__}: {redact_text(text)}"
 
 
 def retry(
@@ -215,10 +258,12 @@ def retry(
 ) -> T:
     """Call ``fn()``, retrying transient storage errors with exponential backoff and jitter.
 
-    Permanent errors (missing file, permission denied, bad value) are raised at once,
-    unchanged, but for an HTTP 4xx error response, raised as the matching ``OSError`` (see
-    :func:`_as_os_error`) from it. After the last failed attempt a :class:`StorageError` naming ``what`` (which
-    should contain the URL) is raised from the last error.
+    Permanent errors (missing file, permission denied, bad value; see :func:`is_transient`)
+    are raised at once, unchanged, but for an HTTP 4xx error response (or fsspec's
+    ``FileNotFoundError`` raised from one), raised as the matching ``OSError`` (see
+    :func:`_as_os_error`) from it. After the last failed attempt a :class:`StorageError`
+    naming ``what`` (which should contain the URL) and the last error (the one behind
+    fsspec's ``FileNotFoundError``, e.g. ``HTTP 503``) is raised from that error.
     """
     if attempts < 1:
         raise ValueError(f"retry attempts must be >= 1, got {attempts}")
@@ -231,14 +276,15 @@ def retry(
                 if translated is None:
                     raise
                 raise translated from exc
+            shown = _wrapped_cause(exc) or exc  # the 503 behind fsspec's FileNotFoundError
             if attempt == attempts:
                 raise StorageError(
-                    redact(f"{what} failed after {attempts} attempts: {type(exc).__name__}: {exc}")
+                    redact(f"{what} failed after {attempts} attempts: {type(shown).__name__}: {shown}")
                 ) from exc
             delay = base_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning(
                 "%s failed (attempt %d/%d, %s: %s); retrying in %.2fs",
-                redact(what), attempt, attempts, type(exc).__name__, redact(str(exc)), delay,
+                redact(what), attempt, attempts, type(shown).__name__, redact(str(shown)), delay,
             )
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover

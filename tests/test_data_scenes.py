@@ -6,13 +6,11 @@ import dataclasses
 import datetime
 import email.utils
 import gzip
-import http.server
 import io
 import json
 import logging
 import os
 import tarfile
-import threading
 import uuid
 import zipfile
 
@@ -26,8 +24,9 @@ from httm_dist.data import discover_scenes, natural_key, read_scene_frames, scen
 from httm_dist.data import manifest as manifest_mod
 from httm_dist.data import scenes as scenes_mod
 from httm_dist.data.spec import listed_version, object_version
-from httm_dist.errors import ConfigError, SceneError
+from httm_dist.errors import ConfigError, SceneError, StorageError
 from httm_dist.storage import get_fs, is_local
+from http_files import serve
 
 # scene "a": folder with natural-sort names, mixed-case extensions, a nested subfolder,
 # plus files that are not frames
@@ -484,38 +483,14 @@ def test_rerun_redoes_a_rewritten_manifest_frame_and_old_outputs_once(tmp_path, 
 # --------------------------------------------------------------------------- manifest versions: HTTP, odd URLs
 
 
-class _HTTPFiles(http.server.SimpleHTTPRequestHandler):
-    """Serves the server's ``folder`` (Content-Length and Last-Modified, no ETag, an index page
-    for a folder like nginx's autoindex), or 403 for any folder URL when ``server.forbid_folders``
-    (nginx without autoindex, S3/GCS static sites, CDNs). Records ``(method, path)`` requests."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, directory=self.server_folder, **kwargs)
-
-    def log_message(self, *args):
-        pass
-
-    def send_head(self):
-        self.server.requests.append((self.command, self.path))
-        if self.server.forbid_folders and os.path.isdir(self.translate_path(self.path)):
-            self.send_error(403)
-            return None
-        return super().send_head()
-
-
 @pytest.fixture(params=["folders forbidden", "autoindex"])
 def http_files(request, tmp_path):
-    """``(base URL, served folder, server)`` of a local HTTP server in a thread."""
+    """``(base URL, served folder, server)`` of a local HTTP server in a thread
+    (:func:`http_files.serve`), answering 403 for folders or serving index pages."""
     folder = tmp_path / "served"
     folder.mkdir()
-    handler = type("Handler", (_HTTPFiles,), {"server_folder": str(folder)})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.requests, server.forbid_folders = [], request.param == "folders forbidden"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", folder, server
-    server.shutdown()
-    server.server_close()
+    with serve(str(folder), forbid_folders=request.param == "folders forbidden") as (base, server):
+        yield base, folder, server
 
 
 def test_http_manifest_frames_are_versioned_without_listing_folders(http_files, tmp_path, monkeypatch):
@@ -554,6 +529,83 @@ def test_http_manifest_frames_are_versioned_without_listing_folders(http_files, 
         assert not retries
 
 
+def test_http_frames_a_busy_server_refuses_once_get_their_versions(http_files, tmp_path, monkeypatch, caplog):
+    """fsspec's HTTP info() raises FileNotFoundError from any failure (a 503 too): a frame the
+    server is too busy to answer is retried, not versioned "" (and redone by the next run)."""
+    base, folder, server = http_files
+    retries = []
+    monkeypatch.setattr(storage.time, "sleep", retries.append)
+    files = {"imgs/a/f0.png": b"a0", "imgs/a/f1.png": b"a1", "imgs/b/f2.png": b"b2"}
+    put(fsspec.filesystem("file"), str(folder), files)
+    rows = [{"scene_id": f"s{n[5]}", "uri": f"{base}/{n}"} for n in files]
+    (tmp_path / "m.csv").write_bytes(_manifest_bytes("csv", rows))
+    calm = {s.scene_id: scene_fingerprint(s) for s in discover_scenes(str(tmp_path / "m.csv"))}
+    assert not retries
+
+    server.unavailable = {f"/{n}": 2 for n in files}  # one info() each: 503 to its HEAD and its GET
+    caplog.set_level(logging.WARNING, logger="httm_dist")
+    scenes = discover_scenes(str(tmp_path / "m.csv"))
+    for frame in (f for s in scenes for f in s.frames):
+        lm = email.utils.formatdate(os.stat(folder / frame.uri[len(base) + 1:]).st_mtime, usegmt=True)
+        assert frame.version == f"2:{lm}", frame.uri
+    assert len(retries) == 3 and not any(server.unavailable.values())
+    assert {s.scene_id: scene_fingerprint(s) for s in scenes} == calm  # nothing redone
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [w for w in warnings if "cannot be found" in w or "will fail" in w], warnings
+    assert len(warnings) == 3 and all("attempt 1/5" in w and "503" in w for w in warnings), warnings
+
+    server.unavailable = {"/imgs/a/f0.png": 10}  # still busy after every retry: the run stops
+    with pytest.raises(StorageError, match=r"stat http://.*/imgs/a/f0\.png failed after 5 attempts: .*503"):
+        discover_scenes(str(tmp_path / "m.csv"))
+
+
+@pytest.mark.parametrize("http_files", ["autoindex"], indirect=True)
+def test_http_archives_refused_or_busy(http_files, monkeypatch):
+    """An archive the server refuses (403) fails its own scene, at discovery or when read, as
+    a SceneError naming its URL once; one the server is briefly too busy for is retried."""
+    base, folder, server = http_files
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    put(fsspec.filesystem("file"), str(folder), {"a.tar": tar_bytes(MEMBERS), "b.tar": tar_bytes(MEMBERS)})
+    a, b = discover_scenes(base)
+    url = f"{base}/a.tar"
+    server.forbidden = {"/a.tar"}
+    with pytest.raises(SceneError) as info:
+        read_scene_frames(a)
+    message = str(info.value)
+    assert message == f"scene 'a': cannot read archive {url}: PermissionError: HTTP 403 Forbidden", message
+    assert read_scene_frames(b) == [b"t1", b"t9", b"t10"]
+
+    server.unavailable = {"/b.tar": 4}  # the listing's entry has no size: info() (HEAD, GET) asked
+    a, b = discover_scenes(base)  # the refused archive fails its scene, not the discovery
+    assert a.frames == () and a.error == f"scene 'a': cannot read tar archive {url}: PermissionError: HTTP 403 Forbidden"
+    with pytest.raises(SceneError, match="PermissionError: HTTP 403"):
+        read_scene_frames(a)
+    size = os.stat(folder / "b.tar").st_size
+    assert b.version == f"{size}:{email.utils.formatdate(os.stat(folder / 'b.tar').st_mtime, usegmt=True)}"
+    assert read_scene_frames(b) == [b"t1", b"t9", b"t10"] and not any(server.unavailable.values())
+
+
+@pytest.mark.parametrize("error, escapes", [(PermissionError("HTTP 403 Forbidden: u"), False),
+                                            (FileNotFoundError("u"), False), (StorageError("down"), True)])
+def test_an_archive_version_that_cannot_be_read(error, escapes, tmp_path, monkeypatch):
+    """The archive's version lookup fails like its index: its scene, or (storage down) the run."""
+    put(fsspec.filesystem("file"), str(tmp_path), {"a.tar": tar_bytes(MEMBERS), "b.tar": tar_bytes(MEMBERS)})
+
+    def listed_version(fs, path, entry):
+        if path.endswith("a.tar"):
+            raise error
+        return "v"
+
+    monkeypatch.setattr(scenes_mod, "listed_version", listed_version)
+    if escapes:
+        with pytest.raises(StorageError):
+            discover_scenes(str(tmp_path))
+        return
+    a, b = discover_scenes(str(tmp_path))
+    assert a.frames == () and f"'a': cannot read tar archive {tmp_path}/a.tar: {type(error).__name__}" in a.error
+    assert b.version == "v" and len(b.frames) == 3
+
+
 def test_manifest_versions_survive_any_listing_failure(vroot, monkeypatch):
     # a listing that stays unreachable (StorageError after retries) means "cannot list" too
     url, opts, fs, path = vroot
@@ -589,6 +641,25 @@ def test_manifest_frame_of_an_unknown_protocol_fails_only_its_scene(tmp_path, ca
     with pytest.raises(SceneError, match=r"'t'.*s4://"):
         read_scene_frames(t)
     assert read_scene_frames(s) == [b"a1"]
+
+
+def test_remote_manifest_rows_are_joined_as_written(tmp_path):
+    """Relative rows of a remote manifest name keys as written (``x//y`` is its own S3 object),
+    their ``.``/``..`` resolved as relative URLs, never above the bucket; local rows (plain or
+    ``file://`` manifests) keep their one spelling, so outputs keep their fingerprints."""
+    memory = fsspec.filesystem("memory")
+    rows = {"x//y.png": "bucket/dir/x//y.png", "./a/b.png": "bucket/dir/a/b.png", "a/./b.png": "bucket/dir/a/b.png",
+            "../c.png": "bucket/c.png", "../../../d.png": "bucket/d.png", "a/../e.png": "bucket/dir/e.png"}
+    for row, key in rows.items():
+        assert manifest_mod.resolve_uri(row, "memory://bucket/dir/m.csv", memory) == f"memory://{key}", row
+    assert manifest_mod.resolve_uri("x//y.png", "https://host:8/p//m.csv", memory) == "https://host:8/p//x//y.png"
+    assert manifest_mod.resolve_uri("/abs//k.png", "memory://bucket/dir/m.csv", memory) == "memory://abs//k.png"
+    local = fsspec.filesystem("file")
+    for manifest in (f"{tmp_path}/dir/m.csv", f"file://{tmp_path}/dir/m.csv"):
+        prefix = "file://" if manifest.startswith("file://") else ""
+        for row in ("x//y.png", "./a/b.png", "../c.png", "a/../e.png"):
+            before = os.path.normpath(os.path.join(f"{tmp_path}/dir", row))  # as outputs recorded them
+            assert manifest_mod.resolve_uri(row, manifest, local) == prefix + before, (manifest, row)
 
 
 def test_manifest_calls_get_fs_once_per_folder(tmp_path, monkeypatch):
@@ -798,6 +869,21 @@ def test_root_files_that_are_not_scenes_are_named_once(tmp_path, caplog):
     assert _records(caplog, logging.WARNING, "not scenes") == [
         f"ignoring 8 files under {root} that are not scenes (LICENSE, frames.csv, notes.txt, x0.txt, ...); a "
         f"manifest is read only when it is the input itself: set input to {root}/frames.csv to read frames.csv"]
+
+
+def test_a_json_file_beside_the_scenes_gets_no_manifest_advice(tmp_path, caplog):
+    """Only .parquet/.csv/.jsonl are manifests: a transforms.json beside the scenes is named at
+    INFO like any other file, not advised as an input (that input would be refused)."""
+    root = tmp_path / "in"
+    put(fsspec.filesystem("file"), str(root), {"a/f.png": b"x", "transforms.json": b"{}"})
+    caplog.set_level(logging.INFO, logger="httm_dist.data.scenes")
+    discover_scenes(str(root))
+    assert _records(caplog, logging.WARNING, "not scenes") == []
+    assert _records(caplog, logging.INFO, "not scenes") == [
+        f"ignoring 1 files under {root} that are not scenes (transforms.json); scenes are folders or .tar, "
+        ".tar.gz, .zip archives"]
+    with pytest.raises(ConfigError, match="is a file but not a manifest"):  # what the advice led to
+        discover_scenes(str(root / "transforms.json"))
 
 
 def test_a_root_read_as_one_scene_counts_its_other_files_as_the_scenes(tmp_path, caplog):

@@ -128,3 +128,28 @@ def test_ground_truth_folders_feed_the_benchmark(tmp_path, capsys, one_thread):
     assert "1 ground-truth scenes" in capsys.readouterr().out
     rows = json.loads(out_json.read_text())
     assert [r["strategy"] for r in rows] == ["dense", "uniform"] and np.isfinite(rows[0]["abs_rel"])
+
+
+def test_a_ground_truth_frame_that_cannot_be_read_fails_its_scene(tmp_path):
+    """A frame the server refuses (or that is gone) is a SceneError naming the frame once, not
+    a raw PermissionError / FileNotFoundError."""
+    import json
+
+    from http_files import serve
+
+    from httm_dist.errors import SceneError
+    from httm_dist.eval.fidelity import load_eval_scene
+    from httm_dist.eval.synthetic import render_scene, write_scene_folder
+
+    write_scene_folder(render_scene(2, 28, 42, seed=5), str(tmp_path / "gt"))
+    image = json.loads((tmp_path / "gt" / "cameras.json").read_text())["frames"][1]["image"]
+    with serve(str(tmp_path)) as (base, server):
+        assert load_eval_scene(f"{base}/gt", width=42).images.shape == (2, 3, 28, 42)
+        server.forbidden = {f"/gt/{image}"}
+        with pytest.raises(SceneError) as info:
+            load_eval_scene(f"{base}/gt", width=42)
+    assert str(info.value) == (f"ground-truth scene {base}/gt: cannot read frame {base}/gt/{image}: "
+                               "PermissionError: HTTP 403 Forbidden")
+    (tmp_path / "gt" / image).unlink()
+    with pytest.raises(SceneError, match=f"cannot read frame {tmp_path}/gt/{image}: FileNotFoundError"):
+        load_eval_scene(str(tmp_path / "gt"), width=42)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import fsspec
 import numpy as np
@@ -28,6 +29,7 @@ from httm_dist.results.frames import V2_COLUMNS
 from httm_dist.results.record import RunSummary, SceneRecord
 
 import pycolmap  # the test extra installs it (httm-dist[export])
+from http_files import serve
 
 TARGET = 56
 LANDSCAPE, PORTRAIT = (252, 168), (168, 252)  # (width, height); originals 4.5x the input
@@ -56,8 +58,9 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
 
 
 def _write_scene(out: Path, scene_id: str, sizes, mode: str, rng, run_id: str = "run-1",
-                 exif_rotated: tuple[int, ...] = ()) -> dict:
-    """Photos + a committed format-2 scene; returns what the test needs to check the export."""
+                 exif_rotated: tuple[int, ...] = (), stored_uri: Callable[[str], str] | None = None) -> dict:
+    """Photos + a committed format-2 scene; returns what the test needs to check the export.
+    ``stored_uri`` gives the URI recorded for a photo's path (default: the path)."""
     folder = out.parent / "input" / scene_id
     folder.mkdir(parents=True)
     uris = []
@@ -78,6 +81,7 @@ def _write_scene(out: Path, scene_id: str, sizes, mode: str, rng, run_id: str = 
     depth = rng.uniform(1, 5, (s, h, w, 1)).astype(np.float32)
     conf = rng.uniform(1, 3, (s, h, w)).astype(np.float32)
     orig_hw = [g.orig_hw for g in geometry]
+    uris = [stored_uri(u) for u in uris] if stored_uri else uris
     table = build_frame_table(scene_id, uris, orig_hw, (h, w), extr, intr, depth, conf, geometry=geometry)
     arrays = scene_arrays({"depth": depth, "depth_conf": conf, "extrinsic": extr, "intrinsic": intr,
                            "frame_uris": uris}, dense_dtype="float32")
@@ -239,6 +243,29 @@ def test_only_committed_scenes_are_exported(tmp_path):
     with pytest.raises(ConfigError, match="'half' is not committed.*no record"):
         export_scenes(str(out), str(dest), "colmap", scene_ids=["half"])
     assert not (dest / "half").exists() and not (dest / "bad").exists()
+
+
+def test_a_photo_the_server_refuses_fails_its_scene_in_one_redacted_line(tmp_path):
+    """A presigned photo URL answering 403 (expired) fails its scene's export, as a missing
+    photo does, with one line naming the URL once and none of its signature."""
+    rng = np.random.default_rng(5)
+    out, dest = tmp_path / "out", tmp_path / "ns"
+    (tmp_path / "input").mkdir()
+    signed = "?X-Amz-Credential=AKIAABCDEFGHIJKLMNOP%2F20261130&X-Amz-Signature=0123456789abcdef0123456789abcdef"
+    with serve(str(tmp_path / "input")) as (base, server):
+        def presigned(path: str) -> str:
+            return f"{base}/{Path(path).parent.name}/{Path(path).name}{signed}"
+
+        _write_scene(out, "good", [LANDSCAPE], "crop", rng)
+        _write_scene(out, "signed", [LANDSCAPE, PORTRAIT], "crop", rng, stored_uri=presigned)
+        assert sorted(export_scenes(str(out), str(dest), "nerfstudio")["exported"]) == ["good", "signed"]
+        server.forbidden = {"/signed/frame_01.png"}
+        result = export_scenes(str(out), str(tmp_path / "again"), "nerfstudio")
+    assert list(result["exported"]) == ["good"]
+    message = result["failed"]["signed"]
+    assert message.startswith(f"photo {base}/signed/frame_01.png?X-Amz-Credential=") and "\n" not in message
+    assert message.endswith("is needed for the point colours: PermissionError: HTTP 403 Forbidden"), message
+    assert message.count("frame_01.png") == 1 and "0123456789abcdef" not in message and "AKIA" not in message
 
 
 def test_format_1_mode_comes_from_the_run_summary_or_fails_clearly(tmp_path):

@@ -109,6 +109,90 @@ def test_retry_retries_http_timeouts_throttling_and_server_errors(status):
     assert retry(fn, what="read http://host/imgs/f.png", attempts=3) == 42 and fn.calls == 3
 
 
+def _info_error(cause: BaseException | None) -> FileNotFoundError:
+    """What fsspec's HTTP info() raises: ``FileNotFoundError(url) from <the request's error>``."""
+    try:
+        raise FileNotFoundError("http://host/imgs/f.png") from cause
+    except FileNotFoundError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("cause, raised", [
+    (503, None), (500, None), (429, None), ("refused", None), ("timeout", None),
+    (404, FileNotFoundError), (410, FileNotFoundError), (403, PermissionError), ("none", FileNotFoundError),
+    ("bad value", FileNotFoundError),
+])
+def test_fsspec_http_file_not_found_is_as_transient_as_its_cause(cause, raised):
+    """fsspec's HTTP info() (isfile, size, open) raises FileNotFoundError from any failure of
+    its request: a 503 or a refused connection behind it is retried (``raised`` None), a real
+    404 is not, nor a 403 (raised as the PermissionError it is)."""
+    import asyncio
+
+    import aiohttp
+
+    causes = {"refused": aiohttp.ClientConnectionError("Cannot connect to host"), "timeout": asyncio.TimeoutError(),
+              "none": None, "bad value": ValueError("bad")}
+    exc = _info_error(_http_error(cause) if isinstance(cause, int) else causes[cause])
+    assert storage.is_transient(exc) is (raised is None)
+    fn = Flaky(exc, failures=2)
+    if raised is None:
+        assert retry(fn, what="stat http://host/imgs/f.png", attempts=3) == 42 and fn.calls == 3
+    else:
+        with pytest.raises(raised) as info:
+            retry(fn, what="stat http://host/imgs/f.png", attempts=3)
+        assert type(info.value) is raised and fn.calls == 1
+
+
+def test_a_file_missing_while_a_network_error_was_handled_is_missing():
+    # only an explicit cause (raise ... from) counts: a local file looked for in an except
+    # block of a network error is not made transient by that error
+    try:
+        try:
+            raise ConnectionError("reset")
+        except ConnectionError:
+            raise FileNotFoundError("/data/fallback.png")  # noqa: B904 - the case under test
+    except FileNotFoundError as exc:
+        missing = exc
+    assert isinstance(missing.__context__, ConnectionError) and missing.__cause__ is None
+    assert not storage.is_transient(missing)
+
+
+def test_a_busy_server_behind_file_not_found_is_named_when_retries_run_out(caplog):
+    fn = Flaky(_info_error(_http_error(503)), failures=10)
+    with pytest.raises(StorageError, match=r"stat http://host/imgs/f.png failed after 3 attempts: "
+                                           r"ClientResponseError: 503") as info:
+        retry(fn, what="stat http://host/imgs/f.png", attempts=3)
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+    assert "attempt 1/3, ClientResponseError: 503" in caplog.text
+
+
+def test_a_refused_presigned_url_is_redacted_and_named_once():
+    import aiohttp
+    from yarl import URL
+
+    url = URL("https://bucket.s3.amazonaws.com/imgs/f.png?X-Amz-Credential=AKIAABCDEFGHIJKLMNOP%2F20261130"
+              "&X-Amz-Signature=0123456789abcdef0123456789abcdef&X-Amz-Expires=60")
+    refused = aiohttp.ClientResponseError(aiohttp.RequestInfo(url, "GET", {}, url), (), status=403,
+                                          message="Forbidden")
+    for exc in (refused, _info_error(refused)):  # from cat_file, and from info()
+        with pytest.raises(PermissionError) as info:
+            retry(Flaky(exc, failures=1), what="read photo", attempts=3)
+        text = str(info.value)
+        assert text.startswith("HTTP 403 Forbidden: https://bucket.s3.amazonaws.com/imgs/f.png?"), text
+        assert "0123456789abcdef" not in text and "AKIAABCDEFGHIJKLMNOP" not in text and "X-Amz-Expires=60" in text
+        assert storage.error_text(info.value) == "PermissionError: HTTP 403 Forbidden"
+
+
+@pytest.mark.parametrize("exc, text", [
+    (FileNotFoundError(2, "No such file or directory", "/data/a.png"), "FileNotFoundError: No such file or directory"),
+    (FileNotFoundError("s3://bucket/a.png"), "FileNotFoundError: not found"),
+    (FileNotFoundError("no archive at s3://bucket/a.tar"), "FileNotFoundError: no archive at s3://bucket/a.tar"),
+    (ValueError("token=abcdefgh1234 is bad"), "ValueError: token=*** is bad"),
+])
+def test_error_text_leaves_the_file_to_the_message_naming_it(exc, text):
+    assert storage.error_text(exc) == text
+
+
 def test_backoff_grows(monkeypatch):
     delays = []
     monkeypatch.setattr(storage.time, "sleep", delays.append)

@@ -53,8 +53,11 @@ def resolve_uri(uri: str, manifest_url: str, fs: fsspec.AbstractFileSystem) -> s
 
     Local paths (plain, ``file://``, the last link of a chained URL) come out in one spelling
     (:func:`~httm_dist.storage.normalize_url`: no ``.``, ``..``, ``//`` or trailing ``/``), so
-    rows naming the same file the same way twice give the same URI and fingerprint; remote
-    URLs are kept as written (object keys are names, not paths)."""
+    rows naming the same file the same way twice give the same URI and fingerprint. Remote
+    URLs are kept as written (object keys are names, not paths: ``a//b`` and ``a/b`` are two
+    S3 objects); a remote relative row is joined to the manifest's folder, its ``.`` and ``..``
+    segments resolved as in any relative URL (RFC 3986 5.2.4: never above the bucket or host),
+    its empty segments (``x//y``) kept."""
     if "://" in uri or "::" in uri:
         return normalize_url(uri)
     if uri.startswith("/"):
@@ -65,8 +68,28 @@ def resolve_uri(uri: str, manifest_url: str, fs: fsspec.AbstractFileSystem) -> s
         scheme, _, rest = manifest_url.partition("://")
     else:
         scheme, rest = "", manifest_url
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(rest), uri))
+    if is_local(fs):  # file://: one spelling, as before (outputs keep their fingerprints)
+        joined = posixpath.normpath(posixpath.join(posixpath.dirname(rest), uri))
+    else:
+        joined = _join_relative(rest.rpartition("/")[0], uri)
     return f"{scheme}://{joined}" if scheme else joined
+
+
+def _join_relative(folder: str, relative: str) -> str:
+    """``folder/relative`` for a remote ``folder`` (``bucket/key/prefix`` or ``host/path``,
+    as written) and a relative reference: ``.`` segments of ``relative`` dropped, each ``..``
+    removing the segment before it but never ``folder``'s first (the bucket or host), every
+    other segment kept as written, empty ones too (RFC 3986 5.2.4 on the part joined)."""
+    segments = folder.split("/")
+    for segment in relative.split("/"):
+        if segment == ".":
+            continue
+        if segment == "..":
+            if len(segments) > 1:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return "/".join(segments)
 
 
 def manifest_scenes(fs: fsspec.AbstractFileSystem, path: str, url: str) -> list[SceneSpec]:

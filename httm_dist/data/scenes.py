@@ -36,7 +36,7 @@ from PIL import Image
 from httm_dist.data.manifest import manifest_scenes, with_frame_versions
 from httm_dist.data.spec import FrameRef, SceneSpec, listed_version, object_version, validate_scene_id
 from httm_dist.errors import ConfigError, SceneError, StorageError
-from httm_dist.storage import full_url, get_fs, normalize_url, redact, retry
+from httm_dist.storage import error_text, full_url, get_fs, is_transient, normalize_url, redact, retry
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ SHOWN_FORMATS = ".jpg, .png, .webp, .tif, .bmp, .gif and the other formats Pillo
 ARCHIVE_KINDS = {".tar.gz": "tar", ".tar": "tar", ".zip": "zip"}
 """Archive suffixes (longest first) and the fsspec archive filesystem that reads them."""
 MANIFEST_EXTENSIONS = frozenset({".parquet", ".csv", ".jsonl"})
-_MANIFEST_LIKE = MANIFEST_EXTENSIONS | {".json"}
-"""Extensions of a root file that may have been meant as a manifest."""
+"""Extensions of a manifest file (see :mod:`httm_dist.data.manifest`)."""
 
 # --------------------------------------------------------------------------- helpers
 
@@ -199,12 +198,13 @@ def _log_skipped(skipped: dict[str, dict[str, int]], num_scenes: int) -> None:
 
 def _log_not_scenes(names: Sequence[str], shown_root: str) -> None:
     """One line for the files directly under the input root that are neither scenes nor
-    frames (``names``): INFO, or WARNING when one of them could be a manifest, which is read
-    only when it is the input itself."""
+    frames (``names``): INFO, or WARNING when one of them is a manifest (by its extension,
+    :data:`MANIFEST_EXTENSIONS`), which is read only when it is the input itself. A ``.json``
+    file is no manifest (``transforms.json``...): named at INFO like any other file."""
     if not names:
         return
     listed = ", ".join(sorted(names)[:_SHOWN_KINDS]) + (", ..." if len(names) > _SHOWN_KINDS else "")
-    manifests = sorted(n for n in names if posixpath.splitext(n)[1].lower() in _MANIFEST_LIKE)
+    manifests = sorted(n for n in names if posixpath.splitext(n)[1].lower() in MANIFEST_EXTENSIONS)
     if manifests:
         log.warning("ignoring %d files under %s that are not scenes (%s); a manifest is read only "
                     "when it is the input itself: set input to %s to read %s", len(names),
@@ -244,15 +244,18 @@ def _archive_scene(
     has one (see :func:`~httm_dist.data.spec.listed_version`)."""
     url = full_url(fs, path)
     try:
-        members, others = retry(lambda: _archive_members(fs, path, kind), what=f"index archive {url}")
-    except _archive_errors() as exc:
-        msg = f"scene {scene_id!r}: cannot read {kind} archive {redact(url)}: {type(exc).__name__}: {exc}"
+        members, others = retry(lambda: _archive_members(fs, path, kind), what=f"index archive {redact(url)}")
+        version = listed_version(fs, path, entry)
+    except StorageError:  # unreachable after retries, as for a folder: the run stops
+        raise
+    except (OSError, *_archive_errors()) as exc:  # corrupt, gone, forbidden (an HTTP 403...)
+        msg = f"scene {scene_id!r}: cannot read {kind} archive {redact(url)}: {error_text(exc)}"
         log.warning("%s", msg)
         return SceneSpec(scene_id, url, kind, (), error=msg), {}
     frames = tuple(
         FrameRef(uri=f"{kind}://{m}::{url}", frame_index=i, name=m) for i, m in enumerate(members)
     )
-    return SceneSpec(scene_id, url, kind, frames, version=listed_version(fs, path, entry)), _not_frames(others)
+    return SceneSpec(scene_id, url, kind, frames, version=version), _not_frames(others)
 
 
 def _ignored(fs, path: str, ignore: frozenset[str]) -> bool:
@@ -332,8 +335,8 @@ def discover_scenes(
     record them as failed (an empty folder on an object store does not exist, so only a prefix
     holding non-image files shows up as an empty scene). Root entries whose names start with
     ``.`` or ``_`` are ignored, and so are root files that are not archives
-    (:data:`ARCHIVE_KINDS`), named in one log line (a warning when one could be a manifest,
-    which is read only as the input itself), except that a root holding images and no scene
+    (:data:`ARCHIVE_KINDS`), named in one log line (a warning when one is a manifest,
+    :data:`MANIFEST_EXTENSIONS`, which is read only as the input itself), except that a root holding images and no scene
     folder or archive is itself one scene (logged). Frames are files of any format Pillow reads
     (:data:`IMAGE_EXTENSIONS`); other files are counted in one log line for the whole input
     (per scene at DEBUG). Returns scenes sorted by ``scene_id``.
@@ -406,35 +409,40 @@ def discover_scenes(
 
 
 def _scene_error(scene: SceneSpec, what: str, exc: BaseException) -> SceneError:
-    return SceneError(
-        f"scene {scene.scene_id!r}: {what}: {type(exc).__name__}: {redact(str(exc))}"
-    )
+    """The :class:`SceneError` of ``scene``: ``what`` went wrong (naming the file), ``exc``
+    why (:func:`~httm_dist.storage.error_text`: the file is not named twice)."""
+    return SceneError(f"scene {scene.scene_id!r}: {what}: {error_text(exc)}")
 
 
 def _read_archive(scene: SceneSpec, storage_options: dict | None) -> list[bytes]:
     fs, path = get_fs(scene.source, storage_options)
+    shown = redact(scene.source)
 
     def read_all() -> list[bytes]:
-        try:
-            fh = fs.open(path, "rb")
-        except FileNotFoundError as exc:
-            raise _scene_error(scene, f"archive {redact(scene.source)} not found", exc) from exc
+        fh = fs.open(path, "rb")  # a missing or refused archive: raised by retry, below
         with fh:
             try:
                 afs = _open_archive(scene.kind, fh, path)
             except _archive_errors() as exc:
-                raise _scene_error(scene, f"cannot open {scene.kind} archive {redact(scene.source)}", exc) from exc
+                raise _scene_error(scene, f"cannot open {scene.kind} archive {shown}", exc) from exc
             out = []
             for frame in scene.frames:
                 try:
                     out.append(afs.cat_file(frame.name))
                 except (FileNotFoundError, *_archive_errors()) as exc:
-                    raise _scene_error(
-                        scene, f"cannot read {frame.name!r} in archive {redact(scene.source)}", exc
-                    ) from exc
+                    if is_transient(exc):  # the storage, not the member: retried
+                        raise
+                    raise _scene_error(scene, f"cannot read {frame.name!r} in archive {shown}", exc) from exc
             return out
 
-    return retry(read_all, what=f"read archive {redact(scene.source)}")
+    try:
+        return retry(read_all, what=f"read archive {shown}")
+    except StorageError:  # unreachable after retries: not this scene's fault
+        raise
+    except FileNotFoundError as exc:
+        raise _scene_error(scene, f"archive {shown} not found", exc) from exc
+    except OSError as exc:  # forbidden (an HTTP 403 too), unreadable
+        raise _scene_error(scene, f"cannot read archive {shown}", exc) from exc
 
 
 def _read_files(scene: SceneSpec, storage_options: dict | None) -> list[bytes]:

@@ -25,11 +25,12 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 import torch
 
+from httm_dist.errors import SceneError, StorageError
 from httm_dist.merging import MergeConfig, apply_merging, merge_stats
 from httm_dist.model import load_vggt
 from httm_dist.model.geometry import pose_encoding_to_extri_intri
 from httm_dist.model.preprocess import load_and_preprocess_images
-from httm_dist.storage import read_bytes
+from httm_dist.storage import error_text, read_bytes, redact
 
 from .gt_loader import GroundTruth, load_gt_scene
 from .metrics import evaluate_scene, rotation_angle_deg
@@ -85,14 +86,23 @@ def load_eval_scene(
     """A ground-truth scene folder (docs/evaluation.md) prepared as the model sees it: images
     through the project's ``crop`` preprocessing at ``width`` (a multiple of 14), ground truth
     resized and cropped alike (:meth:`GroundTruth.resized`). ``max_frames`` keeps the first
-    frames (consecutive, so they overlap as in the video)."""
+    frames (consecutive, so they overlap as in the video).
+
+    Raises ``SceneError`` naming a frame that is missing or cannot be read (e.g. an HTTP 403),
+    and ``StorageError`` when the storage stays unreachable after retries."""
     uris, gt = load_gt_scene(url, dict(storage_options or {}))
     if max_frames is not None:
         uris = uris[:max_frames]
         gt = GroundTruth(gt.depth[:max_frames], gt.extrinsic[:max_frames], gt.intrinsic[:max_frames])
     data = []
     for uri in uris:  # one read per frame
-        data.append(read_bytes(uri, storage_options))
+        try:
+            data.append(read_bytes(uri, storage_options))
+        except StorageError:  # unreachable after retries
+            raise
+        except OSError as exc:  # gone, forbidden (an HTTP 403 too), unreadable
+            raise SceneError(f"ground-truth scene {redact(str(url))}: cannot read frame {redact(uri)}: "
+                             f"{error_text(exc)}") from exc
     images = load_and_preprocess_images(data, mode="crop", target_size=width).numpy()
     H, W = images.shape[-2:]
     small = gt.resized(H, W, mode="crop")

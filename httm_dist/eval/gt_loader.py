@@ -30,7 +30,7 @@ from PIL import Image
 
 from httm_dist.errors import SceneError
 from httm_dist.model.config import PATCH_SIZE
-from httm_dist.storage import get_fs, write_bytes_fs
+from httm_dist.storage import full_url, get_fs, write_bytes_fs
 
 from .metrics import unproject_depth
 
@@ -153,14 +153,12 @@ def load_gt_scene(path_or_url: str, storage_options: dict[str, Any] | None = Non
     if not scale > 0:
         raise SceneError(f"{cams_path}: 'depth_scale' must be > 0, got {scale}")
     max_depth = float(meta.get("max_depth", np.inf))
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
     uris, extrinsics, intrinsics, depths = [], [], [], []
     for i, fr in enumerate(frames):
         where = f"{cams_path} frame {i}"
         if "image" not in fr or "intrinsic" not in fr:
             raise SceneError(f"{where}: needs 'image' and 'intrinsic'")
-        uris.append(prefix + posixpath.join(root, fr["image"]))
+        uris.append(full_url(fs, posixpath.join(root, fr["image"])))  # an HTTP path is its URL already
         extrinsics.append(_as_extrinsic(fr, where))
         K = np.asarray(fr["intrinsic"], dtype=np.float64)
         if K.shape != (3, 3) or not np.isfinite(K).all():

@@ -9,13 +9,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from httm_dist import results
-from httm_dist.errors import ConfigError, SceneError
+from httm_dist.errors import ConfigError, SceneError, StorageError
 from httm_dist.export.cameras import SceneGeometry, derive_geometry, image_names, resolve_mode, stored_geometry
 from httm_dist.export.colmap import MODEL_FILES, colmap_files, require_pycolmap
 from httm_dist.export.nerfstudio import nerfstudio_files
 from httm_dist.export.points import ScenePoints, scene_points
 from httm_dist.results import column_matrices
-from httm_dist.storage import get_fs, join_url, read_bytes, redact, retry, write_bytes_atomic
+from httm_dist.storage import error_text, get_fs, join_url, read_bytes, redact, retry, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ def photo_colours(
 
     Each photo is decoded as the job decoded it (:func:`httm_dist.model.preprocess.decode_image`,
     with the frame's EXIF orientation applied exactly when the job applied it). Raises
-    ``SceneError`` naming a photo that is gone, cannot be decoded, or no longer has the stored
-    size (it changed since the job ran).
+    ``SceneError`` naming a photo that is gone, cannot be read (e.g. an HTTP 403), cannot be
+    decoded, or no longer has the stored size (it changed since the job ran); ``StorageError``
+    when the storage stays unreachable after retries.
     """
     from httm_dist.model.preprocess import decode_image  # deferred (torch)
 
@@ -72,7 +73,11 @@ def photo_colours(
         try:
             data = read_bytes(uri, storage_options)
             photo = decode_image(data, exif_orientation=bool(geometry.orientation_applied[i]), max_pixels=None)
-        except (FileNotFoundError, SceneError) as exc:
+        except StorageError:  # unreachable after retries: not this scene's fault
+            raise
+        except OSError as exc:  # gone, forbidden (an HTTP 403 too), unreadable
+            raise SceneError(f"photo {redact(uri)} is needed for the point colours: {error_text(exc)}") from None
+        except SceneError as exc:  # not an image Pillow decodes
             raise SceneError(f"photo {redact(uri)} is needed for the point colours: {exc}") from None
         rgb = np.asarray(photo.image)
         h, w = (int(v) for v in geometry.original_hw[i])
