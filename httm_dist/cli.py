@@ -5,8 +5,9 @@ outcome into an exit status:
 
 - 0: every scene is done;
 - 1: the job ran but some scenes failed (their errors are in the summary and the records);
-- 2: the configuration (or a storage URL it names) is wrong; one clear line on stderr, no
-  traceback, and nothing was processed.
+- 2: the configuration (or a storage URL it names) is wrong, and nothing was processed; or
+  storage refused a read or write outside any scene. One clear line on stderr, no traceback.
+- 130 / 143: interrupted (Ctrl-C) / stopped by SIGTERM; ``run`` resumes when rerun.
 """
 
 from __future__ import annotations
@@ -412,13 +413,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"httm-dist: configuration error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
-    except StorageError as exc:
+    except (StorageError, OSError) as exc:  # OSError: a file or server refused outside any scene
         print(f"httm-dist: storage error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cluster.jobenv.JobStopped)
         how, status = getattr(exc, "how", "interrupted"), getattr(exc, "exit_status", 130)
         resume = ("; committed scenes are kept: rerun the same command to resume"
-                  if args.command == "run" else "")
+                  if args.command in ("run", "demo") else "")
         print(f"httm-dist: {how}{resume}", file=sys.stderr)
         return int(status)
 

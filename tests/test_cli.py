@@ -146,6 +146,21 @@ def test_sigterm_stops_the_run_like_ctrl_c_and_says_how_to_resume(job, capsys, m
     _one_clear_line(capsys.readouterr().err, "stopped (SIGTERM)", "rerun the same command to resume")
 
 
+def test_storage_refusal_outside_any_scene_is_one_redacted_line(monkeypatch, capsys, tmp_path):
+    """An OSError outside any scene (a server's 403 on a signed URL while exporting) is one
+    line, exit 2, with the signature redacted: never a traceback carrying it."""
+    import httm_dist.export as export
+
+    def refused(*args, **kwargs):
+        raise PermissionError("HTTP 403 Forbidden: https://h/f.png?X-Amz-Signature=0123456789abcdef")
+
+    monkeypatch.setattr(export, "export_scenes", refused)
+    assert main(["export", str(tmp_path), "--format", "colmap", "--to", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    _one_clear_line(err, "storage error", "403 Forbidden")
+    assert "0123456789abcdef" not in err
+
+
 def test_ctrl_c_outside_a_run_says_interrupted_without_a_resume_hint(monkeypatch, capsys, tmp_path):
     """Only ``run`` resumes; Ctrl-C in another command is exit 130 and 'interrupted'."""
     import httm_dist.export as export
@@ -278,3 +293,15 @@ def test_run_lists_each_failed_scene_naming_it_once(job, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1:] == ["  scene 'b' failed: image /in/b/f.png cannot be decoded",
                          "  scene 'c' failed: RuntimeError: boom"]
+
+
+def test_ctrl_c_in_the_demo_says_how_to_resume(monkeypatch, capsys):
+    """The demo runs a job too, and its rerun resumes."""
+    import httm_dist.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt()
+
+    monkeypatch.setattr(cli, "_cmd_demo", interrupted)
+    assert main(["demo"]) == 130
+    _one_clear_line(capsys.readouterr().err, "interrupted", "rerun the same command to resume")
