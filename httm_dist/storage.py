@@ -168,19 +168,24 @@ _PERMANENT_CLIENT_CODES = {
 
 
 try:
-    from aiohttp import ClientResponseError as _HTTPResponseError  # optional (fsspec http)
+    from aiohttp import ClientError as _HTTPClientError  # optional (fsspec http)
+    from aiohttp import ClientResponseError as _HTTPResponseError
 except ImportError:  # pragma: no cover - no http support installed
-    _HTTPResponseError = None
+    _HTTPClientError = _HTTPResponseError = None
 # The 4xx (client error) HTTP statuses worth retrying: 408 Request Timeout, 429 Too Many
 # Requests; any other (403 Forbidden, 401, 410, ...) answers the same again.
 _RETRIED_HTTP_4XX = {408, 429}
 
 
 def _wrapped_cause(exc: BaseException) -> BaseException | None:
-    """The error a ``FileNotFoundError`` was raised from (``raise FileNotFoundError(url) from
-    exc``, as fsspec's HTTP ``info()`` does for any failure), or ``None``."""
+    """The HTTP error a ``FileNotFoundError`` was raised from (``raise FileNotFoundError(url)
+    from exc``, as fsspec's HTTP ``info()`` does for any failure of its request: an aiohttp
+    error or a timeout), or ``None``. Other filesystems' not-found errors keep their meaning
+    whatever they were raised from (s3fs raises one from botocore's ``NoSuchVersion``, fsspec's
+    Arrow wrapper from an ``OSError``: missing is missing there)."""
     cause = exc.__cause__
-    if isinstance(exc, FileNotFoundError) and cause is not None and cause is not exc:
+    http = (asyncio.TimeoutError, TimeoutError) + ((_HTTPClientError,) if _HTTPClientError else ())
+    if isinstance(exc, FileNotFoundError) and isinstance(cause, http):
         return cause
     return None
 

@@ -157,6 +157,26 @@ def test_a_file_missing_while_a_network_error_was_handled_is_missing():
     assert not storage.is_transient(missing)
 
 
+@pytest.mark.parametrize("cause", ["s3 NoSuchVersion", "arrow OSError"])
+def test_other_filesystems_not_found_stays_permanent_whatever_it_was_raised_from(cause):
+    """s3fs raises FileNotFoundError from botocore's ClientError (a deleted pinned version:
+    NoSuchVersion), fsspec's Arrow wrapper from a plain OSError: missing there is missing, not
+    retried 5 times into a StorageError that would stop the run."""
+    from botocore.exceptions import ClientError
+
+    causes = {"s3 NoSuchVersion": ClientError({"Error": {"Code": "NoSuchVersion", "Message": "gone"}}, "GetObject"),
+              "arrow OSError": OSError("hdfs://nn/x.png does not exist")}
+    try:
+        raise FileNotFoundError("s3://b/x.png") from causes[cause]
+    except FileNotFoundError as exc:
+        missing = exc
+    assert not storage.is_transient(missing)
+    fn = Flaky(missing, failures=2)
+    with pytest.raises(FileNotFoundError):
+        retry(fn, what="read s3://b/x.png", attempts=3)
+    assert fn.calls == 1
+
+
 def test_a_busy_server_behind_file_not_found_is_named_when_retries_run_out(caplog):
     fn = Flaky(_info_error(_http_error(503)), failures=10)
     with pytest.raises(StorageError, match=r"stat http://host/imgs/f.png failed after 3 attempts: "
