@@ -244,16 +244,19 @@ def _as_os_error(exc: BaseException) -> OSError | None:
     return error
 
 
+_LOCATION = re.compile(r"(/|\./|\.\./|~|[A-Za-z][\w+.-]*://)\S.*$")  # a path or URL, whole
+
+
 def error_text(exc: BaseException) -> str:
     """``"<type>: <message>"`` of ``exc``, redacted, for a message that names the file or URL
     itself, so that it is named once: an ``OSError`` shows its ``strerror`` without the file
     name it carries (``FileNotFoundError: No such file or directory``, ``PermissionError:
     HTTP 403 Forbidden``), and a ``FileNotFoundError`` whose whole message is a path or URL
-    (fsspec raises ``FileNotFoundError(path)``) shows ``not found``."""
+    (fsspec raises ``FileNotFoundError(path)``, spaces and all) shows ``not found``."""
     text = str(exc)
     if isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror
-    elif isinstance(exc, FileNotFoundError) and len(exc.args) == 1 and not any(c.isspace() for c in text):
+    elif isinstance(exc, FileNotFoundError) and len(exc.args) == 1 and _LOCATION.match(text):
         text = "not found"
     return f"{type(exc).__name__}: {redact_text(text)}"
 

@@ -153,3 +153,26 @@ def test_a_ground_truth_frame_that_cannot_be_read_fails_its_scene(tmp_path):
     (tmp_path / "gt" / image).unlink()
     with pytest.raises(SceneError, match=f"cannot read frame {tmp_path}/gt/{image}: FileNotFoundError"):
         load_eval_scene(str(tmp_path / "gt"), width=42)
+
+
+def test_ground_truth_cameras_and_depth_over_http_retry_a_busy_server_and_name_a_refusal(tmp_path):
+    """cameras.json behind one busy info() (503 to its HEAD and GET) is retried, not reported
+    as missing; a depth map the server refuses is a SceneError naming it once."""
+    import json
+
+    from http_files import serve
+
+    from httm_dist.errors import SceneError
+    from httm_dist.eval.fidelity import load_eval_scene
+    from httm_dist.eval.synthetic import render_scene, write_scene_folder
+
+    write_scene_folder(render_scene(2, 28, 42, seed=5), str(tmp_path / "gt"))
+    depth = json.loads((tmp_path / "gt" / "cameras.json").read_text())["frames"][0]["depth"]
+    with serve(str(tmp_path)) as (base, server):
+        server.unavailable = {"/gt/cameras.json": 2}
+        assert load_eval_scene(f"{base}/gt", width=42).images.shape == (2, 3, 28, 42)
+        assert server.unavailable["/gt/cameras.json"] == 0
+        server.forbidden = {f"/gt/{depth}"}
+        with pytest.raises(SceneError) as info:
+            load_eval_scene(f"{base}/gt", width=42)
+    assert str(info.value).endswith(f"ground truth {base}/gt/{depth} cannot be read: PermissionError: HTTP 403 Forbidden")

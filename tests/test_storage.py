@@ -373,3 +373,12 @@ def test_a_dotdot_after_a_symlink_names_the_file_the_symlink_leads_to(tmp_path):
     assert storage.normalize_local_path(f"{tmp_path}/near/link/../scenes") == os.path.realpath(tmp_path / "far" / "scenes")
     # a symlink named without ".." after it is kept as named
     assert storage.normalize_local_path(f"{tmp_path}/near/link/./x") == f"{tmp_path}/near/link/x"
+
+
+@pytest.mark.parametrize("path", ["s3://b/my scene/a.png", "/data/my scene/a.png", "s3://b/a.png"])
+def test_error_text_names_no_path_a_message_names_already(path):
+    """fsspec raises FileNotFoundError(path): the message naming the file says it once,
+    spaces in the path or not; a sentence keeps its words."""
+    assert storage.error_text(FileNotFoundError(path)) == "FileNotFoundError: not found"
+    assert storage.error_text(FileNotFoundError("no such frame in the archive")) == (
+        "FileNotFoundError: no such frame in the archive")

@@ -28,9 +28,9 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from httm_dist.errors import SceneError
+from httm_dist.errors import SceneError, StorageError
 from httm_dist.model.config import PATCH_SIZE
-from httm_dist.storage import full_url, get_fs, write_bytes_fs
+from httm_dist.storage import error_text, full_url, get_fs, redact, retry, write_bytes_fs
 
 from .metrics import unproject_depth
 
@@ -112,9 +112,23 @@ def _as_extrinsic(frame: dict[str, Any], where: str) -> np.ndarray:
     return np.concatenate([R, t[:, None]], axis=1)
 
 
+def _read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The bytes of ``path``, transient errors retried (then StorageError); a file that is
+    missing raises FileNotFoundError, one that cannot be read (refused) SceneError naming it."""
+    url = full_url(fs, path)
+    try:
+        return retry(lambda: fs.cat_file(path), what=f"read {redact(url)}")
+    except (StorageError, FileNotFoundError):
+        raise
+    except OSError as exc:
+        raise SceneError(f"ground truth {redact(url)} cannot be read: {error_text(exc)}") from exc
+
+
 def _read_depth(fs: fsspec.AbstractFileSystem, path: str, scale: float, max_depth: float) -> np.ndarray:
-    with fs.open(path, "rb") as f:
-        data = f.read()
+    try:
+        data = _read_bytes(fs, path)
+    except FileNotFoundError as exc:
+        raise SceneError(f"depth {redact(full_url(fs, path))} not found") from exc
     if path.lower().endswith(".npy"):
         depth = np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
     else:
@@ -138,11 +152,10 @@ def load_gt_scene(path_or_url: str, storage_options: dict[str, Any] | None = Non
     root = root.rstrip("/")
     cams_path = posixpath.join(root, CAMERAS_FILE)
     try:
-        with fs.open(cams_path, "r") as f:
-            meta = json.load(f)
+        meta = json.loads(_read_bytes(fs, cams_path))
     except FileNotFoundError as exc:
         raise SceneError(f"no {CAMERAS_FILE} in ground-truth scene {path_or_url!r} (see docs/evaluation.md)") from exc
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SceneError(f"{path_or_url}/{CAMERAS_FILE} is not valid JSON: {exc}") from exc
     if meta.get("format", GT_FORMAT) != GT_FORMAT or int(meta.get("version", GT_VERSION)) > GT_VERSION:
         raise SceneError(f"{cams_path}: unsupported format {meta.get('format')!r} version {meta.get('version')!r}")
