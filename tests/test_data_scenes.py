@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import tarfile
 import uuid
 import zipfile
@@ -644,14 +645,21 @@ def test_manifest_frame_of_an_unknown_protocol_fails_only_its_scene(tmp_path, ca
 
 
 def test_remote_manifest_rows_are_joined_as_written(tmp_path):
-    """Relative rows of a remote manifest name keys as written (``x//y`` is its own S3 object),
-    their ``.``/``..`` resolved as relative URLs, never above the bucket; local rows (plain or
-    ``file://`` manifests) keep their one spelling, so outputs keep their fingerprints."""
+    """Relative rows of a remote manifest holding ``//`` name keys as written (``x//y`` is its
+    own S3 object), their ``.``/``..`` resolved as relative URLs, never above the bucket; every
+    other row, remote or local (plain or ``file://`` manifests), keeps the spelling outputs
+    recorded (normpath of the join), so outputs keep their fingerprints."""
     memory = fsspec.filesystem("memory")
-    rows = {"x//y.png": "bucket/dir/x//y.png", "./a/b.png": "bucket/dir/a/b.png", "a/./b.png": "bucket/dir/a/b.png",
-            "../c.png": "bucket/c.png", "../../../d.png": "bucket/d.png", "a/../e.png": "bucket/dir/e.png"}
+    rows = {"x//y.png": "bucket/dir/x//y.png", "a/..//b.png": "bucket/dir//b.png",
+            "../../x//d.png": "bucket/x//d.png"}
     for row, key in rows.items():
         assert manifest_mod.resolve_uri(row, "memory://bucket/dir/m.csv", memory) == f"memory://{key}", row
+    for manifest in ("memory://bucket/dir/m.csv", "s3://bucket/m.csv", "https://host:8/d/../p//m.csv"):
+        scheme, _, rest = manifest.partition("://")
+        for row in ("./a/b.png", "a/./b.png", "../c.png", "a/../e.png", "../other-bucket/x.png"):
+            before = posixpath.normpath(posixpath.join(posixpath.dirname(rest), row))  # as recorded
+            assert manifest_mod.resolve_uri(row, manifest, memory) == f"{scheme}://{before}", (manifest, row)
+    assert manifest_mod.resolve_uri("../b2/x.png", "s3://b/m.csv", memory) == "s3://b2/x.png"  # another bucket
     assert manifest_mod.resolve_uri("x//y.png", "https://host:8/p//m.csv", memory) == "https://host:8/p//x//y.png"
     assert manifest_mod.resolve_uri("/abs//k.png", "memory://bucket/dir/m.csv", memory) == "memory://abs//k.png"
     local = fsspec.filesystem("file")

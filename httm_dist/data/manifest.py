@@ -55,9 +55,12 @@ def resolve_uri(uri: str, manifest_url: str, fs: fsspec.AbstractFileSystem) -> s
     (:func:`~httm_dist.storage.normalize_url`: no ``.``, ``..``, ``//`` or trailing ``/``), so
     rows naming the same file the same way twice give the same URI and fingerprint. Remote
     URLs are kept as written (object keys are names, not paths: ``a//b`` and ``a/b`` are two
-    S3 objects); a remote relative row is joined to the manifest's folder, its ``.`` and ``..``
-    segments resolved as in any relative URL (RFC 3986 5.2.4: never above the bucket or host),
-    its empty segments (``x//y``) kept."""
+    S3 objects). A remote relative row is joined to the manifest's folder and normalised as
+    before (``posixpath.normpath``: committed outputs keep their fingerprints, and
+    ``../other-bucket/x.png`` from a manifest at a bucket's root still names that bucket),
+    except a row holding an empty segment (``x//y``), which normpath would turn into another
+    key: its ``.`` and ``..`` segments are resolved (never above the bucket or host), its
+    empty segments kept."""
     if "://" in uri or "::" in uri:
         return normalize_url(uri)
     if uri.startswith("/"):
@@ -68,7 +71,7 @@ def resolve_uri(uri: str, manifest_url: str, fs: fsspec.AbstractFileSystem) -> s
         scheme, _, rest = manifest_url.partition("://")
     else:
         scheme, rest = "", manifest_url
-    if is_local(fs):  # file://: one spelling, as before (outputs keep their fingerprints)
+    if is_local(fs) or "//" not in uri:  # one spelling, as before (outputs keep their fingerprints)
         joined = posixpath.normpath(posixpath.join(posixpath.dirname(rest), uri))
     else:
         joined = _join_relative(rest.rpartition("/")[0], uri)
