@@ -90,18 +90,24 @@ def reference(dataset) -> dict:
     out = {}
     for sid, blobs in dataset["blobs"].items():
         images = load_and_preprocess_images(blobs, mode="crop", target_size=SIZE)
-        with torch.inference_mode():
-            pred = model(images)
-            ext, intr = pose_encoding_to_extri_intri(pred["pose_enc"], images.shape[-2:])
-        out[sid] = {
-            "depth": pred["depth"][0, ..., 0].numpy(),
-            "depth_conf": pred["depth_conf"][0].numpy(),
-            "world_points": pred["world_points"][0].numpy(),
-            "world_points_conf": pred["world_points_conf"][0].numpy(),
-            "extrinsic": ext[0].numpy(),
-            "intrinsic": intr[0].numpy(),
-        }
+        out[sid] = direct_arrays(model, images)
     return out
+
+
+def direct_arrays(model: torch.nn.Module, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """The arrays a scene's outputs hold, from ``model`` called directly on ``images``
+    ([S, 3, H, W]) with no pipeline in between: the reference the pipeline must reproduce."""
+    with torch.inference_mode():
+        pred = model(images)
+        ext, intr = pose_encoding_to_extri_intri(pred["pose_enc"], images.shape[-2:])
+    return {
+        "depth": pred["depth"][0, ..., 0].numpy(),
+        "depth_conf": pred["depth_conf"][0].numpy(),
+        "world_points": pred["world_points"][0].numpy(),
+        "world_points_conf": pred["world_points_conf"][0].numpy(),
+        "extrinsic": ext[0].numpy(),
+        "intrinsic": intr[0].numpy(),
+    }
 
 
 def cfg_dict(input_url: str, output_url: str, storage_options: dict | None = None,

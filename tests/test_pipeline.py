@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from cluster_data import direct_arrays
 from httm_dist.config import load_config
 from httm_dist.data import discover_scenes
 from httm_dist.errors import ConfigError, SceneError
 from httm_dist.merging import apply_merging
 from httm_dist.model import VGGT, VGGTConfig, load_vggt
-from httm_dist.model.geometry import pose_encoding_to_extri_intri
 from httm_dist.model.preprocess import load_and_preprocess_frames, load_and_preprocess_images_with_sizes
 from httm_dist.pipeline import (
     ModelRunner,
@@ -102,19 +102,7 @@ def reference_model(dataset, runner) -> torch.nn.Module:
 def _reference(model: torch.nn.Module, paths: list[Path]) -> dict:
     """The model called directly on the same images, preprocessed by the preprocessing API."""
     images, sizes = load_and_preprocess_images_with_sizes(paths, mode="crop", target_size=SIZE)
-    with torch.inference_mode():
-        out = model(images)
-    ext, intr = pose_encoding_to_extri_intri(out["pose_enc"], images.shape[-2:])
-    return {
-        "depth": out["depth"][0, ..., 0].numpy(),
-        "depth_conf": out["depth_conf"][0].numpy(),
-        "world_points": out["world_points"][0].numpy(),
-        "world_points_conf": out["world_points_conf"][0].numpy(),
-        "extrinsic": ext[0].numpy(),
-        "intrinsic": intr[0].numpy(),
-        "sizes": sizes,
-        "input_hw": tuple(images.shape[-2:]),
-    }
+    return {**direct_arrays(model, images), "sizes": sizes, "input_hw": tuple(images.shape[-2:])}
 
 
 def test_plan_units(runner, scenes, dataset):
