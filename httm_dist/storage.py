@@ -142,6 +142,13 @@ _PERMANENT_OS_ERRORS = (
 )
 
 
+try:
+    from aiohttp import ClientError as _HTTPClientError  # optional (fsspec http)
+    from aiohttp import ClientResponseError as _HTTPResponseError
+except ImportError:  # pragma: no cover - no http support installed
+    _HTTPClientError = _HTTPResponseError = None
+
+
 def _transient_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
     try:  # botocore is there whenever s3fs is; its network errors are not OSErrors
@@ -150,12 +157,8 @@ def _transient_types() -> tuple[type[BaseException], ...]:
         types += [BotoCoreError, ClientError]
     except ImportError:  # pragma: no cover - no s3 support installed
         pass
-    try:
-        import aiohttp  # optional (fsspec http)
-
-        types.append(aiohttp.ClientError)
-    except ImportError:  # pragma: no cover
-        pass
+    if _HTTPClientError is not None:
+        types.append(_HTTPClientError)
     types.append(asyncio.TimeoutError)
     return tuple(types)
 
@@ -166,15 +169,11 @@ _PERMANENT_CLIENT_CODES = {
     "SignatureDoesNotMatch", "AllAccessDisabled", "InvalidBucketName", "404", "403",
 }
 
-
-try:
-    from aiohttp import ClientError as _HTTPClientError  # optional (fsspec http)
-    from aiohttp import ClientResponseError as _HTTPResponseError
-except ImportError:  # pragma: no cover - no http support installed
-    _HTTPClientError = _HTTPResponseError = None
 # The 4xx (client error) HTTP statuses worth retrying: 408 Request Timeout, 429 Too Many
 # Requests; any other (403 Forbidden, 401, 410, ...) answers the same again.
 _RETRIED_HTTP_4XX = {408, 429}
+# What fsspec's HTTP info() raises its FileNotFoundError from when its request failed.
+_HTTP_FAILURES = (asyncio.TimeoutError, TimeoutError) + ((_HTTPClientError,) if _HTTPClientError else ())
 
 
 def _wrapped_cause(exc: BaseException) -> BaseException | None:
@@ -184,8 +183,7 @@ def _wrapped_cause(exc: BaseException) -> BaseException | None:
     whatever they were raised from (s3fs raises one from botocore's ``NoSuchVersion``, fsspec's
     Arrow wrapper from an ``OSError``: missing is missing there)."""
     cause = exc.__cause__
-    http = (asyncio.TimeoutError, TimeoutError) + ((_HTTPClientError,) if _HTTPClientError else ())
-    if isinstance(exc, FileNotFoundError) and isinstance(cause, http):
+    if isinstance(exc, FileNotFoundError) and isinstance(cause, _HTTP_FAILURES):
         return cause
     return None
 

@@ -16,6 +16,7 @@ Discovery only lists; the worker reads a scene's bytes with :func:`read_scene_fr
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import gzip
 import logging
@@ -396,8 +397,7 @@ def discover_scenes(
         if not _wanted(scene.scene_id, include_g, exclude_g):
             continue
         frames = select_frames(scene.frames, frame_stride, max_frames)
-        out.append(SceneSpec(scene.scene_id, scene.source, scene.kind, frames, scene.error,
-                             scene.version))
+        out.append(dataclasses.replace(scene, frames=frames))
     out.sort(key=lambda s: s.scene_id)
     if is_file:  # manifest frames were not listed: look up the versions of those kept
         out = with_frame_versions(out, storage_options)
