@@ -343,7 +343,13 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     A missing object raises ``FileNotFoundError`` at once (not retried).
     """
     fs, path = get_fs(url, storage_options)
-    return retry(lambda: fs.cat_file(path), what=f"read {url}")
+    return read_bytes_fs(fs, path, shown=url)
+
+
+def read_bytes_fs(fs: fsspec.AbstractFileSystem, path: str, shown: str | None = None) -> bytes:
+    """:func:`read_bytes` for a path on a filesystem in hand; messages name ``shown`` (default:
+    the path's full URL), redacted."""
+    return retry(lambda: fs.cat_file(path), what=f"read {shown or full_url(fs, path)}")
 
 
 # --------------------------------------------------------------------------- secrets

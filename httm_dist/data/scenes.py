@@ -37,7 +37,7 @@ from PIL import Image
 from httm_dist.data.manifest import manifest_scenes, with_frame_versions
 from httm_dist.data.spec import FrameRef, SceneSpec, listed_version, object_version, validate_scene_id
 from httm_dist.errors import ConfigError, SceneError, StorageError
-from httm_dist.storage import error_text, full_url, get_fs, is_transient, normalize_url, redact, retry
+from httm_dist.storage import error_text, full_url, get_fs, is_transient, normalize_url, read_bytes_fs, redact, retry
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def _read_files(scene: SceneSpec, storage_options: dict | None) -> list[bytes]:
             data = got.get(path)
             if isinstance(data, BaseException) or data is None:
                 try:  # one more careful attempt with backoff, to tell transient from permanent
-                    data = retry(lambda: fs.cat_file(path), what=f"read {redact(frame.uri)}")
+                    data = read_bytes_fs(fs, path, shown=frame.uri)
                 except StorageError:
                     raise
                 except (OSError, ValueError, *_archive_errors()) as exc:

@@ -30,7 +30,7 @@ from PIL import Image
 
 from httm_dist.errors import SceneError, StorageError
 from httm_dist.model.config import PATCH_SIZE
-from httm_dist.storage import error_text, full_url, get_fs, redact, retry, write_bytes_fs
+from httm_dist.storage import error_text, full_url, get_fs, read_bytes_fs, redact, write_bytes_fs
 
 from .metrics import unproject_depth
 
@@ -117,7 +117,7 @@ def _read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     missing raises FileNotFoundError, one that cannot be read (refused) SceneError naming it."""
     url = full_url(fs, path)
     try:
-        return retry(lambda: fs.cat_file(path), what=f"read {redact(url)}")
+        return read_bytes_fs(fs, path, shown=url)
     except (StorageError, FileNotFoundError):
         raise
     except OSError as exc:
