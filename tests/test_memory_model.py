@@ -3,13 +3,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 import httm_dist.pipeline.memory as memory
 import httm_dist.pipeline.unit as unit_module
 from httm_dist.config import load_config
 from httm_dist.data import FrameRef, SceneSpec
 from httm_dist.errors import ConfigError
-from httm_dist.model import VGGTConfig
+from httm_dist.model import VGGT, VGGTConfig, count_parameters
 from httm_dist.pipeline.chunks import plan_chunks
 from httm_dist.pipeline.unit import plan_units
 from httm_dist.cluster.worker import probe_worker_free_bytes
@@ -99,3 +100,14 @@ def test_local_free_bytes_reads_the_device_it_is_given(monkeypatch):
     assert memory.local_free_bytes("cuda:1") == 7 and asked[-1] == torch.device("cuda", 1)
     assert memory.local_free_bytes("cuda") == 7 and asked[-1] is None
     assert memory.local_free_bytes("cpu") is None and len(asked) == 2
+
+
+@pytest.mark.parametrize("preset", ["tiny", "vggt-1b"])
+def test_parameter_count_is_the_models_own(preset):
+    """Counted from the weights check's shape map: equal to the parameters of a model built
+    on the meta device (VGGT registers no buffers; one would show here)."""
+    arch = VGGTConfig.preset(preset)
+    with torch.device("meta"):
+        model = VGGT(arch)
+    assert memory.parameter_count(arch, True) == count_parameters(model)
+    assert memory.parameter_count(arch, False) == count_parameters(model.aggregator)

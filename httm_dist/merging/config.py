@@ -9,7 +9,6 @@ the key, e.g. ``'merging.q_keep' must be > 0 and <= 1, got 1.5``.
 
 from __future__ import annotations
 
-import typing
 from typing import Literal, Union
 
 from pydantic import Field, field_validator, model_validator
@@ -18,7 +17,6 @@ from httm_dist.configbase import Invalid, Section
 from httm_dist.errors import ConfigError
 
 Strategy = Literal["httm", "uniform", "dense"]
-STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
 
 LayersSpec = Union[Literal["all"], tuple[int, ...]]
 

@@ -49,8 +49,7 @@ class HttmAttention(MergedAttention):
             q_src = match(q, plan_q)
             k_src = match(k, plan_kv)
         B, H, N, _ = q.shape
-        filtering = cfg.outlier_frac > 0 and plan_q.num_src > 0
-        count, cap = outlier_budget(cfg.outlier_frac, H, N, plan_q.num_src, cfg.outlier_cap) if filtering else (0, 0)
+        count, cap = outlier_budget(cfg.outlier_frac, H, N, plan_q.num_src, cfg.outlier_cap)  # (0, 0): none
         with timer("aggregate"):
             if count:
                 (sums,), sizes = aggregate_sums([q], assignment(plan_q, q_src), plan_q.num_kept)

@@ -108,6 +108,7 @@ def merge_stats(model: nn.Module) -> list[dict[str, Any]]:
     """
     out = []
     for fn in _adapter(model, "merge_stats").installed():
-        if isinstance(fn, MergedAttention) and fn.last_stats is not None:
-            out.append(dict(fn.last_stats))
+        stats = fn.last_stats if isinstance(fn, MergedAttention) else None  # a fresh dict, one host read
+        if stats is not None:
+            out.append(stats)
     return out

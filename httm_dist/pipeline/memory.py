@@ -36,7 +36,8 @@ import torch
 
 from httm_dist.config import JobConfig
 from httm_dist.errors import ConfigError
-from httm_dist.model import VGGT, VGGTConfig, count_parameters
+from httm_dist.model import VGGTConfig
+from httm_dist.model.weights import expected_shapes
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,11 @@ def memory_model(
 
 @functools.lru_cache(maxsize=8)
 def parameter_count(arch: Any, whole_model: bool) -> int:
-    """Parameters of the model (or its aggregator), counted on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = VGGT(arch)
-    return count_parameters(model if whole_model else model.aggregator)
+    """Parameters of the model (or its aggregator), counted from the checkpoint shape map the
+    weights check builds anyway (:func:`~httm_dist.model.weights.expected_shapes`, cached, on the
+    meta device: no memory); VGGT has no buffers, so its state dict is its parameters."""
+    return sum(math.prod(shape) for key, shape in expected_shapes(arch).items()
+               if whole_model or key.startswith("aggregator."))
 
 
 def frame_bound(image: Any, patch_size: int) -> tuple[int, int]:
