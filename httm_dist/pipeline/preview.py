@@ -19,7 +19,6 @@ import logging
 import posixpath
 from typing import Any, BinaryIO, Mapping, Sequence
 
-import matplotlib
 import numpy as np
 from PIL import Image
 
@@ -55,6 +54,8 @@ def _to_uint8_images(images: np.ndarray) -> np.ndarray:
 def colorize(values: np.ndarray, cmap: str = "turbo", percentiles: tuple[float, float] = (2.0, 98.0)) -> np.ndarray:
     """Map values [...] to uint8 RGB [..., 3] with a matplotlib colour map, normalised to the
     given percentiles of the finite values (non-finite pixels are black)."""
+    import matplotlib  # deferred: only previews need it, and every worker imports this module
+
     v = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(v)
     if finite.any():

@@ -189,7 +189,7 @@ class ResultPublisher:
                 record_extra: Optional[Mapping[str, Any]]) -> SceneRecord:
         return SceneRecord.done(
             unit.scene_id, unit=unit.kind, num_frames=num_frames,
-            chunks=unit.num_chunks if unit.kind != "scene" else 1,
+            chunks=unit.chunks,
             model_hash=self.model_hash, merge_hash=self.merge_hash,
             input_fingerprint=scene_fingerprint(unit.scene),
             seconds=sum(timings.values()), timings=timings, **self._extra(record_extra),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -21,10 +21,7 @@ from httm_dist.data import SceneSpec
 from httm_dist.errors import SceneError
 from httm_dist.pipeline.chunks import plan_chunks
 from httm_dist.pipeline.memory import local_free_bytes, resolve_max_frames
-from httm_dist.results.record import SceneRecord
-
-
-UnitKind = Literal["scene", "chunk", "assemble"]
+from httm_dist.results.record import SceneRecord, UnitKind
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,12 @@ class WorkUnit:
     @property
     def scene_id(self) -> str:
         return self.scene.scene_id
+
+    @property
+    def chunks(self) -> int:
+        """How many chunks the scene's reconstruction comes from (1 for a whole-scene unit),
+        as records count it."""
+        return 1 if self.kind == "scene" else self.num_chunks
 
     @property
     def unit_id(self) -> str:
@@ -167,8 +170,7 @@ def failure_record(
     return SceneRecord.failed(
         unit.scene_id, error, unit=unit.kind,
         chunk_index=unit.chunk_index,
-        num_frames=len(unit.frames()) if unit.kind != "assemble" else len(unit.scene.frames),
-        chunks=unit.num_chunks if unit.kind != "scene" else 1,
+        num_frames=len(unit.frames()), chunks=unit.chunks,
         model_hash=cfg.model_hash(), merge_hash=cfg.merge_hash(), attempts=attempts,
         **optional,
     )
