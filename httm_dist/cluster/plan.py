@@ -12,7 +12,8 @@ from httm_dist.cluster.schedule import SceneState
 from httm_dist.config import JobConfig
 from httm_dist.data import discover_scenes, scene_fingerprint
 from httm_dist.errors import ConfigError, SceneError
-from httm_dist.pipeline.unit import WorkUnit, assemble_unit, failure_line, failure_record, plan_units
+from httm_dist.pipeline.unit import (WorkUnit, assemble_unit, chunk_is_current, failure_line, failure_record,
+                                     plan_units)
 from httm_dist.results import ResultStore
 from httm_dist.results.record import DONE, FAILED, SceneRecord
 from httm_dist.storage import redact
@@ -135,6 +136,4 @@ def _reusable_chunks(store: ResultStore, scene_id: str, model_hash: str, merge_h
     """Saved chunks of ``scene_id`` made under this job's model/merge config from the same
     input frames (markers without a fingerprint, from older runs, count as the same)."""
     return {i: m for i, m in store.done_chunks(scene_id).items()
-            if (m or {}).get("model_hash") == model_hash
-            and (m or {}).get("merge_hash") == merge_hash
-            and (m or {}).get("input_fingerprint", fingerprint) == fingerprint}
+            if chunk_is_current(m, model_hash, merge_hash, fingerprint)}

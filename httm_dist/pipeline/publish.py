@@ -27,7 +27,7 @@ from httm_dist.model.preprocess import FrameGeometry
 from httm_dist.pipeline.chunks import PRED_KEYS, ChunkPrediction, assemble_chunks
 from httm_dist.pipeline.preview import write_preview_files
 from httm_dist.pipeline.runner import ModelRunner, nonfinite_counts
-from httm_dist.pipeline.unit import LoadedUnit, WorkUnit
+from httm_dist.pipeline.unit import LoadedUnit, WorkUnit, chunk_is_current
 from httm_dist.results import ResultStore, SceneRecord, build_frame_table, scene_arrays
 from httm_dist.storage import redact
 
@@ -113,16 +113,14 @@ class ResultPublisher:
                 f"scene '{scene_id}': cannot assemble, chunk(s) {missing} of {unit.num_chunks} "
                 "are not done"
             )
-        chunk_preds, ranges, metas = [], [], []
-        for i in range(unit.num_chunks):
-            arrays, meta = self.store.read_chunk(scene_id, i)
+        chunk_preds, ranges = [], []
+        metas = [done[i] for i in range(unit.num_chunks)]  # the markers done_chunks read
+        for i, meta in enumerate(metas):
+            arrays = self.store.read_chunk_arrays(scene_id, i)
             chunk_preds.append(ChunkPrediction(**{k: arrays[k] for k in PRED_KEYS}))
             ranges.append((int(meta["frame_range"][0]), int(meta["frame_range"][1])))
-            metas.append(meta)
         fingerprint = scene_fingerprint(unit.scene)
-        stale = {(m.get("model_hash"), m.get("merge_hash"), m.get("input_fingerprint", fingerprint))
-                 for m in metas} - {(self.model_hash, self.merge_hash, fingerprint)}
-        if stale:
+        if not all(chunk_is_current(m, self.model_hash, self.merge_hash, fingerprint) for m in metas):
             self.store.clear_chunks(scene_id)  # useless now; the next attempt recomputes them
             raise SceneError(
                 f"scene '{scene_id}': its stored chunks were made with another model/merge "
@@ -161,7 +159,7 @@ class ResultPublisher:
                 ch.min_inlier_fraction,
             )
         timings = {"assemble": time.perf_counter() - t0}
-        record = self._record(unit, n, timings, record_extra).replace(
+        record = self._record(unit, n, timings, record_extra, fingerprint).replace(
             alignment=alignment,
             alignment_flagged=bool(flagged),
             chunk_ranges=summary["chunk_ranges"],
@@ -186,12 +184,12 @@ class ResultPublisher:
         return extra
 
     def _record(self, unit: WorkUnit, num_frames: int, timings: Mapping[str, float],
-                record_extra: Optional[Mapping[str, Any]]) -> SceneRecord:
+                record_extra: Optional[Mapping[str, Any]], fingerprint: Optional[str] = None) -> SceneRecord:
         return SceneRecord.done(
             unit.scene_id, unit=unit.kind, num_frames=num_frames,
             chunks=unit.chunks,
             model_hash=self.model_hash, merge_hash=self.merge_hash,
-            input_fingerprint=scene_fingerprint(unit.scene),
+            input_fingerprint=fingerprint or scene_fingerprint(unit.scene),
             seconds=sum(timings.values()), timings=timings, **self._extra(record_extra),
         )
 

@@ -109,6 +109,15 @@ def plan_units(scene: SceneSpec, cfg: JobConfig) -> list[WorkUnit]:
     ]
 
 
+def chunk_is_current(meta: Optional[dict], model_hash: str, merge_hash: str, fingerprint: str) -> bool:
+    """Whether a saved chunk (its marker ``meta``) was made under this model/merge config from
+    the same input frames (``fingerprint``: :func:`~httm_dist.data.scene_fingerprint`); a marker
+    without a fingerprint, from an older run, counts as the same input."""
+    meta = meta or {}
+    return (meta.get("model_hash") == model_hash and meta.get("merge_hash") == merge_hash
+            and meta.get("input_fingerprint", fingerprint) == fingerprint)
+
+
 def assemble_unit(scene: SceneSpec, num_chunks: int) -> WorkUnit:
     """The unit that assembles ``scene`` once its ``num_chunks`` chunk units are done."""
     return WorkUnit(scene, "assemble", None, None, num_chunks)

@@ -268,7 +268,11 @@ class ResultStore:
     def read_chunk(self, scene_id: str, chunk_index: int) -> tuple[dict[str, np.ndarray], dict]:
         """``(arrays, meta)`` of a committed chunk; ``FileNotFoundError`` if it has no marker."""
         meta = json.loads(self._get(layout.chunk_key(scene_id, chunk_index, "json")))
-        return load_npz(self._get(layout.chunk_key(scene_id, chunk_index, "npz"))), meta
+        return self.read_chunk_arrays(scene_id, chunk_index), meta
+
+    def read_chunk_arrays(self, scene_id: str, chunk_index: int) -> dict[str, np.ndarray]:
+        """The arrays of a committed chunk (its marker read already, e.g. by :meth:`done_chunks`)."""
+        return load_npz(self._get(layout.chunk_key(scene_id, chunk_index, "npz")))
 
     def done_chunks(self, scene_id: str) -> dict[int, dict]:
         """``{chunk_index: meta}`` for every chunk whose marker exists."""
