@@ -89,45 +89,39 @@ def _run_job(cfg: JobConfig, progress: bool, run_id: str | None) -> dict:
     run_id = run_id or new_run_id()
     started_wall = datetime.now(timezone.utc)
     store = ResultStore(cfg.output, cfg.storage_options)
-    started_ray = False
+    started_ray = False  # whether this run started (or joined) Ray: shut down once, at the end
     try:
         if cfg.chunk.max_frames == "auto":  # sized from a worker's GPU: ask one (needs Ray)
             started_ray = _connect(cfg)
             cfg = with_max_frames(cfg, resolve_max_frames(cfg, probe_worker_free_bytes(cfg)))
             log.info("chunk.max_frames auto: %d frames per forward pass", cfg.chunk.max_frames)
         plan = plan_work(cfg, store, run_id)
-    except BaseException:
-        if started_ray:
-            ray.shutdown()
-        raise
-    _remove_stale_temp_files(store)
-    total = len(plan.scenes) + len(plan.failures)
-    log.info("run %s: %d scenes to process (%d units), %d already committed, output %s",
-             run_id, total, len(plan.queue), len(plan.skipped), redact(cfg.output))
+        _remove_stale_temp_files(store)
+        total = len(plan.scenes) + len(plan.failures)
+        log.info("run %s: %d scenes to process (%d units), %d already committed, output %s",
+                 run_id, total, len(plan.queue), len(plan.skipped), redact(cfg.output))
 
-    bar = JobProgress(total, failed_at_start=len(plan.failures), enabled=progress)
-    records: dict[str, dict] = {}
-    worker_info: list[dict] = []
-    units_run = workers_lost = max_parallel = 0
-    replanned: list[dict] = []
-    startup_s = None
-    if plan.queue:
-        started_ray = _connect(cfg) or started_ray
+        bar = JobProgress(total, failed_at_start=len(plan.failures), enabled=progress)
+        records: dict[str, dict] = {}
+        worker_info: list[dict] = []
+        units_run = workers_lost = max_parallel = 0
+        replanned: list[dict] = []
+        startup_s = None
         try:
-            dispatcher = _Dispatcher(cfg, store, run_id, plan, bar)
-            records = dispatcher.run()
-            worker_info, units_run = dispatcher.worker_info, dispatcher.units_run
-            workers_lost, replanned = dispatcher.workers_lost, dispatcher.replanned
-            max_parallel = max_overlap(dispatcher.spans)
-            if dispatcher.first_up is not None:
-                startup_s = round(dispatcher.first_up - bar.started, 3)
+            if plan.queue:
+                started_ray = _connect(cfg) or started_ray
+                dispatcher = _Dispatcher(cfg, store, run_id, plan, bar)
+                records = dispatcher.run()
+                worker_info, units_run = dispatcher.worker_info, dispatcher.units_run
+                workers_lost, replanned = dispatcher.workers_lost, dispatcher.replanned
+                max_parallel = max_overlap(dispatcher.spans)
+                if dispatcher.first_up is not None:
+                    startup_s = round(dispatcher.first_up - bar.started, 3)
         finally:
             bar.close()
-            if started_ray:
-                ray.shutdown()
-    elif started_ray:
-        ray.shutdown()
-    bar.close()
+    finally:
+        if started_ray:
+            ray.shutdown()
     if plan.queue:
         _remove_stale_temp_files(store)  # a long run outlives what a killed writer left
 
