@@ -29,6 +29,7 @@ from httm_dist.storage import get_fs, is_local, redact
 logger = logging.getLogger(__name__)
 
 DROPPED_PREFIX = "track_head."
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")  # safetensors, or a torch pickle
 MAX_HEADER_BYTES = 100 * 2**20
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -111,7 +112,7 @@ def check_weights_file(
     """
     shown = redact(source)
     suffix = os.path.splitext(source.split("::")[0].split("?")[0])[1].lower()
-    if suffix not in (".safetensors", ".pt", ".pth"):
+    if suffix not in CHECKPOINT_SUFFIXES:
         raise ConfigError(
             f"'model.weights' file {shown!r} has the suffix {suffix or '(none)'!r}: use a "
             ".safetensors, .pt or .pth checkpoint (rename the file if it is one)"
@@ -251,7 +252,7 @@ def _open_checkpoint(source: str, storage_options: Mapping[str, Any]) -> _Checkp
         source = _hf_download(source)
     fs, path = get_fs(source, dict(storage_options))
     suffix = os.path.splitext(path)[1].lower()
-    if suffix not in (".safetensors", ".pt", ".pth"):
+    if suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"weights {source}: unknown format {suffix!r}; use .safetensors, .pt or .pth")
     try:
         if suffix == ".safetensors":
