@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ from httm_dist.results.record import (RunSummary, SceneRecord, read_run_summary,
 from httm_dist.storage import full_url, get_fs, is_local, join_url, redact, retry, write_bytes_fs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Temporary files under ``_tmp/`` untouched this long are leftovers of killed writers: one
 #: object's write takes seconds, so ten minutes leaves a wide margin for slow disks.
@@ -118,14 +119,20 @@ class ResultStore:
 
     # ------------------------------------------------------------------ scene records
 
-    def _parse_records(self, raw: Mapping[str, Any]) -> list[SceneRecord]:
+    def _parse_all(self, raw: Mapping[str, Any], parse: Callable[[Any], T], what: str,
+                   errors: tuple[type[Exception], ...]) -> list[T]:
+        """``parse`` of each JSON object of ``raw`` (path -> data); one that ``errors`` reject
+        is logged as a malformed ``what`` and skipped."""
         out = []
         for path, data in raw.items():
             try:
-                out.append(read_scene_record(data))
-            except (ValueError, TypeError) as exc:
-                log.warning("skipping malformed record %s: %s", redact(full_url(self.fs, path)), exc)
+                out.append(parse(data))
+            except errors as exc:
+                log.warning("skipping malformed %s %s: %s", what, redact(full_url(self.fs, path)), exc)
         return out
+
+    def _parse_records(self, raw: Mapping[str, Any]) -> list[SceneRecord]:
+        return self._parse_all(raw, read_scene_record, "record", (ValueError, TypeError))
 
     def records(self) -> dict[str, SceneRecord]:
         """Every scene record (done and failed, any ``format_version``), keyed by scene id."""
@@ -333,12 +340,7 @@ class ResultStore:
     def runs(self) -> list[RunSummary]:
         """Every run summary, oldest first."""
         raw = self._read_json_many([p for p in self._list(layout.RUNS_DIR) if p.endswith(".json")])
-        out = []
-        for path, data in raw.items():
-            try:
-                out.append(read_run_summary(data))
-            except ValueError as exc:
-                log.warning("skipping malformed run summary %s: %s", redact(full_url(self.fs, path)), exc)
+        out = self._parse_all(raw, read_run_summary, "run summary", (ValueError,))
         return sorted(out, key=lambda r: (str(r.written_at or ""), r.run_id))
 
     # ------------------------------------------------------------------ reading data objects
