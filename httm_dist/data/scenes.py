@@ -16,6 +16,7 @@ Discovery only lists; the worker reads a scene's bytes with :func:`read_scene_fr
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import gzip
@@ -154,14 +155,11 @@ def _archive_members(fs: fsspec.AbstractFileSystem, path: str, kind: str) -> tup
 def _not_frames(names: Sequence[str]) -> dict[str, int]:
     """How many of ``names`` (files of a scene that are not frames) there are per extension;
     hidden files and ``__MACOSX`` folders are not counted."""
-    counts: dict[str, int] = {}
-    for name in names:
-        parts = name.strip("/").split("/")
-        if any(p.startswith(".") or p == "__MACOSX" for p in parts):
-            continue
-        ext = posixpath.splitext(parts[-1])[1].lower() or "(no suffix)"
-        counts[ext] = counts.get(ext, 0) + 1
-    return counts
+    parts = (name.strip("/").split("/") for name in names)
+    return dict(collections.Counter(
+        posixpath.splitext(p[-1])[1].lower() or "(no suffix)"
+        for p in parts if not any(q.startswith(".") or q == "__MACOSX" for q in p)
+    ))
 
 
 _SHOWN_KINDS = 4
@@ -188,10 +186,7 @@ def _log_skipped(skipped: dict[str, dict[str, int]], num_scenes: int) -> None:
         log.info("scene %r: skipped %d files that are not images Pillow reads (%s)",
                  sid, sum(counts.values()), _by_extension(counts))
     elif skipped:
-        total: dict[str, int] = {}
-        for counts in skipped.values():
-            for ext, n in counts.items():
-                total[ext] = total.get(ext, 0) + n
+        total = sum((collections.Counter(c) for c in skipped.values()), collections.Counter())
         log.info("skipped %s files that are not images Pillow reads in %d of %d scenes (%s); -v "
                  "counts them per scene", f"{sum(total.values()):,}", len(skipped), num_scenes,
                  _by_extension(total))
